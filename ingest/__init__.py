@@ -1,0 +1,14 @@
+"""webhook-ingest: receive sales-engagement webhooks, never lose one, land each event once.
+
+The package is split by where code runs:
+
+- ``ingest``: the edge (Starlette acceptor, config, providers, the Event model, CLI).
+- ``workers``: RQ job functions (``process_batch``, ``deliver``) and worker start-up.
+- ``sinks``: destinations for normalized events (Postgres, CRM over HTTP, Slack, plugins).
+
+``ingest.providers`` and ``ingest.events`` import only the standard library and orjson, so
+workers and sinks never import Starlette.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,190 @@
+"""The ``ingest`` command. Each subcommand is a small function; heavy imports stay inside it.
+
+Every command reads configuration once, through :class:`Settings`; a bad setting prints one
+line naming the variable and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from ingest.config import Settings
+from ingest.exceptions import ConfigError, PluginError
+
+__all__ = ["main"]
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _setup_logging(settings: Settings, fmt: str | None = None) -> None:
+    from ingest.logs import setup_logging
+
+    secrets = [s.reveal() for group in settings.provider_secrets.values() for s in group]
+    secrets += [v for k, v in settings.raw.items()
+                if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL")) and v]
+    setup_logging(fmt or settings.log_format, secrets)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ingest.app import create_app
+
+    settings = _settings()
+    _setup_logging(settings)
+    app = create_app(settings)
+    port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
+    uvicorn.run(app, host=args.host, port=port, log_config=None, access_log=False,
+                http="httptools", loop="uvloop", timeout_keep_alive=5,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.runner import run_worker
+
+    settings = _settings()
+    _setup_logging(settings)
+    return run_worker(settings, args.queue or None, burst=args.burst)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sinks.postgres import migrate
+
+    settings = _settings()
+    applied = migrate(settings.require_database())
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ingest.providers import load_providers
+    from sinks.registry import build_sinks
+
+    settings = _settings()
+    sinks = build_sinks(settings)
+    print(f"REDIS_URL          {_mask_url(settings.redis_url)}")
+    print(f"DATABASE_URL       {_mask_url(settings.database_url)}")
+    print(f"INGEST_NAMESPACE   {settings.namespace or '(none)'}")
+    print("providers:")
+    for name, provider in sorted(load_providers().items()):
+        secrets = settings.provider_secrets.get(name, ())
+        state = ", ".join(s.masked() for s in secrets) if secrets else "disabled (no secret)"
+        print(f"  {name:<12} {provider.secret_setting:<28} {state}")
+    print("sinks:")
+    for name, enabled in sinks.items():
+        print(f"  {name:<12} events={','.join(enabled.events)}")
+    return 0
+
+
+def _mask_url(url: str | None) -> str:
+    if not url:
+        return "(not set)"
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from ingest.providers import load_providers
+    from ingest.send import send
+
+    settings = _settings()
+    providers = load_providers()
+    if args.provider not in providers:
+        print(f"ingest send: no provider {args.provider!r} (have: {', '.join(sorted(providers))})",
+              file=sys.stderr)
+        return 2
+    secret = args.secret or next(iter(settings.secrets_for(args.provider)), None)
+    if not secret:
+        setting = providers[args.provider].secret_setting
+        print(f"ingest send: no secret for {args.provider}: pass --secret or set {setting}",
+              file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/")
+    if not url.endswith(f"/webhooks/{args.provider}"):
+        url = f"{url}/webhooks/{args.provider}"
+    try:
+        report = send(args.provider, url, secret, count=args.count, concurrency=args.concurrency,
+                      duplicates=args.duplicates, seed=args.seed)
+    except ValueError as exc:
+        print(f"ingest send: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report.ok else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from ingest.devserver import run_dev
+
+    return run_dev(port=args.port, state_dir=args.state_dir)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingest", description="Receive sales-engagement webhooks; never lose one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("serve", cmd_serve, "run the acceptor (uvicorn)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=None, help="default: $PORT, else 8000")
+
+    p = add("worker", cmd_worker, "run RQ workers (one process per queue)")
+    p.add_argument("--queue", action="append", metavar="NAME",
+                   help="serve only this queue (repeatable); default: every queue needed")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+
+    add("migrate", cmd_migrate, "create or upgrade the Postgres schema (idempotent)")
+    add("check", cmd_check, "validate configuration; print providers and sinks, secrets masked")
+
+    p = add("send", cmd_send, "send realistic, correctly signed sample deliveries")
+    p.add_argument("provider")
+    p.add_argument("--url", required=True, help="acceptor base URL or full webhook URL")
+    p.add_argument("--secret", help="default: the first of the provider's configured secrets")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--duplicates", type=float, default=0.0,
+                   help="fraction of deliveries re-sent byte-for-byte, 0 <= R < 1")
+    p.add_argument("--seed", type=int, default=None, help="for repeatable payloads")
+
+    p = add("dev", cmd_dev, "everything on this machine: embedded Redis and Postgres, "
+                            "acceptor, workers")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state-dir", default=".ingest-dev",
+                   help="where embedded servers keep data and generated secrets")
+
+    for extra in _EXTRA_COMMANDS:
+        extra(add)
+    return parser
+
+
+# Subcommands that live in their own modules register here: f(add) -> None.
+_EXTRA_COMMANDS: list[Callable[..., None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, PluginError) as exc:
+        print(f"ingest {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

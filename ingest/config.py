@@ -1,0 +1,197 @@
+"""Configuration: read once at start-up, cast and validated here, and nowhere else.
+
+Sources, strongest first: the process environment, then the TOML file named by
+``INGEST_CONFIG``. Top-level TOML keys are the environment variable names; a sink plugin's
+settings may also live in a ``[sinks.<name>]`` table. A malformed value stops start-up with a
+:class:`ConfigError` naming the variable: the service never runs half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest import constants
+from ingest.exceptions import ConfigError
+
+__all__ = ["Secret", "Settings", "parse_list"]
+
+
+class Secret:
+    """A secret value that never prints: ``repr``, ``str`` and f-strings show a mask."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def masked(self) -> str:
+        return f"****({len(self._value)} chars)"
+
+    def __repr__(self) -> str:
+        return f"Secret({self.masked()!r})"
+
+    __str__ = masked
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def parse_list(raw: str | None) -> tuple[str, ...]:
+    """A comma-separated setting as a tuple, blanks dropped."""
+    if not raw:
+        return ()
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("INGEST_CONFIG", f"file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("INGEST_CONFIG", f"{path} is not valid TOML: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting the product reads. Build it with :meth:`from_env`."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    namespace: str = ""
+    provider_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+    sinks: tuple[str, ...] = ("postgres",)
+    max_body_bytes: int = constants.DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = constants.DEFAULT_BODY_TIMEOUT
+    spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
+    dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
+    log_format: str = "json"
+    # Every raw value, for sink plugins that read their own prefix (see section()).
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False)
+    sink_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        file_values: dict[str, Any] = {}
+        if env.get("INGEST_CONFIG"):
+            file_values = _load_toml(env["INGEST_CONFIG"])
+        sink_tables = file_values.pop("sinks", {}) if isinstance(file_values.get("sinks"), dict) else {}
+        raw: dict[str, str] = {k.upper(): str(v) for k, v in file_values.items()}
+        raw.update(env)  # the environment wins
+
+        def get(name: str) -> str | None:
+            value = raw.get(name)
+            return value if value not in (None, "") else None
+
+        def integer(name: str, default: int, minimum: int = 1) -> int:
+            value = get(name)
+            if value is None:
+                return default
+            try:
+                out = int(value)
+            except ValueError:
+                raise ConfigError(name, f"must be a whole number, got {value!r}") from None
+            if out < minimum:
+                raise ConfigError(name, f"must be at least {minimum}, got {out}")
+            return out
+
+        def number(name: str, default: float) -> float:
+            value = get(name)
+            if value is None:
+                return default
+            try:
+                out = float(value)
+            except ValueError:
+                raise ConfigError(name, f"must be a number of seconds, got {value!r}") from None
+            if out <= 0:
+                raise ConfigError(name, f"must be positive, got {out}")
+            return out
+
+        for name in ("REDIS_URL", "DATABASE_URL"):
+            value = get(name)
+            schemes = ("redis://", "rediss://", "unix://") if name == "REDIS_URL" else (
+                "postgresql://", "postgres://")
+            if value is not None and not value.startswith(schemes):
+                raise ConfigError(name, f"must start with one of {', '.join(schemes)}")
+
+        namespace = get("INGEST_NAMESPACE") or ""
+        if not constants.NAMESPACE_PATTERN.fullmatch(namespace):
+            raise ConfigError("INGEST_NAMESPACE", "may hold only letters, digits, _ and - (40 max)")
+
+        from ingest.providers import load_providers  # plugins may read nothing else at import
+
+        secrets: dict[str, tuple[Secret, ...]] = {}
+        for pname, provider in load_providers().items():
+            values = parse_list(get(provider.secret_setting))
+            if values:
+                secrets[pname] = tuple(Secret(v) for v in values)
+
+        sinks = parse_list(get("INGEST_SINKS")) if get("INGEST_SINKS") is not None else ("postgres",)
+        for sink in sinks:
+            if not sink.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError("INGEST_SINKS", f"{sink!r} is not a sink name")
+        if len(set(sinks)) != len(sinks):
+            raise ConfigError("INGEST_SINKS", "names a sink twice")
+
+        log_format = (get("INGEST_LOG_FORMAT") or "json").lower()
+        if log_format not in ("json", "text"):
+            raise ConfigError("INGEST_LOG_FORMAT", "must be json or text")
+
+        return cls(
+            redis_url=get("REDIS_URL"),
+            database_url=get("DATABASE_URL"),
+            namespace=namespace,
+            provider_secrets=secrets,
+            sinks=sinks,
+            max_body_bytes=integer("INGEST_MAX_BODY_BYTES", constants.DEFAULT_MAX_BODY_BYTES),
+            body_timeout=number("INGEST_BODY_TIMEOUT", constants.DEFAULT_BODY_TIMEOUT),
+            spool_dir=Path(get("INGEST_SPOOL_DIR") or constants.DEFAULT_SPOOL_DIR),
+            dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
+            log_format=log_format,
+            raw=raw,
+            sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},
+        )
+
+    # -- derived ---------------------------------------------------------------------------
+
+    @property
+    def names(self) -> constants.Names:
+        return constants.Names(self.namespace)
+
+    def secrets_for(self, provider: str) -> tuple[str, ...]:
+        return tuple(s.reveal() for s in self.provider_secrets.get(provider, ()))
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise ConfigError("REDIS_URL", "is not set (or run `ingest dev` for an embedded one)")
+        return self.redis_url
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL", "is not set (or run `ingest dev` for an embedded one)")
+        return self.database_url
+
+    def section(self, prefix: str) -> dict[str, str]:
+        """A sink plugin's own settings: ``<PREFIX>_*`` variables with the prefix removed,
+        over the ``[sinks.<prefix lower>]`` TOML table. ``section("CRM")["WEBHOOK_URL"]``."""
+        prefix = prefix.upper().replace("-", "_")
+        table = self.sink_tables.get(prefix.lower(), {})
+        out = {str(k).upper(): str(v) for k, v in table.items()}
+        start = prefix + "_"
+        for key, value in self.raw.items():
+            if key.startswith(start) and value != "":
+                out[key[len(start):]] = value
+        return out

@@ -1,0 +1,86 @@
+"""Every name, key prefix, TTL and limit in one place.
+
+Redis keys and RQ queue names all pass through :class:`Names`, so two deployments (or two
+tests) can share one Redis server by setting different ``INGEST_NAMESPACE`` values.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Entry point group for provider plugins (built-ins register here too).
+PROVIDER_ENTRY_POINT_GROUP = "webhook_ingest.providers"
+# Entry point group for sink plugins (built-ins register here too).
+SINK_ENTRY_POINT_GROUP = "webhook_ingest.sinks"
+
+# Default largest request body the acceptor reads (1 MiB); larger ones get 413 while streaming.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# Seconds a sender has to finish sending its body; slower ones get 408 (slow-loris guard).
+DEFAULT_BODY_TIMEOUT = 10.0
+# Seconds a finished event's dedup record lives in Redis (7 days): redelivery window.
+DEFAULT_DEDUP_TTL = 7 * 24 * 3600
+# Seconds an in-flight claim lives: a worker that dies holding one frees it after this.
+CLAIM_TTL = 600
+# Where the acceptor journals deliveries when Redis cannot take them.
+DEFAULT_SPOOL_DIR = "./spool"
+
+# Socket deadline for every Redis call the acceptor makes: far inside Outreach's 5 s.
+ACCEPTOR_REDIS_TIMEOUT = 0.5
+# Socket deadline for Redis calls in workers (they can wait longer than the acceptor).
+WORKER_REDIS_TIMEOUT = 10.0
+# Largest number of deliveries the acceptor groups into one RQ job.
+MAX_BATCH_SIZE = 256
+# RQ job timeout for process_batch and deliver jobs (seconds).
+JOB_TIMEOUT = 300
+# How long RQ keeps a failed job (and its reason) in the failed registry: 30 days.
+FAILED_JOB_TTL = 30 * 24 * 3600
+# How long RQ keeps finished job results; we never read them, so keep them briefly.
+RESULT_TTL = 60
+# Retry schedule (seconds) of process_batch jobs: transient Redis/worker trouble.
+BATCH_RETRY_INTERVALS = (1, 5, 15, 60, 300)
+# Retry schedule (seconds) of deliver jobs: sinks get a longer backoff; jitter is added.
+DELIVER_RETRY_INTERVALS = (5, 15, 60, 300, 900, 1800, 3600)
+# Seconds between watchdog sweeps that re-queue jobs abandoned by dead workers.
+WATCHDOG_INTERVAL = 30
+
+# Queue name of the batches the acceptor enqueues.
+INGEST_QUEUE = "ingest"
+# Prefix of each sink's own delivery queue: "sink-postgres", "sink-crm", ...
+SINK_QUEUE_PREFIX = "sink-"
+
+# What a namespace may contain: it ends up in RQ job ids, which allow only these characters.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_-]{0,40}")
+
+
+class Names:
+    """Queue names, job-id prefixes and Redis keys for one namespace."""
+
+    __slots__ = ("namespace",)
+
+    def __init__(self, namespace: str = "") -> None:
+        if not NAMESPACE_PATTERN.fullmatch(namespace):
+            raise ValueError(f"namespace {namespace!r} may hold only letters, digits, _ and -")
+        self.namespace = namespace
+
+    def _p(self, name: str) -> str:
+        return f"{self.namespace}-{name}" if self.namespace else name
+
+    @property
+    def ingest_queue(self) -> str:
+        return self._p(INGEST_QUEUE)
+
+    def sink_queue(self, sink: str) -> str:
+        return self._p(SINK_QUEUE_PREFIX + sink)
+
+    def job_id(self, kind: str, token: str) -> str:
+        return self._p(f"{kind}-{token}")
+
+    def dedup_key(self, provider: str, digest: str) -> str:
+        return f"{self._p('ingest')}:dedup:{provider}:{digest}"
+
+    def key(self, name: str) -> str:
+        """Any other Redis key of ours (rate limits, spool markers, ...)."""
+        return f"{self._p('ingest')}:{name}"
+
+    def __repr__(self) -> str:
+        return f"Names(namespace={self.namespace!r})"

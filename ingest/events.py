@@ -1,0 +1,181 @@
+"""The one normalized event shape every provider produces and every sink receives.
+
+Imports only the standard library and orjson: workers and sinks use it without Starlette.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+__all__ = ["Contact", "Delivery", "Event", "event_id", "isoformat"]
+
+# Namespace of the stable event ids (uuid5 of "provider:dedup_key").
+_EVENT_ID_NAMESPACE = uuid.UUID("6f2b6c1e-9a57-4c8e-9d0a-1f3b5e7c9a21")
+
+
+def event_id(provider: str, dedup_key: str) -> str:
+    """The stable id of an event: the same provider and dedup key always give the same id."""
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{provider}:{dedup_key}"))
+
+
+def isoformat(value: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z``, the one timestamp format sinks see."""
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One HTTP delivery as the acceptor received it: what a worker needs, no credentials.
+
+    ``body`` is the exact text received (bodies are validated as UTF-8 JSON before this exists).
+    """
+
+    id: str
+    provider: str
+    received_at: datetime
+    headers: dict[str, str]
+    body: str
+
+    def __post_init__(self) -> None:
+        if self.received_at.tzinfo is None:
+            raise ValueError("Delivery.received_at must be timezone-aware")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "received_at": isoformat(self.received_at),
+            "headers": self.headers,
+            "body": self.body,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Delivery:
+        return cls(
+            id=data["id"],
+            provider=data["provider"],
+            received_at=_parse_iso(data["received_at"]),
+            headers=dict(data.get("headers") or {}),
+            body=data["body"],
+        )
+
+    @property
+    def body_digest(self) -> str:
+        return hashlib.sha256(self.body.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.provider} {self.id} {len(self.body)} bytes>"
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """Who the event is about, when the provider says."""
+
+    email: str | None = None
+    name: str | None = None
+    phone: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"email": self.email, "name": self.name, "phone": self.phone}
+
+    def __bool__(self) -> bool:
+        return bool(self.email or self.name or self.phone)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One normalized event. ``id`` is derived from ``provider`` and ``dedup_key``.
+
+    ``data`` is the resource object the event is about (for a Salesloft array, its element);
+    ``previous`` holds prior values when the provider sends them.
+    """
+
+    provider: str
+    dedup_key: str
+    event_type: str
+    kind: str
+    occurred_at: datetime
+    received_at: datetime
+    resource_type: str | None = None
+    resource_id: str | None = None
+    action: str | None = None
+    workspace_id: str | None = None
+    contact: Contact | None = None
+    campaign_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, Any] | None = None
+    delivery_id: str | None = None
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.dedup_key:
+            raise ValueError("Event.dedup_key must not be empty")
+        if self.occurred_at.tzinfo is None or self.received_at.tzinfo is None:
+            raise ValueError("Event timestamps must be timezone-aware")
+        object.__setattr__(self, "id", event_id(self.provider, self.dedup_key))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public shape: what sinks see and what the CRM receives as its JSON body."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "event_type": self.event_type,
+            "kind": self.kind,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "action": self.action,
+            "occurred_at": isoformat(self.occurred_at),
+            "received_at": isoformat(self.received_at),
+            "workspace_id": self.workspace_id,
+            "contact": self.contact.to_dict() if self.contact else None,
+            "campaign_id": self.campaign_id,
+            "data": self.data,
+            "previous": self.previous,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def to_job(self) -> dict[str, Any]:
+        """The public shape plus what a worker needs to find the row again."""
+        out = self.to_dict()
+        out["dedup_key"] = self.dedup_key
+        out["delivery_id"] = self.delivery_id
+        return out
+
+    @classmethod
+    def from_job(cls, data: dict[str, Any]) -> Event:
+        contact = data.get("contact")
+        event = cls(
+            provider=data["provider"],
+            dedup_key=data["dedup_key"],
+            event_type=data["event_type"],
+            kind=data["kind"],
+            occurred_at=_parse_iso(data["occurred_at"]),
+            received_at=_parse_iso(data["received_at"]),
+            resource_type=data.get("resource_type"),
+            resource_id=data.get("resource_id"),
+            action=data.get("action"),
+            workspace_id=data.get("workspace_id"),
+            contact=Contact(**contact) if contact else None,
+            campaign_id=data.get("campaign_id"),
+            data=data.get("data") or {},
+            previous=data.get("previous"),
+            delivery_id=data.get("delivery_id"),
+        )
+        if data.get("id") not in (None, event.id):
+            raise ValueError(f"event id {data['id']} does not match its provider and dedup key")
+        return event
+
+    def __repr__(self) -> str:
+        return f"<Event {self.provider} {self.event_type} -> {self.kind} {self.id}>"

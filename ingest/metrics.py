@@ -1,0 +1,83 @@
+"""Every Prometheus metric, defined once. Names start with ``ingest_``.
+
+Acceptor metrics are updated in the acceptor process; worker metrics in workers. When
+``PROMETHEUS_MULTIPROC_DIR`` is set (several processes behind one scrape), prometheus-client's
+multiprocess mode aggregates them; :func:`render` handles both cases.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "render"]
+
+# -- acceptor -------------------------------------------------------------------------------
+DELIVERIES = Counter(
+    "ingest_deliveries",
+    "Deliveries received, by provider and result (accepted, spooled, unauthorized, ...).",
+    ["provider", "result"],
+)
+ENQUEUE_SECONDS = Histogram(
+    "ingest_enqueue_seconds",
+    "Time a request waited for its delivery to become durable in Redis.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+BATCH_SIZE = Histogram(
+    "ingest_batch_size",
+    "Deliveries per RQ job written by the acceptor (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+SPOOL_DEPTH = Gauge(
+    "ingest_spool_depth",
+    "Deliveries waiting in the local spool for Redis to come back.",
+    multiprocess_mode="livesum",
+)
+
+# -- workers --------------------------------------------------------------------------------
+EVENTS = Counter(
+    "ingest_events", "New events normalized, by provider and kind.", ["provider", "kind"]
+)
+UNKNOWN_EVENTS = Counter(
+    "ingest_unknown_events",
+    "Events whose provider event type maps to no kind, by provider and event type.",
+    ["provider", "event_type"],
+)
+DUPLICATES = Counter(
+    "ingest_duplicates", "Events dropped as duplicates, by provider.", ["provider"]
+)
+POISON = Counter(
+    "ingest_poison_deliveries",
+    "Deliveries that could not be normalized and were set aside, by provider.",
+    ["provider"],
+)
+SINK_EVENTS = Counter(
+    "ingest_sink_events", "Events handed to a sink, by sink and outcome.", ["sink", "outcome"]
+)
+SINK_SECONDS = Histogram(
+    "ingest_sink_seconds", "Time one sink.send() call took, by sink.", ["sink"]
+)
+LAG_SECONDS = Histogram(
+    "ingest_lag_seconds",
+    "From receipt at the acceptor to a sink having the event, by sink.",
+    ["sink"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The metrics text of this process (or of all processes, in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

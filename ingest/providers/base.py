@@ -1,0 +1,218 @@
+"""The provider protocol, and the small helpers every provider module shares.
+
+A provider is one module: the raw payload shape, its mapping table (in ``ingest.kinds`` for
+the built-ins), verification and normalization, nothing else. Standard library and orjson only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import orjson
+
+from ingest.events import Contact, Delivery, Event
+from ingest.exceptions import NormalizationError, SignatureError
+
+__all__ = [
+    "Provider",
+    "SignedProvider",
+    "TokenProvider",
+    "as_id",
+    "canonical_digest",
+    "load_object",
+    "parse_time",
+    "text",
+]
+
+# Headers that carry credentials: never stored, never logged, whatever the provider.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What the acceptor and workers need from a provider.
+
+    ``verify`` raises :class:`SignatureError` when the request is not authentic.
+    ``events`` raises :class:`NormalizationError` only when no dedup key can be formed;
+    anything else it cannot map it keeps, with kind ``unknown``.
+    """
+
+    name: ClassVar[str]
+    # The setting holding this provider's secrets or tokens, e.g. "OUTREACH_WEBHOOK_SECRETS".
+    secret_setting: ClassVar[str]
+    # Request headers (lower-case) a worker needs, kept with the stored delivery.
+    kept_headers: ClassVar[frozenset[str]]
+    # True when a dropped connection gets a retry from this provider but a 503 would not.
+    retries_network_errors: ClassVar[bool]
+
+    def verify(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        query: Mapping[str, str],
+    ) -> None: ...
+
+    def events(self, delivery: Delivery) -> list[Event]: ...
+
+
+def _matches_any(presented: str, expected: Iterable[str]) -> bool:
+    # Compare against every candidate without stopping early, so timing says nothing about
+    # which key (if any) matched.
+    presented_b = presented.encode()
+    ok = False
+    for candidate in expected:
+        ok |= hmac.compare_digest(presented_b, candidate.encode())
+    return ok
+
+
+class SignedProvider:
+    """Base for providers that sign the raw body with a hex HMAC in one header."""
+
+    signature_header: ClassVar[str]
+    digestmod: ClassVar[str]
+    secret_setting: ClassVar[str]
+    retries_network_errors: ClassVar[bool] = False
+
+    def verify(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        query: Mapping[str, str],
+    ) -> None:
+        try:
+            presented = headers[self.signature_header]
+        except KeyError:
+            raise SignatureError(f"missing {self.signature_header} header") from None
+        presented = presented.strip().lower()
+        expected = (hmac.new(s.encode(), body, self.digestmod).hexdigest() for s in secrets)
+        if not _matches_any(presented, expected):
+            raise SignatureError(f"{self.signature_header} does not match any configured secret")
+
+
+class TokenProvider:
+    """Base for providers authenticated by a shared token: ``Authorization: Bearer <token>``
+    or ``?token=<token>``."""
+
+    secret_setting: ClassVar[str]
+    retries_network_errors: ClassVar[bool] = False
+
+    def verify(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        query: Mapping[str, str],
+    ) -> None:
+        presented: str | None = None
+        auth = headers.get("authorization")
+        if auth:
+            scheme, _, token = auth.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                presented = token.strip()
+        if presented is None:
+            presented = query.get("token")
+        if not presented:
+            raise SignatureError("missing token: send Authorization: Bearer <token> or ?token=")
+        if not _matches_any(presented, secrets):
+            raise SignatureError("token does not match any configured token")
+
+
+# -- helpers for events() ------------------------------------------------------------------
+
+
+def load_object(delivery: Delivery) -> dict[str, Any]:
+    """The delivery's body as a dict (the acceptor already checked it is a JSON object)."""
+    try:
+        value = orjson.loads(delivery.body)
+    except orjson.JSONDecodeError as exc:
+        raise NormalizationError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise NormalizationError("body is not a JSON object")
+    return value
+
+
+def text(value: Any) -> str | None:
+    """A non-empty string, or None: real payloads send "", null, or numbers for strings."""
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    out = str(value).strip()
+    return out or None
+
+
+def as_id(value: Any) -> str | None:
+    """An identifier as text: providers send numeric ids where their docs show strings."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return text(value)
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (missing or null optional objects)."""
+    return value if isinstance(value, dict) else {}
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A timezone-aware UTC datetime from ISO 8601 (any offset, or none: UTC assumed) or unix
+    seconds/milliseconds. None when the value is missing or unreadable."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+        if seconds > 1e11:  # milliseconds
+            seconds /= 1000.0
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        raw = value.strip()
+        if not raw:
+            return None
+        if raw.replace(".", "", 1).isdigit():
+            return parse_time(float(raw))
+        try:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    return None
+
+
+def time_key(value: Any) -> str | None:
+    """A timestamp as it goes into a dedup key: the same instant gives the same text whatever
+    offset the provider wrote it with; unreadable values are kept verbatim."""
+    parsed = parse_time(value)
+    if parsed is not None:
+        return parsed.isoformat()
+    return text(value)
+
+
+def canonical_digest(value: Any) -> str:
+    """A digest of a JSON value that does not depend on key order or whitespace."""
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def contact(email: Any = None, name: Any = None, phone: Any = None) -> Contact | None:
+    found = Contact(email=text(email), name=text(name), phone=text(phone))
+    return found if found else None
+
+
+def first(values: Any) -> Any:
+    """The first element of a list, or the value itself when it is not a list."""
+    if isinstance(values, list):
+        return values[0] if values else None
+    return values
+
+
+def relationship_id(resource: dict[str, Any], name: str) -> str | None:
+    """The id of a JSON:API relationship (``relationships.<name>.data.id``)."""
+    rel = obj(obj(resource.get("relationships")).get(name))
+    return as_id(obj(rel.get("data")).get("id"))

@@ -1,0 +1,49 @@
+"""The sink protocol.
+
+A sink has a ``name``, is built from configuration by ``from_settings``, and has
+``send(events)``, which must be idempotent on ``event.id`` (a batch may be sent again after a
+crash or a retry) and must raise :class:`TransientSinkError` when retrying may help or
+:class:`PermanentSinkError` when it cannot. A sink that also wants the raw deliveries the
+events came from sets ``needs_raw = True`` and receives ``deliveries`` (by delivery id).
+
+Its settings come from its own prefix: the sink ``crm`` reads ``CRM_*`` variables or the
+``[sinks.crm]`` TOML table through ``settings.section("crm")``; ``<NAME>_EVENTS`` (globs over
+``kind``) chooses which events it receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ingest.config import Settings
+    from ingest.events import Delivery, Event
+
+__all__ = ["Sink", "matches_any"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    name: ClassVar[str]
+    # Globs over kind used when <NAME>_EVENTS is not set.
+    default_events: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sink: ...
+
+    def send(self, events: Sequence[Event]) -> None: ...
+
+
+class RawSink(Sink, Protocol):
+    needs_raw: ClassVar[bool]
+
+    def send(  # type: ignore[override]
+        self, events: Sequence[Event], deliveries: Mapping[str, Delivery] | None = None
+    ) -> None: ...
+
+
+def matches_any(kind: str, patterns: Iterable[str]) -> bool:
+    """True when ``kind`` matches one of the globs (``email.replied``, ``linkedin.*_replied``)."""
+    return any(fnmatchcase(kind, pattern) for pattern in patterns)

@@ -1,0 +1,147 @@
+"""The Postgres sink: the raw archive and one row per event, in one transaction per batch.
+
+Events go in first with ``ON CONFLICT (provider, dedup_key) DO NOTHING RETURNING
+delivery_id``; only deliveries that produced a new row are archived (the foreign key is
+deferred to commit, so the order inside the transaction does not matter). Sending the same
+batch twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ingest.config import Settings
+from ingest.events import Delivery, Event
+from ingest.exceptions import PermanentSinkError, TransientSinkError
+
+__all__ = ["PostgresSink", "connect", "migrate"]
+
+log = logging.getLogger("sinks.postgres")
+
+# Serializes concurrent `ingest migrate` runs (docker-compose may start several).
+_MIGRATION_LOCK = 7_201_514_101
+
+_INSERT_EVENT = """
+INSERT INTO webhook_events (
+    id, provider, dedup_key, event_type, kind, resource_type, resource_id, action,
+    occurred_at, received_at, workspace_id, contact_email, contact_name, contact_phone,
+    campaign_id, data, previous, delivery_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (provider, dedup_key) DO NOTHING
+RETURNING delivery_id
+"""
+
+_INSERT_DELIVERY = """
+INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection that fails fast when the server is away, and says who we are."""
+    kwargs.setdefault("connect_timeout", 5)
+    kwargs.setdefault("application_name", "webhook-ingest")
+    return psycopg.connect(url, **kwargs)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply every migration not applied yet, under an advisory lock. Returns what ran."""
+    files = sorted(
+        (f for f in resources.files("sinks.migrations").iterdir() if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )
+    applied: list[str] = []
+    with connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS webhook_ingest_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in conn.execute("SELECT name FROM webhook_ingest_migrations")}
+            for f in files:
+                if f.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(f.read_text())
+                    conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)",
+                                 (f.name,))
+                applied.append(f.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    c = e.contact
+    return (
+        e.id, e.provider, e.dedup_key, e.event_type, e.kind, e.resource_type, e.resource_id,
+        e.action, e.occurred_at, e.received_at, e.workspace_id,
+        c.email if c else None, c.name if c else None, c.phone if c else None,
+        e.campaign_id, Jsonb(e.data), Jsonb(e.previous) if e.previous is not None else None,
+        e.delivery_id,
+    )
+
+
+class PostgresSink:
+    name: ClassVar[str] = "postgres"
+    default_events: ClassVar[tuple[str, ...]] = ("*",)
+    needs_raw: ClassVar[bool] = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PostgresSink:
+        return cls(settings.require_database())
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.url)
+        return self._conn
+
+    def send(self, events: Sequence[Event],
+             deliveries: Mapping[str, Delivery] | None = None) -> None:
+        deliveries = deliveries or {}
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_INSERT_EVENT, [_event_row(e) for e in events], returning=True)
+                new_deliveries: set[str] = set()
+                while True:
+                    row = cur.fetchone()
+                    if row is not None and row[0] is not None:
+                        new_deliveries.add(str(row[0]))
+                    if not cur.nextset():
+                        break
+                missing = new_deliveries - deliveries.keys()
+                if missing:
+                    raise PermanentSinkError(
+                        f"raw deliveries {sorted(missing)} were not handed to the sink")
+                cur.executemany(_INSERT_DELIVERY, [
+                    (d.id, d.provider, d.received_at,
+                     Jsonb(d.headers), d.body.encode("utf-8"))
+                    for d in (deliveries[i] for i in sorted(new_deliveries))
+                ])
+        except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+            self.close()
+            raise TransientSinkError(f"Postgres unavailable: {exc}") from exc
+        except psycopg.errors.UndefinedTable as exc:
+            raise TransientSinkError(f"schema missing, run `ingest migrate`: {exc}") from exc
+        except psycopg.DataError as exc:
+            raise PermanentSinkError(f"Postgres refused the data: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None

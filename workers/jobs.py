@@ -1,0 +1,188 @@
+"""The two RQ job functions.
+
+``process_batch(envelopes)``: one job per acceptor flush. Normalizes every delivery, drops
+duplicates (workers.dedup), and enqueues one ``deliver`` job per sink whose filter matches.
+A delivery that cannot be normalized is set aside as a batch of its own, which then fails alone
+with the reason (and can be retried with ``ingest dlq retry`` after a fix); the rest of the
+batch goes on.
+
+``deliver(sink, events, deliveries)``: hands events to one sink. Transient errors are retried
+by RQ with backoff and jitter. A permanent error on several events splits them into one job
+per event, so each failure lands in the failed registry alone and the others get through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from rq import Queue, Retry, get_current_job
+from rq.exceptions import DuplicateJobError
+
+from ingest import constants, metrics
+from ingest.events import Delivery, Event
+from ingest.exceptions import NormalizationError, PermanentSinkError
+from ingest.kinds import UNKNOWN
+from sinks.base import matches_any
+from workers import dedup
+from workers.runtime import Runtime, current_runtime
+
+__all__ = ["deliver", "process_batch"]
+
+log = logging.getLogger("workers.jobs")
+
+PROCESS_BATCH = "workers.jobs.process_batch"
+DELIVER = "workers.jobs.deliver"
+
+
+def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
+                    retry: Retry | None, description: str) -> bool:
+    """Enqueue unless a job with this id exists. True when this call created it."""
+    try:
+        queue.enqueue_call(
+            func, args=args, job_id=job_id, unique=True, retry=retry,
+            timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
+            failure_ttl=constants.FAILED_JOB_TTL, description=description,
+        )
+        return True
+    except DuplicateJobError:
+        return False
+
+
+def _deliver_retry() -> Retry:
+    # Jitter spreads the retries of many jobs that failed together (a receiver outage).
+    intervals = [max(1, int(i * random.uniform(0.75, 1.25)))
+                 for i in constants.DELIVER_RETRY_INTERVALS]
+    return Retry(max=len(intervals), interval=intervals)
+
+
+def _digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
+
+
+def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
+                       deliveries: dict[str, Delivery]) -> int:
+    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op."""
+    created = 0
+    for name, enabled in rt.sinks.items():
+        chosen = [e for e in events if matches_any(e.kind, enabled.events)]
+        if not chosen:
+            continue
+        raw = None
+        if getattr(enabled.sink, "needs_raw", False):
+            used = {e.delivery_id for e in chosen}
+            raw = [d.to_dict() for i, d in deliveries.items() if i in used]
+        job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
+        created += _enqueue_unique(
+            rt.sink_queue(name), DELIVER, (name, [e.to_job() for e in chosen], raw), job_id,
+            _deliver_retry(), f"deliver({name}, {len(chosen)} events)",
+        )
+    return created
+
+
+def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
+    rt = current_runtime()
+    job = get_current_job()
+    owner = job.id if job is not None else "direct"
+    deliveries: dict[str, Delivery] = {}
+    candidates: dict[str, Event] = {}  # by event id: copies inside one batch collapse here
+    poisoned = 0
+    produced: Counter[str] = Counter()  # events per provider, copies included
+
+    for envelope in envelopes:
+        delivery = Delivery.from_dict(envelope)
+        provider = rt.providers.get(delivery.provider)
+        try:
+            if provider is None:
+                raise NormalizationError(f"no provider {delivery.provider!r} is installed")
+            events = provider.events(delivery)
+        except Exception as exc:
+            if len(envelopes) == 1:
+                raise  # alone in its batch: fail here, with the reason, into the failed registry
+            poisoned += 1
+            metrics.POISON.labels(delivery.provider).inc()
+            log.warning("setting aside a delivery that cannot be processed: %s", exc,
+                        extra={"provider": delivery.provider, "delivery_id": delivery.id})
+            _enqueue_unique(rt.ingest_queue, PROCESS_BATCH, ([envelope],),
+                            rt.names.job_id("alone", delivery.id), None,
+                            f"process_batch(1 delivery, set aside: {type(exc).__name__})")
+            continue
+        deliveries[delivery.id] = delivery
+        for event in events:
+            produced[event.provider] += 1
+            candidates.setdefault(event.id, event)
+
+    events = list(candidates.values())
+    fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
+    for event in fresh:
+        produced[event.provider] -= 1
+        metrics.EVENTS.labels(event.provider, event.kind).inc()
+        if event.kind == UNKNOWN:
+            metrics.UNKNOWN_EVENTS.labels(event.provider, event.event_type).inc()
+    for provider, count in produced.items():
+        if count:
+            metrics.DUPLICATES.labels(provider).inc(count)
+    duplicates = sum(produced.values())
+
+    if fresh:
+        enqueue_deliveries(rt, fresh, deliveries)
+        dedup.mark_done(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
+    log.info("batch processed: %d deliveries, %d new events, %d duplicates, %d set aside",
+             len(envelopes), len(fresh), duplicates, poisoned,
+             extra={"job_id": owner, "count": len(envelopes)})
+    return {"deliveries": len(envelopes), "events": len(fresh), "duplicates": duplicates,
+            "poisoned": poisoned}
+
+
+def deliver(sink_name: str, events: list[dict[str, Any]],
+            deliveries: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    rt = current_runtime()
+    enabled = rt.sinks.get(sink_name)
+    if enabled is None:
+        raise PermanentSinkError(f"sink {sink_name!r} is not enabled here (INGEST_SINKS)")
+    evs = [Event.from_job(e) for e in events]
+    started = time.perf_counter()
+    try:
+        if getattr(enabled.sink, "needs_raw", False):
+            raw = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
+            enabled.sink.send(evs, deliveries=raw)  # type: ignore[call-arg]
+        else:
+            enabled.sink.send(evs)
+    except PermanentSinkError as exc:
+        failed_ids = set(getattr(exc, "event_ids", None) or [e.id for e in evs])
+        failed = [e for e in evs if e.id in failed_ids]
+        if len(evs) > 1 and failed:
+            # Give each failed event its own job: it fails alone, the rest are done.
+            by_id = {e["id"]: e for e in events}
+            raw_by_id = {d["id"]: d for d in deliveries or ()}
+            for e in failed:
+                raw = [raw_by_id[e.delivery_id]] if e.delivery_id in raw_by_id else None
+                _enqueue_unique(
+                    rt.sink_queue(sink_name), DELIVER, (sink_name, [by_id[e.id]], raw),
+                    rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
+                    _deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
+                )
+            metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
+            metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
+            return {"delivered": len(evs) - len(failed), "split": len(failed)}
+        job = get_current_job()
+        if job is not None:
+            job.retries_left = 0  # retrying cannot help; go straight to the failed registry
+        metrics.SINK_EVENTS.labels(sink_name, "failed").inc(len(evs))
+        raise
+    except Exception:
+        metrics.SINK_EVENTS.labels(sink_name, "retried").inc(len(evs))
+        raise
+    finally:
+        metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
+    now = datetime.now(timezone.utc)
+    for e in evs:
+        metrics.LAG_SECONDS.labels(sink_name).observe((now - e.received_at).total_seconds())
+    metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
+    return {"delivered": len(evs)}

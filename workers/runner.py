@@ -1,0 +1,107 @@
+"""Starting workers: ``ingest worker``.
+
+RQ pops a job atomically into its in-progress list only when a worker listens on a single
+queue (BLMOVE); listening on several falls back to BLPOP, where a worker killed between the pop
+and the registry write loses the job. So each worker process serves exactly one queue, and
+``ingest worker`` without ``--queue`` supervises one child process per queue the configuration
+needs (ingest, then one per enabled sink), restarting any that dies.
+
+Workers are RQ ``SimpleWorker``s (the job runs in the worker process: no fork per job, which
+matters when a job is a whole batch) with the scheduler on (retries with backoff need it).
+SIGTERM lets the job in hand finish; a second SIGTERM or SIGKILL does not, and then RQ's
+abandoned-job handling (maintenance every ``WATCHDOG_INTERVAL`` s) retries the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from types import FrameType
+
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from ingest import constants
+from ingest.config import Settings
+from workers.runtime import Runtime, install_runtime
+
+__all__ = ["run_worker"]
+
+log = logging.getLogger("workers.runner")
+
+# A child that dies sooner than this after its start counts as crashing; back off.
+_MIN_HEALTHY_SECONDS = 10.0
+
+
+def _single(rt: Runtime, queue: str, burst: bool) -> int:
+    worker = SimpleWorker(
+        [rt.queue(queue)],
+        connection=rt.redis,
+        serializer=JSONSerializer,
+        name=f"{queue}-{uuid.uuid4().hex[:12]}",
+        maintenance_interval=constants.WATCHDOG_INTERVAL,
+        log_job_description=False,
+    )
+    log.info("worker listening", extra={"queue": queue})
+    worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    return 0
+
+
+def _supervise(queues: list[str], burst: bool) -> int:
+    children: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    stopping = False
+    failures: dict[str, int] = {}
+
+    def spawn(queue: str) -> None:
+        cmd = [sys.executable, "-m", "ingest.cli", "worker", "--queue", queue]
+        if burst:
+            cmd.append("--burst")
+        children[queue] = (subprocess.Popen(cmd), time.monotonic())
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc, _ in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for queue in queues:
+        spawn(queue)
+    log.info("supervising %d workers: %s", len(queues), ", ".join(queues))
+    exit_code = 0
+    while children:
+        time.sleep(0.2)
+        for queue, (proc, started) in list(children.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del children[queue]
+            if stopping or (burst and code == 0):
+                exit_code = exit_code or code
+                continue
+            crashed = time.monotonic() - started < _MIN_HEALTHY_SECONDS
+            failures[queue] = failures.get(queue, 0) + 1 if crashed else 0
+            delay = min(30.0, 0.5 * 2 ** failures[queue]) if crashed else 0.0
+            log.error("worker for %s exited with %s; restarting in %.1f s", queue, code, delay)
+            time.sleep(delay)
+            if not stopping:
+                spawn(queue)
+    return exit_code
+
+
+def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> int:
+    rt = Runtime(settings)  # validates sinks and connects before taking any job
+    install_runtime(rt)
+    names = queues or rt.queue_names()
+    if len(names) == 1:
+        return _single(rt, names[0], burst)
+    if burst:
+        # Drain in pipeline order: ingest jobs create the sink jobs the next queues serve.
+        return max(_single(rt, name, burst=True) for name in names)
+    return _supervise(names, burst)
