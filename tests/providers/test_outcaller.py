@@ -1,0 +1,82 @@
+from typing import Any, ClassVar
+
+import orjson
+
+from tests.providers.suite import SAMPLES, ProviderSuite
+
+# Every event OutCallerAI documents, with the call and task statuses its docs name.
+DOCUMENTED = {
+    "lead.created": "contact.created",
+    "lead.updated": "contact.updated",
+    "lead.deleted": "contact.deleted",
+    "lead.bulk_deleted": "contact.deleted",
+    "call.created": "call.created",
+    "call.initiated": "call.initiated",
+    "call.completed": "call.completed",
+    "call.failed": "call.failed",
+    "task.created": "task.created",
+    "task.updated": "task.updated",
+    "task.completed": "task.completed",
+    "agent.created": "user.created",
+}
+
+
+class TestOutCaller(ProviderSuite):
+    provider = "outcaller"
+    other_provider = "outreach"
+    documented_kinds: ClassVar[dict[str, str]] = DOCUMENTED
+    expected: ClassVar[dict[str, dict[str, Any]]] = {
+        "lead_created.raw": {
+            "dedup_key": "lead.created|lead|lead_123|2026-06-04T05:49:10.221000+00:00",
+            "event_type": "lead.created",
+            "kind": "contact.created",
+            "resource_type": "lead",
+            "resource_id": "lead_123",
+            "action": "created",
+            "occurred_at": "2026-06-04T05:49:10.221Z",
+            "workspace_id": "cmpxz43bl00032c6udndznzdg",
+            "contact_email": "priya@example.com",
+            "contact_name": "Priya Sharma",
+            "contact_phone": "+919876543210",
+            "campaign_id": "campaign_123",
+            "data": orjson.loads((SAMPLES / "outcaller/lead_created.raw").read_bytes())["data"],
+            "previous": None,
+        },
+        "call_completed_with_previous.raw": {
+            # numeric data.id and a +05:30 offset: both normalized
+            "dedup_key": "call.completed|call|98231|2026-06-04T05:49:10+00:00",
+            "event_type": "call.completed",
+            "kind": "call.completed",
+            "resource_type": "call",
+            "resource_id": "98231",
+            "action": "completed",
+            "occurred_at": "2026-06-04T05:49:10Z",
+            "workspace_id": "cmpxz43bl00032c6udndznzdg",
+            "contact_email": "priya@example.com",
+            "campaign_id": "campaign_123",
+            "data": orjson.loads(
+                (SAMPLES / "outcaller/call_completed_with_previous.raw").read_bytes())["data"],
+            "previous": {"status": "in_progress"},
+        },
+    }
+
+    def sign(self, body: bytes, secret: str) -> dict[str, str]:
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {secret}",
+                "X-Outcaller-Event": "lead.created", "X-Outcaller-Resource": "lead",
+                "X-Outcaller-Action": "created",
+                "X-Outcaller-Workspace-Id": "cmpxz43bl00032c6udndznzdg"}
+
+    def body_for_event(self, event_type: str) -> bytes:
+        resource, _, action = event_type.partition(".")
+        return orjson.dumps({"event": event_type, "resource": resource, "action": action,
+                             "workspaceId": "ws_1", "timestamp": "2026-06-04T05:49:10Z",
+                             "data": {"id": f"{resource}_1"}})
+
+    def test_token_in_query_string_is_accepted(self, acceptor: Any, runtime: Any) -> None:
+        from tests.helpers import SECRETS
+
+        body = self.raw("lead_created.raw")
+        response = self.post(acceptor, body, {"Content-Type": "application/json"},
+                             params={"token": SECRETS["outcaller"][1]})
+        assert response.status_code == 200
+        assert runtime.ingest_queue.count == 1
