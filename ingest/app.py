@@ -44,8 +44,11 @@ class DropConnection(Exception):
     """Raised to close the connection without an answer (see ``DropConnectionMiddleware``)."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    # close=True for refusals that leave request body unread: without it the connection stays
+    # open and the server keeps receiving (and discarding) whatever the sender streams.
+    headers = {"connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -88,10 +91,12 @@ class Acceptor:
                 body = await _read_body(request, self.settings.max_body_bytes)
         except _BodyTooLarge:
             metrics.DELIVERIES.labels(name, "too_large").inc()
-            return _error(413, f"body is larger than {self.settings.max_body_bytes} bytes")
+            return _error(413, f"body is larger than {self.settings.max_body_bytes} bytes",
+                          close=True)
         except TimeoutError:
             metrics.DELIVERIES.labels(name, "too_slow").inc()
-            return _error(408, f"body not received within {self.settings.body_timeout:g} s")
+            return _error(408, f"body not received within {self.settings.body_timeout:g} s",
+                          close=True)
 
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
