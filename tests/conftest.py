@@ -112,7 +112,6 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
     finally:
         install_runtime(previous)
         rt.close()
-        rt.redis.close()
 
 
 @pytest.fixture

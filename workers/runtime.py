@@ -50,6 +50,7 @@ class Runtime:
             close = getattr(enabled.sink, "close", None)
             if callable(close):
                 close()
+        self.redis.close()
 
 
 _lock = threading.Lock()

@@ -1,0 +1,69 @@
+"""`ingest dev` as a new user runs it: nothing configured, embedded servers, printed command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from ingest.embedded import free_port
+
+
+def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: Path) -> None:
+    ingest = Path(sys.executable).parent / "ingest"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith(("_SECRETS", "_TOKENS"))}
+    env["COLUMNS"] = "200"
+    port = free_port()
+    proc = subprocess.Popen([str(ingest), "dev", "--port", str(port), "--state-dir",
+                             str(tmp_path / "state")], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("Ctrl-C stops" in ln for ln in lines):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.2)
+        banner = "".join(lines)
+        assert "Ctrl-C stops" in banner, banner
+        assert f"http://127.0.0.1:{port}/webhooks/outreach" in banner
+        database_url = re.search(r"Postgres: (\S+)", banner).group(1)
+        redis_url = re.search(r"Redis:\s+(\S+)", banner).group(1)
+        assert redis_url.startswith("redis://127.0.0.1:")
+        command = next(ln.strip() for ln in lines if " send outreach --url " in ln)
+
+        sent = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        assert "accepted (200)" in sent.stderr
+
+        count = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and count < 20:
+            with psycopg.connect(database_url) as conn:
+                count = conn.execute("SELECT count(*) FROM webhook_events").fetchone()[0]
+            time.sleep(0.3)
+        assert count == 20, "".join(lines[-40:])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=5)
+        proc.stdout.close()
+    assert proc.returncode == 0, "".join(lines[-40:])
+    # Everything it started is gone: the embedded Redis no longer answers.
+    import socket
+
+    host_port = redis_url.split("//")[1].split("/")[0]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(host_port.split(":")[1]))) != 0
