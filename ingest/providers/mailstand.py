@@ -1,0 +1,83 @@
+"""Mailstand: flat email campaign events with their own event id, authenticated by a token.
+
+Payload (its docs print these as JavaScript objects with unquoted keys; the wire is JSON)::
+
+    {"id": "evt_sdn02n0d209dj2pk2d2d", "type": "send", "workspace_id": "space_d2n0092jd290j2d",
+     "msg": "msg_2er3g4rdwefrgfdf", "cnv": "cnv_098h2dh209jd209j",
+     "campaign_id": "camp_pow0dj20jc20jkd2nx", "campaign_name": "My First Campaign",
+     "mailbox_id": "mailbox_asnsd209j2jd22", "mailbox_email": "me@sender.example",
+     "to": "contact_abcjsod20d20kd2", "to_email": "lead@example.com",
+     "subject": "Quick Question", "text": "...", "html": "...", "created_at": 1654703617}
+
+Replies carry ``from``/``from_email``/``from_name`` (the contact who wrote) instead of
+``to``/``to_email``; contact-level events (pause, resume, stage_change, delete, campaign
+membership) carry ``contact_id`` and ``email``.
+
+Mailstand documents no signature: the user pastes the webhook URL with ``?token=`` (or sends
+``Authorization: Bearer <token>``).
+
+Dedup key: ``id`` (always ``evt_…``), which Mailstand keeps across its retries, as it keeps
+``created_at``. Two opens of one email are two events with two ids, and stay two rows.
+
+The contact is never ``mailbox_email``: that is the user's own sending mailbox.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ingest.events import Delivery, Event
+from ingest.exceptions import NormalizationError
+from ingest.kinds import KIND_TABLES, lookup
+from ingest.providers.base import (
+    TokenProvider,
+    as_id,
+    contact,
+    load_object,
+    parse_time,
+    text,
+)
+
+# On a reply the contact is the sender; on everything else, the recipient.
+_REPLY = "reply"
+
+
+class MailstandProvider(TokenProvider):
+    name: ClassVar[str] = "mailstand"
+    secret_setting: ClassVar[str] = "MAILSTAND_WEBHOOK_TOKENS"
+    kept_headers: ClassVar[frozenset[str]] = frozenset()
+
+    def events(self, delivery: Delivery) -> list[Event]:
+        payload = load_object(delivery)
+        event_id = as_id(payload.get("id"))
+        event_type = text(payload.get("type"))
+        if not event_id or not event_type:
+            raise NormalizationError("Mailstand delivery lacks its event id or its type")
+
+        if event_type == _REPLY:
+            contact_id = as_id(payload.get("contact_id")) or as_id(payload.get("from"))
+            email = text(payload.get("from_email")) or payload.get("email")
+            name = payload.get("from_name")
+        else:
+            contact_id = as_id(payload.get("contact_id")) or as_id(payload.get("to"))
+            email = text(payload.get("to_email")) or payload.get("email")
+            name = None
+        return [
+            Event(
+                provider=self.name,
+                dedup_key=event_id,
+                event_type=event_type,
+                kind=lookup(KIND_TABLES["mailstand"], event_type),
+                occurred_at=parse_time(payload.get("created_at")) or delivery.received_at,
+                received_at=delivery.received_at,
+                resource_type="contact",
+                resource_id=contact_id,
+                action=event_type,
+                workspace_id=as_id(payload.get("workspace_id")),
+                contact=contact(email=email, name=name),
+                campaign_id=as_id(payload.get("campaign_id")),
+                data=payload,
+                previous=None,
+                delivery_id=delivery.id,
+            )
+        ]

@@ -1,0 +1,83 @@
+"""Outboundry: LinkedIn and email campaign events about one lead, authenticated by a token.
+
+Payload::
+
+    {"event": "invite-sent", "company_id": "67787093-cc3a-44ca-8a12-5bf1afa3194c",
+     "timestamp": "2026-03-24T10:15:00.000Z",
+     "data": {"actionData": {"message": "Invitation Sent Successfully", ...},
+              "lead": {"id": "1111...", "name": "Rahul Sharma", "email": "rahul@example.com",
+                       "profile_url": "https://linkedin.com/in/rahulsharma", ...},
+              "campaign": {"id": "cccc...", "name": "Q1 LinkedIn Outreach", ...},
+              "sender": {"id": "aaaa...", "name": "Ravi Mehta", "email": "ravi@acme.example"}}}
+
+Outboundry documents no signature: the user pastes the webhook URL with ``?token=`` (or adds
+``Authorization: Bearer <token>`` where its settings allow headers).
+
+Dedup key: event + company_id + lead id + timestamp. Outboundry may deliver an event more than
+once and keeps its timestamp; two different events about one lead differ in event or time.
+When the lead id or the timestamp is missing, a digest of ``data`` stands in for it.
+
+The contact is always the lead: ``data.sender`` is the user's own LinkedIn or mailbox account,
+and reporting it as the contact would attribute every reply to the salesperson.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ingest.events import Delivery, Event
+from ingest.exceptions import NormalizationError
+from ingest.kinds import KIND_TABLES, lookup
+from ingest.providers.base import (
+    TokenProvider,
+    as_id,
+    canonical_digest,
+    contact,
+    load_object,
+    obj,
+    parse_time,
+    text,
+    time_key,
+)
+
+
+class OutboundryProvider(TokenProvider):
+    name: ClassVar[str] = "outboundry"
+    secret_setting: ClassVar[str] = "OUTBOUNDRY_WEBHOOK_TOKENS"
+    kept_headers: ClassVar[frozenset[str]] = frozenset()
+
+    def events(self, delivery: Delivery) -> list[Event]:
+        payload = load_object(delivery)
+        event_type = text(payload.get("event"))
+        if not event_type:
+            raise NormalizationError("Outboundry delivery has no event name")
+        data = obj(payload.get("data"))
+        lead = obj(data.get("lead"))
+        lead_id = as_id(lead.get("id"))
+        company_id = as_id(payload.get("company_id"))
+        timestamp = time_key(payload.get("timestamp"))
+
+        parts = [event_type, company_id or "", lead_id or "", timestamp or ""]
+        if not lead_id or not timestamp:
+            parts.append(f"data:{canonical_digest(data)}")
+        return [
+            Event(
+                provider=self.name,
+                dedup_key="|".join(parts),
+                event_type=event_type,
+                kind=lookup(KIND_TABLES["outboundry"], event_type),
+                occurred_at=parse_time(payload.get("timestamp")) or delivery.received_at,
+                received_at=delivery.received_at,
+                resource_type="lead",
+                resource_id=lead_id,
+                # "invite-sent" is what happened to the lead: action "invite_sent".
+                action=event_type.replace("-", "_"),
+                workspace_id=company_id,
+                contact=contact(email=lead.get("email"), name=lead.get("name"),
+                                phone=lead.get("phone")),
+                campaign_id=as_id(obj(data.get("campaign")).get("id")),
+                data=data,
+                previous=None,
+                delivery_id=delivery.id,
+            )
+        ]
