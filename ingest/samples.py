@@ -89,9 +89,112 @@ def _outcaller(rng: random.Random, secret: str) -> Sample:
     }
 
 
+def _salesloft_resource(rng: random.Random, event: str) -> dict[str, Any]:
+    updated = _now(rng)
+    href = "https://api.salesloft.com/v2"
+    resource: dict[str, Any] = {"id": rng.randint(1, 10**9),
+                                "created_at": (updated - timedelta(days=2)).isoformat(),
+                                "updated_at": updated.isoformat()}
+    cadence = rng.randint(1, 500)
+    if event.startswith("person_"):
+        first = rng.choice(["Maria", "Ben", "Lena", "Kenji", "Amara"])
+        resource.update({"first_name": first, "last_name": "Sample",
+                         "display_name": f"{first} Sample",
+                         "email_address": f"{first.lower()}.{rng.randint(1, 9999)}@example.com",
+                         "phone": "+1 415 555 0134", "title": "VP Sales",
+                         "owner": {"_href": f"{href}/users/9", "id": 9}})
+    elif event.startswith("cadence_membership_"):
+        person = rng.randint(1, 10**9)
+        resource.update({"current_state": "staged", "currently_on_cadence": True,
+                         "cadence": {"_href": f"{href}/cadences/{cadence}", "id": cadence},
+                         "person": {"_href": f"{href}/people/{person}", "id": person}})
+    elif event.startswith("email_"):
+        resource.update({"status": "sent", "bounced": rng.random() < 0.1,
+                         "recipient_email_address": f"lead.{rng.randint(1, 9999)}@example.com",
+                         "cadence": {"_href": f"{href}/cadences/{cadence}", "id": cadence},
+                         "counts": {"views": rng.randint(0, 5), "clicks": 0, "replies": 0}})
+    elif event.startswith("meeting_"):
+        resource.update({"title": "Intro call", "status": "booked",
+                         "start_time": (updated + timedelta(days=3)).isoformat()})
+    return resource
+
+
+def _salesloft(rng: random.Random, secret: str) -> Sample:
+    event = rng.choice(["person_updated", "person_created", "cadence_membership_created",
+                        "email_updated", "meeting_booked"])
+    payload: dict[str, Any]
+    if event == "cadence_membership_created":
+        # Several memberships in one delivery: one event per element.
+        payload = {"event_type": event,
+                   "data": [_salesloft_resource(rng, event) for _ in range(rng.randint(1, 3))]}
+    elif event == "email_updated":
+        payload = {"event_type": event, "data": _salesloft_resource(rng, event)}
+    else:
+        payload = _salesloft_resource(rng, event)  # the bare resource, as seen in the wild
+    body = orjson.dumps(payload)
+    signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    return body, {"Content-Type": "application/json", "x-salesloft-event": event,
+                  "x-salesloft-signature": signature}
+
+
+def _outboundry(rng: random.Random, secret: str) -> Sample:
+    event = rng.choice(["invite-sent", "invite-accepted", "message-sent", "message-replied",
+                        "inmail-sent", "email-sent", "email-opened", "email-replied"])
+    first = rng.choice(["Rahul", "Priya", "Amit", "Sofia", "Tomas"])
+    lead_id = str(uuid.UUID(int=rng.getrandbits(128)))
+    payload = {
+        "event": event,
+        "company_id": "67787093-cc3a-44ca-8a12-5bf1afa3194c",
+        "timestamp": _iso_ms(_now(rng)),
+        "data": {
+            "actionData": {"message": "Hi, wanted to connect!"},
+            "lead": {"id": lead_id, "name": f"{first} Sample",
+                     "profile_url": f"https://linkedin.com/in/{first.lower()}{rng.randint(1, 9999)}",
+                     "email": f"{first.lower()}.{rng.randint(1, 9999)}@example.com",
+                     "latest_status": "Contacted", "activity": [],
+                     "company_name": "Infosys", "job_title": "Engineering Manager"},
+            "campaign": {"id": "cccccccc-1111-2222-3333-cccccccccccc",
+                         "name": "Q1 LinkedIn Outreach", "campaign_type": "linkedin"},
+            "sender": {"id": "aaaaaaaa-1111-2222-3333-aaaaaaaaaaaa", "name": "Ravi Mehta",
+                       "email": "ravi.mehta@acme-sales.example"},
+        },
+    }
+    return orjson.dumps(payload), {"Content-Type": "application/json",
+                                   "Authorization": f"Bearer {secret}"}
+
+
+def _mailstand(rng: random.Random, secret: str) -> Sample:
+    kind = rng.choice(["send", "open", "click", "reply", "bounce", "pause", "stage_change"])
+    contact_id = f"contact_{rng.getrandbits(64):016x}"
+    email = f"lead.{rng.randint(1, 9999)}@example.com"
+    payload: dict[str, Any] = {
+        "id": f"evt_{rng.getrandbits(80):020x}", "type": kind,
+        "workspace_id": "space_d2n0092jd290j2d", "campaign_id": "camp_pow0dj20jc20jkd2nx",
+        "created_at": int(_now(rng).timestamp()),
+    }
+    if kind in ("pause", "stage_change"):
+        payload.update({"contact_id": contact_id, "email": email})
+        if kind == "stage_change":
+            payload.update({"new_stage_id": "stage_ds2wvg4543cv44v", "new_stage_name": "Interested"})
+    else:
+        payload.update({"msg": f"msg_{rng.getrandbits(48):012x}", "cnv": "cnv_098h2dh209jd209j",
+                        "campaign_name": "My First Campaign", "mailbox_id": "mailbox_asnsd209j2jd22",
+                        "mailbox_email": "sam@acme-sales.example", "subject": "Quick Question",
+                        "text": "This is the text of the email"})
+        if kind == "reply":
+            payload.update({"from": contact_id, "from_email": email, "from_name": "Lead Sample"})
+        else:
+            payload.update({"to": contact_id, "to_email": email})
+    return orjson.dumps(payload), {"Content-Type": "application/json",
+                                   "Authorization": f"Bearer {secret}"}
+
+
 SAMPLES: dict[str, Callable[[random.Random, str], Sample]] = {
     "outreach": _outreach,
     "outcaller": _outcaller,
+    "salesloft": _salesloft,
+    "outboundry": _outboundry,
+    "mailstand": _mailstand,
 }
 
 
