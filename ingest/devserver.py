@@ -123,6 +123,8 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev") -> int:
             console.print(f"[red]{exc}[/red] (is port {port} taken? try `ingest dev --port 8001`)")
             return 1
         children.append(subprocess.Popen([*_ingest_command(), "worker"], env=env))
+        # Let the workers log their start-up first, so the banner is the last thing on screen.
+        time.sleep(2.0)
 
         _banner(console, base, env, redis_url, database_url)
         while not stop:

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,11 @@ class EmbeddedPostgres:
                 "pgserver is not installed: pip install 'webhook-ingest[embedded]' or set DATABASE_URL"
             ) from None
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.server = pgserver.get_server(self.directory, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # pgserver's platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI);
+            # its fallback under /tmp is fine for a development server.
+            warnings.simplefilter("ignore")
+            self.server = pgserver.get_server(self.directory, cleanup_mode="stop")
         return self
 
     @property
