@@ -121,17 +121,16 @@ class EmbeddedPostgres:
         self.server: Any = None
 
     def start(self) -> EmbeddedPostgres:
-        try:
-            import pgserver  # noqa: PLC0415  (optional dependency, "embedded" extra)
-        except ImportError:
-            raise RuntimeError(
-                "pgserver is not installed: pip install 'webhook-ingest[embedded]' or set DATABASE_URL"
-            ) from None
         self.directory.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
-            # pgserver's platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI);
-            # its fallback under /tmp is fine for a development server.
+            # pgserver's platformdirs warns (at import and start) when XDG_RUNTIME_DIR is unset,
+            # as in containers and CI; its fallback under /tmp is fine for a development server.
             warnings.simplefilter("ignore")
+            try:
+                import pgserver  # noqa: PLC0415  (optional dependency, "embedded" extra)
+            except ImportError:
+                raise RuntimeError("pgserver is not installed: pip install "
+                                   "'webhook-ingest[embedded]' or set DATABASE_URL") from None
             self.server = pgserver.get_server(self.directory, cleanup_mode="stop")
         return self
 
