@@ -77,6 +77,7 @@ class Settings:
     body_timeout: float = constants.DEFAULT_BODY_TIMEOUT
     spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
     dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
+    abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER
     log_format: str = "json"
     # Every raw value, for sink plugins that read their own prefix (see section()).
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -160,6 +161,8 @@ class Settings:
             body_timeout=number("INGEST_BODY_TIMEOUT", constants.DEFAULT_BODY_TIMEOUT),
             spool_dir=Path(get("INGEST_SPOOL_DIR") or constants.DEFAULT_SPOOL_DIR),
             dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
+            abandoned_after=integer("INGEST_ABANDONED_AFTER",
+                                    constants.DEFAULT_ABANDONED_AFTER, minimum=3),
             log_format=log_format,
             raw=raw,
             sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},

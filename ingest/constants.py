@@ -40,8 +40,24 @@ RESULT_TTL = 60
 BATCH_RETRY_INTERVALS = (1, 5, 15, 60, 300)
 # Retry schedule (seconds) of deliver jobs: sinks get a longer backoff; jitter is added.
 DELIVER_RETRY_INTERVALS = (5, 15, 60, 300, 900, 1800, 3600)
-# Seconds between watchdog sweeps that re-queue jobs abandoned by dead workers.
+# Seconds between RQ's own registry maintenance in each worker (our watchdog, which retries
+# jobs abandoned by dead workers, sweeps every INGEST_ABANDONED_AFTER / 3 s: workers.watchdog).
 WATCHDOG_INTERVAL = 30
+# Default seconds a running job may go without a heartbeat before the watchdog treats its
+# worker as dead and retries it (INGEST_ABANDONED_AFTER). Workers heartbeat 3 times per period.
+DEFAULT_ABANDONED_AFTER = 45
+# RQ worker TTL. It also bounds the blocking dequeue (TTL - 15 s), so an idle worker notices a
+# frozen Redis, and runs RQ's own maintenance, well within a minute.
+WORKER_TTL = 60
+# Longest pause (seconds) between a worker's attempts to reach Redis again during an outage.
+WORKER_RECONNECT_MAX = 5.0
+
+# Spool (ingest.spool): a segment is sealed once it grows past this many bytes (16 MiB).
+SPOOL_SEGMENT_BYTES = 16 * 1024 * 1024
+# Seconds between the spool drainer's checks whether Redis answers again.
+SPOOL_DRAIN_INTERVAL = 0.5
+# Largest record the spool reader accepts; a longer length prefix is corruption, not data.
+SPOOL_MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 # Queue name of the batches the acceptor enqueues.
 INGEST_QUEUE = "ingest"

@@ -1,23 +1,33 @@
 """Making a delivery durable before the acceptor answers 200.
 
 First choice is Redis, through the group-commit :class:`BatchEnqueuer`. When Redis cannot take
-the delivery within its deadline, the local spool (``INGEST_SPOOL_DIR``) journals it with an
-fsync, and a drainer moves it into Redis once Redis is back. When neither can take it,
-:class:`NotDurable` tells the acceptor to refuse.
+the delivery within its deadline, the local spool (``INGEST_SPOOL_DIR``, :mod:`ingest.spool`)
+journals it with an fsync, and a drainer moves it into Redis once Redis is back. When neither
+can take it, :class:`NotDurable` tells the acceptor to refuse.
+
+After one Redis failure, deliveries go straight to the spool until the drainer has seen Redis
+answer and emptied the spool (a circuit breaker). Without it, every request during an outage of
+a *frozen* Redis would first wait out the Redis deadline, and the flushes, which run one after
+another, would pile up behind each other past the senders' own timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import Queue
 
+from ingest import constants
 from ingest.config import Settings
 from ingest.enqueue import BatchEnqueuer
 from ingest.redis_conn import acceptor_redis
+from ingest.spool import Spool as JournalSpool
 
 __all__ = ["Durable", "NotDurable", "Spool"]
 
@@ -31,37 +41,74 @@ class NotDurable(Exception):
 class Spool(Protocol):
     """What :class:`Durable` needs from a spool."""
 
-    def append(self, envelope: dict[str, Any]) -> None: ...
+    async def append(self, envelope: dict[str, Any]) -> None: ...
     def depth(self) -> int: ...
+    def drain(self, queue: Queue, names: constants.Names) -> int: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
 
 class Durable:
-    def __init__(self, redis: Redis, enqueuer: BatchEnqueuer, spool: Spool | None = None) -> None:
+    def __init__(self, redis: Redis, enqueuer: BatchEnqueuer, spool: Spool | None = None,
+                 drain_interval: float = constants.SPOOL_DRAIN_INTERVAL) -> None:
         self.redis = redis
         self.enqueuer = enqueuer
         self.spool = spool
+        self.drain_interval = drain_interval
+        self.redis_failing = False  # the breaker: True sends deliveries straight to the spool
+        self._drainer: asyncio.Task[None] | None = None
+        self._drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-drain")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Durable:
         redis = acceptor_redis(settings.require_redis())
-        return cls(redis, BatchEnqueuer(redis, settings.names))
+        return cls(redis, BatchEnqueuer(redis, settings.names), JournalSpool(settings.spool_dir))
 
     async def store(self, envelope: dict[str, Any]) -> str:
         """Make ``envelope`` durable; return the result label ("accepted" or "spooled")."""
-        try:
-            await self.enqueuer.submit(envelope)
-            return "accepted"
-        except (RedisError, OSError) as exc:
-            redis_error = exc
+        redis_error: BaseException | str
+        if self.spool is not None and self.redis_failing:
+            redis_error = "failing moments ago (spooling until the drainer sees it answer)"
+        else:
+            try:
+                await self.enqueuer.submit(envelope)
+                return "accepted"
+            except (RedisError, OSError) as exc:
+                redis_error = exc
+                if self.spool is not None and not self.redis_failing:
+                    self.redis_failing = True
+                    log.warning("Redis cannot take deliveries (%r); spooling them to %s",
+                                exc, getattr(self.spool, "directory", "the spool"))
         if self.spool is None:
             raise NotDurable(f"Redis: {redis_error!r}; no spool configured")
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.spool.append, envelope)
+            await self.spool.append(envelope)
         except OSError as exc:
             raise NotDurable(f"Redis: {redis_error!r}; spool: {exc!r}") from exc
         return "spooled"
+
+    async def _drain_loop(self) -> None:
+        """Move the spool into Redis whenever it holds anything and Redis answers."""
+        assert self.spool is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.drain_interval)
+            if not self.redis_failing and self.spool.depth() == 0:
+                continue
+            if not await self.redis_ok():
+                continue
+            try:
+                await loop.run_in_executor(self._drain_executor, self.spool.drain,
+                                           self.enqueuer.queue, self.enqueuer.names)
+            except (RedisError, OSError) as exc:
+                log.warning("spool drain stopped, will try again: %r", exc)
+            except Exception:
+                log.exception("spool drain failed, will try again")
+            # Redis answered: once nothing waits in the spool, go back to Redis first (also when
+            # the spool itself is what failed, so a broken spool never blocks a healthy Redis).
+            if self.spool.depth() == 0 and self.redis_failing:
+                self.redis_failing = False
+                log.info("Redis answers again and the spool is empty; enqueueing directly")
 
     async def redis_ok(self) -> bool:
         try:
@@ -75,8 +122,14 @@ class Durable:
     async def start(self) -> None:
         if self.spool is not None:
             await self.spool.start()
+            self._drainer = asyncio.get_running_loop().create_task(self._drain_loop())
 
     async def stop(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
         if self.spool is not None:
             await self.spool.stop()
+        self._drain_executor.shutdown(wait=True)
         self.enqueuer.close()

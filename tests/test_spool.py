@@ -1,0 +1,254 @@
+"""The spool: fsynced journal, crash safety, torn and damaged records, draining into real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from ingest.app import create_app
+from ingest.config import Settings
+from ingest.constants import Names
+from ingest.durable import Durable
+from ingest.embedded import EmbeddedRedis, free_port
+from ingest.enqueue import BatchEnqueuer
+from ingest.redis_conn import acceptor_redis
+from ingest.spool import Spool, encode_record, read_segment
+from tests.helpers import SECRETS, serve
+
+
+def envelope(n: int = 0) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "provider": "outcaller",
+            "received_at": datetime.now(timezone.utc).isoformat(), "headers": {},
+            "body": orjson.dumps({"event": "lead.created", "n": n}).decode()}
+
+
+def append_all(spool: Spool, envelopes: list[dict[str, Any]]) -> None:
+    async def run() -> None:
+        await spool.start()
+        await asyncio.gather(*(spool.append(e) for e in envelopes))
+        await spool.stop()
+
+    asyncio.run(run())
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("seg-*.log"))
+
+
+@pytest.fixture
+def queue(redis_server: str, namespace: str) -> Iterator[Queue]:
+    redis = Redis.from_url(redis_server)
+    yield Queue(Names(namespace).ingest_queue, connection=redis, serializer=JSONSerializer)
+    redis.close()
+
+
+def queued_envelopes(queue: Queue) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for job in queue.get_jobs():
+        out.extend(job.args[0])
+    return out
+
+
+def test_concurrent_appends_share_one_fsync_and_survive_a_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    sent = [envelope(i) for i in range(50)]
+    append_all(spool, sent)
+    assert spool.fsyncs == 1  # 50 requests arriving together cost one fsync
+    again = Spool(tmp_path)  # a new process over the same directory
+    assert again.adopt_orphans() == 1
+    assert again.depth() == 50
+    (segment,) = segments(tmp_path)
+    assert read_segment(segment.read_bytes()).records == sent
+
+
+def test_drain_moves_everything_into_redis_once_and_removes_the_segment(
+        tmp_path: Path, queue: Queue, namespace: str) -> None:
+    sent = [envelope(i) for i in range(600)]
+    spool = Spool(tmp_path)
+    append_all(spool, sent)
+    assert spool.drain(queue, Names(namespace), max_batch=256) == 600
+    assert [e["id"] for e in queued_envelopes(queue)] == [e["id"] for e in sent]
+    assert queue.count == 3  # 256 + 256 + 88
+    assert segments(tmp_path) == [] and spool.depth() == 0
+
+
+def test_a_crash_between_enqueue_and_delete_does_not_double_any_job(
+        tmp_path: Path, queue: Queue, namespace: str) -> None:
+    spool = Spool(tmp_path)
+    append_all(spool, [envelope(i) for i in range(300)])
+    (segment,) = segments(tmp_path)
+    kept = segment.read_bytes()
+    spool.drain(queue, Names(namespace))
+    jobs_before = sorted(queue.get_job_ids())
+    segment.write_bytes(kept)  # as if the process died after enqueueing, before the unlink
+    again = Spool(tmp_path)
+    assert again.drain(queue, Names(namespace)) == 300
+    assert sorted(queue.get_job_ids()) == jobs_before
+    assert len(queued_envelopes(queue)) == 300
+
+
+def test_a_torn_last_record_is_never_replayed(tmp_path: Path, queue: Queue,
+                                              namespace: str) -> None:
+    good = [envelope(i) for i in range(3)]
+    torn = encode_record(envelope(99))
+    path = tmp_path / "seg-00000000000000000001-dead-0000.log"
+    path.write_bytes(b"".join(encode_record(e) for e in good) + torn[: len(torn) // 2])
+    contents = read_segment(path.read_bytes())
+    assert contents.records == good and contents.torn_tail and not contents.corrupt
+    spool = Spool(tmp_path)
+    assert spool.drain(queue, Names(namespace)) == 3
+    assert queued_envelopes(queue) == good
+    assert not path.exists()
+
+
+def test_a_damaged_record_in_the_middle_keeps_the_file_for_inspection(
+        tmp_path: Path, queue: Queue, namespace: str) -> None:
+    first, second, third = (encode_record(envelope(i)) for i in range(3))
+    damaged = bytearray(second)
+    damaged[-2] ^= 0xFF  # one flipped bit in the payload: the CRC no longer matches
+    path = tmp_path / "seg-00000000000000000001-dead-0000.log"
+    path.write_bytes(first + bytes(damaged) + third)
+    spool = Spool(tmp_path)
+    assert spool.drain(queue, Names(namespace)) == 1
+    assert [e["body"] for e in queued_envelopes(queue)] == [orjson.loads(first[12:])["body"]]
+    assert not path.exists() and path.with_suffix(".corrupt").exists()
+
+
+def test_segments_of_a_live_process_are_left_alone(tmp_path: Path, queue: Queue,
+                                                   namespace: str) -> None:
+    """Two acceptors on one directory: one never drains the segment the other is writing."""
+    writer = Spool(tmp_path)
+
+    async def run() -> None:
+        await writer.append(envelope())  # the segment stays open and locked: writer is "live"
+        other = Spool(tmp_path)
+        assert other.drain(queue, Names(namespace)) == 0
+        assert writer.depth() == 1
+        await writer.stop()
+        assert other.drain(queue, Names(namespace)) == 1
+
+    asyncio.run(run())
+
+
+def test_deliveries_spooled_by_a_process_killed_with_sigkill_are_drained(
+        tmp_path: Path, queue: Queue, namespace: str) -> None:
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from ingest.spool import Spool\n"
+        "async def main():\n"
+        "    s = Spool(sys.argv[1])\n"
+        "    await asyncio.gather(*(s.append({'id': str(i), 'provider': 'outcaller',\n"
+        "        'received_at': '2026-01-01T00:00:00Z', 'headers': {}, 'body': '{}'})\n"
+        "        for i in range(20)))\n"
+        "    print('acknowledged', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "acknowledged" in proc.stdout
+    spool = Spool(tmp_path)
+    assert spool.drain(queue, Names(namespace)) == 20
+    assert sorted(int(e["id"]) for e in queued_envelopes(queue)) == list(range(20))
+
+
+def test_an_unusable_spool_directory_refuses_instead_of_pretending(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spool = Spool(blocker / "spool")  # mkdir fails here, even for root
+
+    async def run() -> None:
+        await spool.start()
+        with pytest.raises(OSError):
+            await spool.append(envelope())
+        await spool.stop()
+
+    asyncio.run(run())
+    assert spool.depth() == 0
+
+
+def test_durable_spools_while_redis_is_down_then_drains_when_it_returns(
+        tmp_path: Path, namespace: str) -> None:
+    port = free_port()
+    redis = acceptor_redis(f"redis://127.0.0.1:{port}/0")
+    names = Names(namespace)
+    durable = Durable(redis, BatchEnqueuer(redis, names), Spool(tmp_path / "spool"),
+                      drain_interval=0.05)
+    server = EmbeddedRedis(tmp_path / "redis", port=port)
+
+    async def run() -> list[str]:
+        await durable.start()
+        try:
+            results = [await durable.store(envelope(i)) for i in range(5)]
+            assert durable.spool_depth() == 5 and durable.redis_failing
+            await asyncio.get_running_loop().run_in_executor(None, server.start)
+            for _ in range(200):  # bounded: 10 s
+                if durable.spool_depth() == 0 and not durable.redis_failing:
+                    break
+                await asyncio.sleep(0.05)
+            results.append(await durable.store(envelope(5)))
+            return results
+        finally:
+            await durable.stop()
+
+    try:
+        results = asyncio.run(run())
+        assert results == ["spooled"] * 5 + ["accepted"]
+        queue = Queue(names.ingest_queue, connection=Redis.from_url(server.url),
+                      serializer=JSONSerializer)
+        assert len(queued_envelopes(queue)) == 6
+        assert segments(tmp_path / "spool") == []
+    finally:
+        server.stop()
+        redis.close()
+
+
+def test_outreach_sees_a_dropped_connection_and_others_503_when_nothing_is_durable(
+        make_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
+    from tests.test_acceptor import outreach_headers
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    settings = Settings.from_env(make_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                                          INGEST_SPOOL_DIR=str(blocker / "spool")))
+    body = b'{"data": {"type": "prospect", "id": 1, "attributes": {}}, "meta": {"eventName": "x"}}'
+    with serve(create_app(settings)) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            httpx.post(f"{server.url}/webhooks/outreach", content=body,
+                       headers=outreach_headers(body), timeout=10)
+        answer = httpx.post(f"{server.url}/webhooks/outcaller", content=b'{"event": "x"}',
+                            headers={"Authorization": f"Bearer {SECRETS['outcaller'][0]}"},
+                            timeout=10)
+    assert answer.status_code == 503
+
+
+def test_spooled_deliveries_are_answered_200_and_counted_in_readyz_and_metrics(
+        make_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
+    settings = Settings.from_env(make_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+    with serve(create_app(settings)) as server:
+        for i in range(3):
+            answer = httpx.post(f"{server.url}/webhooks/outcaller",
+                                content=orjson.dumps({"event": "lead.created", "i": i}),
+                                headers={"Authorization": f"Bearer {SECRETS['outcaller'][0]}"},
+                                timeout=10)
+            assert answer.status_code == 200
+        ready = httpx.get(f"{server.url}/readyz", timeout=10)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert ready.status_code == 503 and ready.json()["spool_depth"] == 3
+    assert "ingest_spool_depth 3.0" in metrics
+    assert 'ingest_deliveries_total{provider="outcaller",result="spooled"}' in metrics
+    assert len(segments(settings.spool_dir)) == 1  # kept for the next start to drain
