@@ -50,6 +50,13 @@ _SPECIAL_NAMES: dict[str, tuple[str, str]] = {
 # email_updated fires for every change to an email (each open bumps its counts), so only the
 # one terminal, unambiguous state refines its kind.
 _BOUNCED = "email.bounced"
+# Salesloft has no cadence_membership_deleted: leaving a cadence is an update whose
+# current_state says how. "active" is left alone: it follows "staged" as often as "paused".
+_MEMBERSHIP_STATE_KINDS = {
+    "paused": "campaign.paused",
+    "completed": "campaign.finished",
+    "removed": "campaign.removed",
+}
 
 
 def split_event_name(event_type: str) -> tuple[str, str | None]:
@@ -131,6 +138,8 @@ class SalesloftProvider(SignedProvider):
             resource.get("bounced") is True or text(resource.get("status")) == "bounced"
         ):
             kind = _BOUNCED
+        elif event_type == "cadence_membership_updated":
+            kind = _MEMBERSHIP_STATE_KINDS.get(text(resource.get("current_state")) or "", kind)
         return Event(
             provider=self.name,
             dedup_key=dedup_key,

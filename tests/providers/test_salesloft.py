@@ -1,0 +1,225 @@
+import hashlib
+import hmac
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+
+from ingest.events import Delivery
+from ingest.exceptions import NormalizationError
+from ingest.providers import load_providers
+from tests.helpers import SECRETS, drain, rows
+from tests.providers.suite import SAMPLES, ProviderSuite
+
+# Every event type in Salesloft's webhook event reference, and the kind each must become.
+DOCUMENTED = {
+    "account_created": "account.created",
+    "account_updated": "account.updated",
+    "account_deleted": "account.deleted",
+    "cadence_created": "cadence.created",
+    "cadence_updated": "cadence.updated",
+    "cadence_deleted": "cadence.deleted",
+    "cadence_membership_created": "campaign.added",
+    "cadence_membership_updated": "campaign.updated",
+    "call_created": "call.created",
+    "call_updated": "call.updated",
+    "call_data_record_created": "call.recorded",
+    "call_data_record_updated": "call.record_updated",
+    "conversation_created": "conversation.created",
+    "conversation_recording_created": "conversation.recording_created",
+    "conversation_transcript_created": "conversation.transcript_created",
+    "email_updated": "email.updated",
+    "email_with_body_and_subject_updated": "email.updated",
+    "link_swap": "email.link_swapped",
+    "meeting_booked": "meeting.booked",
+    "meeting_updated": "meeting.updated",
+    "note_created": "note.created",
+    "note_updated": "note.updated",
+    "note_deleted": "note.deleted",
+    "person_created": "contact.created",
+    "person_updated": "contact.updated",
+    "person_deleted": "contact.deleted",
+    "step_created": "step.created",
+    "step_updated": "step.updated",
+    "step_deleted": "step.deleted",
+    "task_created": "task.created",
+    "task_updated": "task.updated",
+    "task_completed": "task.completed",
+    "task_deleted": "task.deleted",
+    "user_created": "user.created",
+    "user_updated": "user.updated",
+    "success_created": "success.created",
+    "bulk_job_completed": "bulk_job.completed",
+}
+
+ARRAY = orjson.loads((SAMPLES / "salesloft/cadence_membership_created_array.raw").read_bytes())
+
+
+def _sign(body: bytes, secret: str) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def _membership(member_id: int, person_id: int, updated_at: str) -> dict[str, Any]:
+    return {"id": member_id, "created_at": updated_at, "updated_at": updated_at,
+            "current_state": "staged", "currently_on_cadence": True,
+            "cadence": {"_href": "https://api.salesloft.com/v2/cadences/12", "id": 12},
+            "person": {"_href": f"https://api.salesloft.com/v2/people/{person_id}",
+                       "id": person_id}}
+
+
+class TestSalesloft(ProviderSuite):
+    provider = "salesloft"
+    other_provider = "outreach"
+    documented_kinds: ClassVar[dict[str, str]] = DOCUMENTED
+    expected: ClassVar[dict[str, dict[str, Any]]] = {
+        "person_updated_bare.raw": {
+            # The bare resource: numeric id, a +02:00 offset; event name from the header.
+            "dedup_key": "person_updated|1042|2026-06-04T05:49:10.221000+00:00",
+            "event_type": "person_updated",
+            "kind": "contact.updated",
+            "resource_type": "person",
+            "resource_id": "1042",
+            "action": "updated",
+            "occurred_at": "2026-06-04T05:49:10.221Z",
+            "workspace_id": None,
+            "contact_email": "maria.gonzalez@example.com",
+            "contact_name": "Maria Gonzalez",
+            "contact_phone": "+1 415 555 0134",
+            "campaign_id": None,
+            "data": orjson.loads((SAMPLES / "salesloft/person_updated_bare.raw").read_bytes()),
+            "previous": None,
+        },
+        "email_updated_bounced_wrapper.raw": {
+            # The {"event_type", "data"} wrapper; bounced refines email.updated.
+            "dedup_key": "email_updated|88312|2026-06-04T05:41:12.500000+00:00",
+            "event_type": "email_updated",
+            "kind": "email.bounced",
+            "resource_type": "email",
+            "resource_id": "88312",
+            "action": "updated",
+            "occurred_at": "2026-06-04T05:41:12.5Z",
+            "workspace_id": None,
+            "contact_email": "ben.okafor@example.org",
+            "contact_name": None,
+            "campaign_id": "5",  # "cadence": {"_href": ..., "id": 5}
+            "data": orjson.loads(
+                (SAMPLES / "salesloft/email_updated_bounced_wrapper.raw").read_bytes())["data"],
+            "previous": None,
+        },
+    }
+
+    def sign(self, body: bytes, secret: str) -> dict[str, str]:
+        try:
+            event = orjson.loads(body).get("event_type") or "person_updated"
+        except orjson.JSONDecodeError:
+            event = "person_updated"
+        return {"Content-Type": "application/json", "x-salesloft-event": event,
+                "x-salesloft-signature": _sign(body, secret)}
+
+    def body_for_event(self, event_type: str) -> bytes:
+        return orjson.dumps({"id": 7, "updated_at": "2026-01-01T00:00:00Z"})
+
+    def headers_for_event(self, event_type: str) -> dict[str, str]:
+        return {"x-salesloft-event": event_type}
+
+    def post_array(self, acceptor: Any, elements: list[dict[str, Any]]) -> None:
+        body = orjson.dumps({"event_type": "cadence_membership_created", "data": elements})
+        response = self.post(acceptor, body, self.sign(body, SECRETS["salesloft"][0]))
+        assert response.status_code == 200
+
+    def test_stored_array_sample_gives_one_full_row_per_element(
+        self, acceptor: Any, runtime: Any, database_url: str
+    ) -> None:
+        body = self.raw("cadence_membership_created_array.raw")
+        assert self.post(acceptor, body, self.sign(body, SECRETS["salesloft"][1])).status_code == 200
+        drain(runtime)
+        stored = self.events_in(database_url)
+        assert [r["dedup_key"] for r in stored] == [
+            "cadence_membership_created|9001|2026-06-04T05:00:00+00:00",
+            "cadence_membership_created|9002|2026-06-04T05:00:01+00:00",  # sent as +05:30
+        ]
+        for row, element in zip(stored, ARRAY["data"]):
+            assert row["event_type"] == "cadence_membership_created"
+            assert row["kind"] == "campaign.added"
+            assert (row["resource_type"], row["action"]) == ("cadence_membership", "created")
+            assert row["resource_id"] == str(element["id"])
+            assert row["campaign_id"] == "5"
+            assert row["contact_email"] is None and row["workspace_id"] is None
+            assert row["data"] == element, "data is the element, not the whole array"
+            assert row["previous"] is None
+        assert len({r["delivery_id"] for r in stored}) == 1
+
+    def test_array_of_three_then_redelivery_with_one_new_adds_only_that_one(
+        self, acceptor: Any, runtime: Any, database_url: str
+    ) -> None:
+        first = [_membership(100 + i, 500 + i, f"2026-06-04T06:0{i}:00Z") for i in range(3)]
+        self.post_array(acceptor, first)
+        drain(runtime)
+        before = {r["dedup_key"]: r for r in self.events_in(database_url)}
+        assert len(before) == 3
+        assert {r["resource_id"] for r in before.values()} == {"100", "101", "102"}
+
+        newcomer = _membership(103, 503, "2026-06-04T06:09:00Z")
+        # The same three (in another order) and one new element, in one new delivery.
+        self.post_array(acceptor, [first[2], newcomer, first[0], first[1]])
+        drain(runtime)
+        after = {r["dedup_key"]: r for r in self.events_in(database_url)}
+        assert len(after) == 4
+        (added,) = set(after) - set(before)
+        assert after[added]["resource_id"] == "103"
+        assert after[added]["data"] == newcomer
+        for key, row in before.items():
+            assert after[key]["delivery_id"] == row["delivery_id"], "old rows are untouched"
+        assert after[added]["delivery_id"] not in {r["delivery_id"] for r in before.values()}
+
+    def test_event_header_is_kept_and_signature_is_not(self, acceptor: Any, runtime: Any,
+                                                      database_url: str) -> None:
+        body = self.raw("person_updated_bare.raw")
+        assert self.post(acceptor, body, self.sign(body, SECRETS["salesloft"][0])).status_code == 200
+        drain(runtime)
+        (delivery,) = rows(database_url, "SELECT headers FROM webhook_deliveries")
+        assert delivery["headers"] == {"x-salesloft-event": "person_updated"}
+
+    def test_bare_resource_without_event_header_fails_alone_with_the_reason(
+        self, acceptor: Any, runtime: Any, database_url: str
+    ) -> None:
+        body = self.raw("person_updated_bare.raw")
+        headers = {"x-salesloft-signature": _sign(body, SECRETS["salesloft"][0])}
+        assert self.post(acceptor, body, headers).status_code == 200  # authentic, so durable
+        drain(runtime)
+        assert self.events_in(database_url) == []
+        # Kept with its reason: in the failed registry, or (while the batch job's own retries
+        # last) scheduled to run again. Never dropped.
+        queue = runtime.ingest_queue
+        kept = (FailedJobRegistry(queue=queue).get_job_ids()
+                + ScheduledJobRegistry(queue=queue).get_job_ids())
+        assert len(kept) == 1, "an event that cannot be identified is never dropped silently"
+        job = queue.fetch_job(kept[0])
+        assert [Delivery.from_dict(e).body for e in job.args[0]] == [body.decode()]
+        with pytest.raises(NormalizationError, match="x-salesloft-event"):
+            load_providers()["salesloft"].events(Delivery.from_dict(job.args[0][0]))
+
+    def _kinds(self, event_type: str, resource: dict[str, Any]) -> list[str]:
+        delivery = Delivery(id="00000000-0000-4000-8000-000000000001", provider="salesloft",
+                            received_at=datetime.now(timezone.utc),
+                            headers={"x-salesloft-event": event_type},
+                            body=orjson.dumps(resource).decode())
+        return [e.kind for e in load_providers()["salesloft"].events(delivery)]
+
+    def test_email_updated_is_refined_only_by_a_bounce(self) -> None:
+        email = {"id": 1, "updated_at": "2026-06-04T05:41:12Z", "status": "sent"}
+        assert self._kinds("email_updated", email) == ["email.updated"]
+        assert self._kinds("email_updated", {**email, "bounced": True}) == ["email.bounced"]
+        assert self._kinds("email_updated", {**email, "status": "bounced"}) == ["email.bounced"]
+
+    def test_cadence_membership_update_is_refined_by_its_state(self) -> None:
+        member = _membership(1, 2, "2026-06-04T05:41:12Z")
+        for state, kind in [("paused", "campaign.paused"), ("completed", "campaign.finished"),
+                            ("removed", "campaign.removed"), ("active", "campaign.updated")]:
+            assert self._kinds("cadence_membership_updated",
+                               {**member, "current_state": state}) == [kind], state
+
+    def test_unknown_event_name_is_kept_as_unknown(self) -> None:
+        assert self._kinds("opportunity_stage_changed", {"id": 3}) == ["unknown"]
