@@ -1,0 +1,58 @@
+"""Acme CRM webhooks for webhook-ingest: a complete third-party provider plugin.
+
+Acme posts ``{"id": "evt_…", "type": "deal.won", "occurred_at": "…", "workspace": "…",
+"contact": {"email": …, "name": …}, "deal": {"id": …, "pipeline": …}}`` with
+``Authorization: Bearer <token>``. The token is read from ``ACME_WEBHOOK_TOKENS``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ingest.events import Delivery, Event
+from ingest.exceptions import NormalizationError
+from ingest.kinds import lookup
+from ingest.providers.base import TokenProvider, as_id, contact, load_object, obj, parse_time, text
+
+__all__ = ["AcmeProvider"]
+
+# Acme's event types -> the shared vocabulary; anything else is stored as "unknown".
+KINDS = {
+    "contact.created": "contact.created",
+    "contact.updated": "contact.updated",
+    "deal.won": "deal.won",
+    "deal.lost": "deal.lost",
+}
+
+
+class AcmeProvider(TokenProvider):
+    name: ClassVar[str] = "acme"
+    secret_setting: ClassVar[str] = "ACME_WEBHOOK_TOKENS"
+    kept_headers: ClassVar[frozenset[str]] = frozenset()
+
+    def events(self, delivery: Delivery) -> list[Event]:
+        payload = load_object(delivery)
+        event_id, event_type = as_id(payload.get("id")), text(payload.get("type"))
+        if not event_id or not event_type:
+            raise NormalizationError("Acme delivery lacks id or type")
+        resource_type, _, action = event_type.partition(".")
+        resource = obj(payload.get(resource_type))
+        person = obj(payload.get("contact"))
+        return [
+            Event(
+                provider=self.name,
+                dedup_key=event_id,  # Acme keeps the id across its retries
+                event_type=event_type,
+                kind=lookup(KINDS, event_type),
+                occurred_at=parse_time(payload.get("occurred_at")) or delivery.received_at,
+                received_at=delivery.received_at,
+                resource_type=resource_type,
+                resource_id=as_id(resource.get("id")),
+                action=action or None,
+                workspace_id=as_id(payload.get("workspace")),
+                contact=contact(email=person.get("email"), name=person.get("name")),
+                campaign_id=as_id(resource.get("pipeline")),
+                data=resource or payload,
+                delivery_id=delivery.id,
+            )
+        ]
