@@ -194,7 +194,7 @@ class TestSalesloft(ProviderSuite):
         # last) scheduled to run again. Never dropped.
         queue = runtime.ingest_queue
         kept = (FailedJobRegistry(queue=queue).get_job_ids()
-                + ScheduledJobRegistry(queue=queue).get_job_ids())
+                + ScheduledJobRegistry(queue=queue).get_job_ids())  # type: ignore[no-untyped-call]
         assert len(kept) == 1, "an event that cannot be identified is never dropped silently"
         job = queue.fetch_job(kept[0])
         assert [Delivery.from_dict(e).body for e in job.args[0]] == [body.decode()]
