@@ -57,7 +57,7 @@ DUPLICATES = Counter(
 )
 POISON = Counter(
     "ingest_poison_deliveries",
-    "Deliveries that could not be normalized and were set aside, by provider.",
+    "Deliveries that could not be normalized, by provider; each is in the failed registry.",
     ["provider"],
 )
 SINK_EVENTS = Counter(

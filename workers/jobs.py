@@ -104,9 +104,16 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             events = provider.events(delivery)
         except Exception as exc:
             if len(envelopes) == 1:
-                raise  # alone in its batch: fail here, with the reason, into the failed registry
-            poisoned += 1
-            metrics.POISON.labels(delivery.provider).inc()
+                # Alone in its batch: fail here, with the reason, into the failed registry.
+                # Parsing is deterministic, so RQ's retries could not help: skip them.
+                if job is not None:
+                    job.retries_left = 0
+                metrics.POISON.labels(delivery.provider).inc()
+                log.error("delivery cannot be processed; it goes to the failed registry: %s",
+                          exc, extra={"provider": delivery.provider, "delivery_id": delivery.id,
+                                      "job_id": owner})
+                raise
+            poisoned += 1  # counted in POISON when its own job fails, not twice
             log.warning("setting aside a delivery that cannot be processed: %s", exc,
                         extra={"provider": delivery.provider, "delivery_id": delivery.id})
             _enqueue_unique(rt.ingest_queue, PROCESS_BATCH, ([envelope],),
@@ -133,6 +140,12 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     if fresh:
         enqueue_deliveries(rt, fresh, deliveries)
         dedup.mark_done(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
+    if log.isEnabledFor(logging.DEBUG):  # one line per delivery is too many at INFO
+        new = Counter(e.delivery_id for e in fresh)
+        for delivery in deliveries.values():
+            log.debug("delivery processed: %d new events", new[delivery.id],
+                      extra={"provider": delivery.provider, "delivery_id": delivery.id,
+                             "job_id": owner, "count": new[delivery.id]})
     log.info("batch processed: %d deliveries, %d new events, %d duplicates, %d set aside",
              len(envelopes), len(fresh), duplicates, poisoned,
              extra={"job_id": owner, "count": len(envelopes)})
@@ -168,6 +181,9 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
                     _deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
                 )
+            for e in failed:
+                log.warning("sink refused an event; it gets a job of its own: %s", exc,
+                            extra=_event_extra(sink_name, e))
             metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
             metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
             return {"delivered": len(evs) - len(failed), "split": len(failed)}
@@ -175,9 +191,17 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         if job is not None:
             job.retries_left = 0  # retrying cannot help; go straight to the failed registry
         metrics.SINK_EVENTS.labels(sink_name, "failed").inc(len(evs))
+        for e in evs:
+            log.error("sink refused the event; it goes to the failed registry: %s", exc,
+                      extra=_event_extra(sink_name, e))
         raise
-    except Exception:
-        metrics.SINK_EVENTS.labels(sink_name, "retried").inc(len(evs))
+    except Exception as exc:
+        job = get_current_job()
+        final = job is None or not job.retries_left  # RQ retries only while some are left
+        metrics.SINK_EVENTS.labels(sink_name, "failed" if final else "retried").inc(len(evs))
+        log.warning("sink failed (%s): %s", "no retries left" if final else "will retry", exc,
+                    extra={"sink": sink_name, "count": len(evs),
+                           "job_id": job.id if job is not None else None})
         raise
     finally:
         metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
@@ -185,4 +209,12 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     for e in evs:
         metrics.LAG_SECONDS.labels(sink_name).observe((now - e.received_at).total_seconds())
     metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
+    log.info("delivered %d events to %s", len(evs), sink_name,
+             extra={"sink": sink_name, "count": len(evs)})
     return {"delivered": len(evs)}
+
+
+def _event_extra(sink: str, event: Event) -> dict[str, Any]:
+    """Log fields of a line about one event: the delivery it came from, for tracing."""
+    return {"sink": sink, "provider": event.provider, "delivery_id": event.delivery_id,
+            "event_id": event.id}
