@@ -1,0 +1,82 @@
+"""Logs: one JSON object per line, delivery fields carried, secrets never printed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from ingest.config import Settings
+from ingest.exceptions import ConfigError
+from ingest.logs import log_level, setup_logging
+
+SECRET = "outreach-secret-new-0002"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    levels = {n: logging.getLogger(n).level for n in ("ingest", "workers", "sinks", "rq")}
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln]
+
+
+def test_json_lines_carry_the_delivery_and_its_provider(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("json", [SECRET])
+    logging.getLogger("workers.jobs").warning(
+        "setting aside: %s", "bad", extra={"provider": "outreach", "delivery_id": "d-1"})
+    [line] = lines(capsys)
+    record = orjson.loads(line)
+    assert record["message"] == "setting aside: bad"
+    assert record["provider"] == "outreach" and record["delivery_id"] == "d-1"
+    assert record["level"] == "warning" and record["logger"] == "workers.jobs"
+
+
+def test_text_lines_are_readable_and_keep_the_delivery_fields(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("text", [SECRET])
+    logging.getLogger("ingest.acceptor").info("refused", extra={"provider": "outcaller",
+                                                                "delivery_id": "d-2"})
+    [line] = lines(capsys)
+    assert "refused" in line and "provider=outcaller" in line and "delivery_id=d-2" in line
+    assert not line.startswith("{")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_secret_never_reaches_a_line_not_even_through_a_traceback_or_a_field(
+        capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    setup_logging(fmt, [SECRET])
+    log = logging.getLogger("workers.jobs")
+    log.info("key is %s", SECRET)
+    try:
+        raise RuntimeError(f"receiver said: bad key {SECRET}")
+    except RuntimeError:
+        log.exception("sink failed", extra={"sink": f"crm {SECRET}"})
+    output = "\n".join(lines(capsys))
+    assert SECRET not in output
+    assert output.count("****") >= 3
+    assert "RuntimeError" in output, "the traceback itself is kept"
+
+
+def test_debug_opens_our_loggers_only(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("json", [], log_level(Settings.from_env({"INGEST_LOG_LEVEL": "debug"})))
+    logging.getLogger("workers.jobs").debug("delivery processed")
+    logging.getLogger("rq.queue").debug("Enqueueing job ...")
+    messages = [orjson.loads(ln)["message"] for ln in lines(capsys)]
+    assert messages == ["delivery processed"]
+
+
+def test_info_is_the_default_and_a_bad_level_names_the_variable() -> None:
+    assert log_level(Settings.from_env({})) == logging.INFO
+    with pytest.raises(ConfigError, match="INGEST_LOG_LEVEL"):
+        log_level(Settings.from_env({"INGEST_LOG_LEVEL": "verbose"}))
