@@ -7,10 +7,12 @@ line naming the variable and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+from ingest import constants
 from ingest.config import Settings
 from ingest.exceptions import ConfigError, PluginError
 
@@ -22,12 +24,12 @@ def _settings() -> Settings:
 
 
 def _setup_logging(settings: Settings, fmt: str | None = None) -> None:
-    from ingest.logs import setup_logging
+    from ingest.logs import log_level, setup_logging
 
     secrets = [s.reveal() for group in settings.provider_secrets.values() for s in group]
     secrets += [v for k, v in settings.raw.items()
                 if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL")) and v]
-    setup_logging(fmt or settings.log_format, secrets)
+    setup_logging(fmt or settings.log_format, secrets, log_level(settings))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,18 +41,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings)
     app = create_app(settings)
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
-    uvicorn.run(app, host=args.host, port=port, log_config=None, access_log=False,
+    host = args.host or settings.raw.get("INGEST_HOST") or "0.0.0.0"
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                 http="httptools", loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.runner import run_worker
+    from workers.exposition import WorkerMetrics
 
     settings = _settings()
     _setup_logging(settings)
-    return run_worker(settings, args.queue or None, burst=args.burst)
+    try:
+        queues = [_queue_name(settings, q) for q in args.queue or ()]
+    except ValueError as exc:
+        print(f"ingest worker: {exc}", file=sys.stderr)
+        return 2
+    # Mirrors run_worker: several queues without --burst means one child process per queue.
+    supervising = not args.burst and len(queues or range(1 + len(settings.sinks))) > 1
+    # Before anything imports ingest.metrics: multiprocess mode must clean its directory first.
+    exposition = WorkerMetrics.from_settings(settings, args.metrics_host, args.metrics_port,
+                                             supervising)
+    if exposition is not None:
+        exposition.start()
+    try:
+        from workers.runner import run_worker
+
+        return run_worker(settings, queues or None, burst=args.burst)
+    finally:
+        if exposition is not None:
+            exposition.close()
+
+
+def _queue_name(settings: Settings, queue: str) -> str:
+    """``ingest`` or ``sink-<name>``, as Procfile and docker-compose write them, to the queue
+    of this deployment's namespace. A name already in the namespace is taken as it is."""
+    names = settings.names
+    if names.namespace and queue in {names.ingest_queue, *map(names.sink_queue, settings.sinks)}:
+        return queue
+    if queue == constants.INGEST_QUEUE:
+        return names.ingest_queue
+    sink = queue.removeprefix(constants.SINK_QUEUE_PREFIX)
+    if sink and sink != queue:
+        if sink not in settings.sinks:
+            logging.getLogger("ingest.cli").warning(
+                "sink %r is not enabled in INGEST_SINKS; this worker will wait for jobs that "
+                "will not come", sink, extra={"queue": queue})
+        return names.sink_queue(sink)
+    raise ValueError(f"no queue {queue!r}: use {constants.INGEST_QUEUE!r} or "
+                     f"'{constants.SINK_QUEUE_PREFIX}<sink>' (e.g. sink-postgres)")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -104,9 +144,10 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"ingest send: no provider {args.provider!r} (have: {', '.join(sorted(providers))})",
               file=sys.stderr)
         return 2
-    secret = args.secret or next(iter(settings.secrets_for(args.provider)), None)
+    setting = providers[args.provider].secret_setting
+    secret = (args.secret or next(iter(settings.secrets_for(args.provider)), None)
+              or _dev_secret(args.state_dir, setting))
     if not secret:
-        setting = providers[args.provider].secret_setting
         print(f"ingest send: no secret for {args.provider}: pass --secret or set {setting}",
               file=sys.stderr)
         return 2
@@ -120,6 +161,21 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"ingest send: {exc}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
+
+
+def _dev_secret(state_dir: str, setting: str) -> str | None:
+    """The first secret ``ingest dev`` generated for ``setting``, if it runs from here: so
+    ``ingest dev`` in one terminal and ``ingest send outreach`` in another just work."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(state_dir) / "secrets.toml"
+    try:
+        kept = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    value = str(kept.get(setting) or "").split(",")[0].strip()
+    return value or None
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -139,21 +195,31 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = add("serve", cmd_serve, "run the acceptor (uvicorn)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default=None, help="default: $INGEST_HOST, else 0.0.0.0")
     p.add_argument("--port", type=int, default=None, help="default: $PORT, else 8000")
 
     p = add("worker", cmd_worker, "run RQ workers (one process per queue)")
     p.add_argument("--queue", action="append", metavar="NAME",
                    help="serve only this queue (repeatable); default: every queue needed")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics on this port; default: $INGEST_METRICS_PORT, "
+                        "else none")
+    p.add_argument("--metrics-host", default=None, metavar="HOST",
+                   help="default: $INGEST_METRICS_HOST, else 0.0.0.0")
 
     add("migrate", cmd_migrate, "create or upgrade the Postgres schema (idempotent)")
     add("check", cmd_check, "validate configuration; print providers and sinks, secrets masked")
 
     p = add("send", cmd_send, "send realistic, correctly signed sample deliveries")
     p.add_argument("provider")
-    p.add_argument("--url", required=True, help="acceptor base URL or full webhook URL")
-    p.add_argument("--secret", help="default: the first of the provider's configured secrets")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="acceptor base URL or full webhook URL (default: %(default)s, where "
+                        "`ingest dev` listens)")
+    p.add_argument("--secret", help="default: the first of the provider's configured secrets, "
+                                    "else the one `ingest dev` generated (see --state-dir)")
+    p.add_argument("--state-dir", default=".ingest-dev",
+                   help="where `ingest dev` keeps generated secrets (default: %(default)s)")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duplicates", type=float, default=0.0,

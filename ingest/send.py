@@ -27,6 +27,7 @@ __all__ = ["SendReport", "send"]
 @dataclass
 class SendReport:
     sent: int = 0
+    duplicates: int = 0  # deliveries that re-sent an earlier one byte-for-byte
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
@@ -35,6 +36,10 @@ class SendReport:
     @property
     def accepted(self) -> int:
         return self.statuses.get(200, 0)
+
+    @property
+    def rejected(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != 200)
 
     @property
     def ok(self) -> bool:
@@ -48,15 +53,19 @@ class SendReport:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
 
 
-def _plan(provider: str, secret: str, count: int, duplicates: float, seed: int | None) -> list[Sample]:
+def _plan(provider: str, secret: str, count: int, duplicates: float,
+          seed: int | None) -> tuple[list[Sample], int]:
+    """The deliveries to send, in order, and how many of them are re-sends."""
     rng = random.Random(seed)
     plan: list[Sample] = []
+    repeated = 0
     while len(plan) < count:
         if plan and rng.random() < duplicates:
             plan.append(rng.choice(plan))  # the very same bytes again
+            repeated += 1
         else:
             plan.append(build_sample(provider, secret, rng))
-    return plan
+    return plan, repeated
 
 
 async def _run(url: str, plan: list[Sample], concurrency: int, timeout: float,
@@ -99,7 +108,7 @@ def send(provider: str, url: str, secret: str, count: int = 1, concurrency: int 
     if count < 1 or concurrency < 1 or not 0.0 <= duplicates < 1.0:
         raise ValueError("count and concurrency must be >= 1, duplicates in [0, 1)")
     console = console or Console(stderr=True)
-    plan = _plan(provider, secret, count, duplicates, seed)
+    plan, repeated = _plan(provider, secret, count, duplicates, seed)
     if quiet:
         report = asyncio.run(_run(url, plan, concurrency, timeout, None))
     else:
@@ -107,6 +116,8 @@ def send(provider: str, url: str, secret: str, count: int = 1, concurrency: int 
                    TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             report = asyncio.run(_run(url, plan, concurrency, timeout, progress))
+    report.duplicates = repeated
+    if not quiet:
         _summary(console, provider, url, report)
     return report
 
@@ -114,11 +125,10 @@ def send(provider: str, url: str, secret: str, count: int = 1, concurrency: int 
 def _summary(console: Console, provider: str, url: str, report: SendReport) -> None:
     table = Table(title=f"{provider} -> {url}", show_header=False)
     rate = report.sent / report.elapsed if report.elapsed else 0.0
-    rejected = sum(n for status, n in report.statuses.items() if status != 200)
-    table.add_row("sent", str(report.sent))
+    by_status = ", ".join(f"{n} x {s}" for s, n in sorted(report.statuses.items()) if s != 200)
+    table.add_row("sent", f"{report.sent} ({report.duplicates} of them duplicates)")
     table.add_row("accepted (200)", str(report.accepted))
-    table.add_row("rejected", ", ".join(f"{n} x {s}" for s, n in sorted(report.statuses.items())
-                                         if s != 200) or "0" if rejected else "0")
+    table.add_row("rejected", f"{report.rejected} ({by_status})" if report.rejected else "0")
     table.add_row("network errors", ", ".join(f"{n} x {e}" for e, n in report.errors.items()) or "0")
     table.add_row("latency p50 / p99", f"{report.percentile(50) * 1000:.1f} ms / "
                                        f"{report.percentile(99) * 1000:.1f} ms")

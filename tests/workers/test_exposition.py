@@ -1,0 +1,205 @@
+"""Worker metrics: ``ingest worker --metrics-port``, one endpoint for all its child processes.
+
+Real processes throughout: the supervisor serves /metrics while its children (one per queue)
+do the work, so what a scrape shows is what prometheus-client's multiprocess mode summed from
+the children's files. Files left by an earlier run must not be summed in.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
+from rq import Worker
+
+from ingest.config import Settings
+from ingest.embedded import free_port
+from ingest.samples import build_sample
+from tests.helpers import SECRETS, rows
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def scrape(port: int) -> str:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return ""
+
+
+def serving(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ingest(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ingest.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def worker_env(make_env: Callable[..., dict[str, str]], database_url: str,
+               tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "tmp").mkdir()
+    env = make_env(database_url, INGEST_METRICS_PORT=str(free_port()),
+                   INGEST_METRICS_HOST="127.0.0.1", TMPDIR=str(tmp_path / "tmp"))
+    return {"PATH": os.environ.get("PATH", ""), **env}
+
+
+@pytest.fixture
+def stop_at_end() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def send_outcaller(url: str, count: int) -> None:
+    rng = random.Random(7)
+    for _ in range(count):
+        body, headers = build_sample("outcaller", SECRETS["outcaller"][0], rng)
+        assert httpx.post(f"{url}/webhooks/outcaller", content=body, headers=headers,
+                          timeout=10).status_code == 200
+
+
+def wait_for_workers(env: dict[str, str]) -> None:
+    names = Settings.from_env(env).names
+    wanted = {names.ingest_queue, names.sink_queue("postgres")}
+    redis = Redis.from_url(env["REDIS_URL"])
+    try:
+        wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
+                                      for q in w.queue_names()}, 60, "a worker on each queue")
+    finally:
+        redis.close()
+
+
+def test_supervisor_serves_the_sum_of_its_children_and_forgets_stale_files(
+        worker_env: dict[str, str], acceptor: Any, database_url: str, tmp_path: Path,
+        stop_at_end: list[subprocess.Popen[str]]) -> None:
+    shared = tmp_path / "multiproc"
+    shared.mkdir()
+    # A file an earlier run left behind: a process that counted 5 events and is gone.
+    stale = subprocess.run(
+        [sys.executable, "-c", "from ingest import metrics; "
+                               "metrics.EVENTS.labels('stale', 'email.sent').inc(5)"],
+        env={**worker_env, "PROMETHEUS_MULTIPROC_DIR": str(shared)}, capture_output=True,
+        text=True)
+    assert stale.returncode == 0, stale.stderr
+    assert list(shared.glob("counter_*.db"))
+
+    env = {**worker_env, "PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    port = int(env["INGEST_METRICS_PORT"])
+    supervisor = ingest("worker", env=env)  # no --queue: one child per queue
+    stop_at_end.append(supervisor)
+    wait_until(lambda: serving(port) or supervisor.poll() is not None, 60, "/metrics")
+    assert supervisor.poll() is None, supervisor.communicate()[0][-3000:]
+    wait_for_workers(env)
+
+    send_outcaller(acceptor.url, 5)
+    wait_until(lambda: len(rows(database_url, "SELECT id FROM webhook_events")) == 5, 60,
+               "5 rows")
+    # Normalizing happened in the ingest child, storing in the sink-postgres child: one scrape
+    # of the supervisor shows both.
+    wait_until(lambda: metric(scrape(port), "ingest_sink_events_total", sink="postgres",
+                              outcome="delivered") == 5, 30, "the sink child's counter")
+    text = scrape(port)
+    assert metric(text, "ingest_events_total", provider="outcaller") == 5
+    assert metric(text, "ingest_lag_seconds_count", sink="postgres") == 5
+    assert metric(text, "ingest_events_total", provider="stale") == 0, "stale file summed in"
+
+    supervisor.send_signal(signal.SIGTERM)
+    output, _ = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, output[-3000:]
+    assert re.search(r"removed [1-9]\d* stale metrics files", output)
+
+
+def test_without_a_directory_the_supervisor_uses_a_private_one_and_removes_it(
+        worker_env: dict[str, str], acceptor: Any, database_url: str, tmp_path: Path,
+        stop_at_end: list[subprocess.Popen[str]]) -> None:
+    port = int(worker_env["INGEST_METRICS_PORT"])
+    supervisor = ingest("worker", env=worker_env)
+    stop_at_end.append(supervisor)
+    wait_until(lambda: serving(port) or supervisor.poll() is not None, 60, "/metrics")
+    assert supervisor.poll() is None, supervisor.communicate()[0][-3000:]
+    private = list((tmp_path / "tmp").glob("ingest-metrics-*"))
+    assert len(private) == 1
+    wait_for_workers(worker_env)
+    send_outcaller(acceptor.url, 3)
+    wait_until(lambda: metric(scrape(port), "ingest_sink_events_total", sink="postgres",
+                              outcome="delivered") == 3, 60, "3 events stored")
+
+    supervisor.send_signal(signal.SIGTERM)
+    output, _ = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, output[-3000:]
+    assert not private[0].exists(), "the private metrics directory outlived the worker"
+
+
+def test_single_queue_worker_serves_its_own_counters(
+        worker_env: dict[str, str], acceptor: Any, stop_at_end: list[subprocess.Popen[str]]
+) -> None:
+    port = int(worker_env["INGEST_METRICS_PORT"])
+    worker = ingest("worker", "--queue", "ingest", env=worker_env)
+    stop_at_end.append(worker)
+    wait_until(lambda: serving(port) or worker.poll() is not None, 60, "/metrics")
+    assert worker.poll() is None, worker.communicate()[0][-3000:]
+    send_outcaller(acceptor.url, 2)
+    wait_until(lambda: metric(scrape(port), "ingest_events_total", provider="outcaller") == 2,
+               60, "2 events normalized")
+    assert "process_cpu_seconds_total" in scrape(port) or sys.platform != "linux"
+
+
+@pytest.mark.parametrize("value", ["http", "0", "70000"])
+def test_a_bad_metrics_port_stops_start_up_naming_the_variable(
+        worker_env: dict[str, str], value: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--burst"],
+                            env={**worker_env, "INGEST_METRICS_PORT": value},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "INGEST_METRICS_PORT" in result.stderr
+
+
+def test_a_metrics_port_in_use_stops_start_up_naming_the_variable(
+        worker_env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--burst"],
+                                env={**worker_env, "INGEST_METRICS_PORT": str(port)},
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "INGEST_METRICS_PORT" in result.stderr and str(port) in result.stderr

@@ -1,0 +1,142 @@
+"""Prometheus ``/metrics`` for workers: ``ingest worker --metrics-port P``.
+
+A worker serving one queue counts in its own memory and serves that. ``ingest worker`` with
+several queues supervises one child process per queue, and the metrics live in the children;
+so the supervisor runs prometheus-client's multiprocess mode: each child writes its values to
+files in ``PROMETHEUS_MULTIPROC_DIR`` and the supervisor's endpoint sums them. Counters of a
+child that died and was restarted stay in the sum, so they never go backwards.
+
+The process that serves the endpoint owns the directory and empties it at start: files left
+by an earlier run (other PIDs) would otherwise be summed in forever. So one directory must
+never be shared by two workers (each container has its own; on one host, leave the variable
+unset and each supervisor makes a private temporary directory, removed when it stops).
+
+This module imports prometheus-client only inside functions: in multiprocess mode the value
+files are created when :mod:`ingest.metrics` is imported, which must come after the cleaning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ingest.config import Settings
+from ingest.exceptions import ConfigError
+
+__all__ = ["WorkerMetrics", "clean_multiproc_dir"]
+
+log = logging.getLogger("workers.exposition")
+
+# The environment variable prometheus-client reads to switch to multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Settings naming where a worker serves its metrics.
+PORT_SETTING = "INGEST_METRICS_PORT"
+HOST_SETTING = "INGEST_METRICS_HOST"
+DEFAULT_HOST = "0.0.0.0"
+
+
+def clean_multiproc_dir(directory: Path) -> int:
+    """Remove prometheus-client's value files (``*.db``) from ``directory``; return how many.
+
+    Only those files: the directory may be one the operator chose, holding anything else.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    removed = 0
+    for path in directory.glob("*.db"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _port(settings: Settings, given: int | None) -> int | None:
+    if given is not None:
+        value: str | int = given
+    else:
+        raw = settings.raw.get(PORT_SETTING)
+        if not raw:
+            return None
+        value = raw
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(PORT_SETTING, f"must be a port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(PORT_SETTING, f"must be between 1 and 65535, got {port}")
+    return port
+
+
+class WorkerMetrics:
+    """The metrics endpoint of one ``ingest worker`` process; a context manager."""
+
+    def __init__(self, host: str, port: int, supervising: bool,
+                 directory: Path | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.supervising = supervising
+        self.directory = directory  # the operator's PROMETHEUS_MULTIPROC_DIR, if any
+        self._made_directory = False
+        self._server: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, host: str | None, port: int | None,
+                      supervising: bool) -> WorkerMetrics | None:
+        """None when no port is configured (``--metrics-port`` or ``INGEST_METRICS_PORT``)."""
+        chosen = _port(settings, port)
+        if chosen is None:
+            return None
+        directory = settings.raw.get(MULTIPROC_ENV) or None
+        return cls(host or settings.raw.get(HOST_SETTING) or DEFAULT_HOST, chosen, supervising,
+                   Path(directory) if directory else None)
+
+    def start(self) -> WorkerMetrics:
+        from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry: Any = REGISTRY
+        if self.supervising or self.directory is not None:
+            if self.directory is None:
+                self.directory = Path(tempfile.mkdtemp(prefix="ingest-metrics-"))
+                self._made_directory = True
+            stale = clean_multiproc_dir(self.directory)
+            if stale:
+                log.info("removed %d stale metrics files from %s", stale, self.directory)
+            os.environ[MULTIPROC_ENV] = str(self.directory)  # children inherit it
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(self.directory))
+        if self.supervising:
+            # The children serve one queue each and must not try to listen on our port; an
+            # empty value wins over a config file (the environment always does).
+            os.environ[PORT_SETTING] = ""
+        try:
+            self._server, _ = start_http_server(self.port, addr=self.host, registry=registry)
+        except OSError as exc:
+            self.close()
+            raise ConfigError(PORT_SETTING, f"cannot listen on {self.host}:{self.port}: "
+                                            f"{exc.strerror or exc}") from None
+        log.info("serving metrics on http://%s:%d/metrics", self.host, self.port,
+                 extra={"port": self.port})
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._made_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> WorkerMetrics:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "multiprocess" if self.supervising or self.directory else "single process"
+        return f"<WorkerMetrics {self.host}:{self.port} {mode}>"
