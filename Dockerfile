@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# webhook-ingest: one image for every role. The command picks it (see docker-compose.yml):
+#   ingest serve | ingest worker --queue NAME | ingest migrate
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /src
+
+# 1. Dependencies only, from pyproject.toml alone: this layer is rebuilt when the dependency
+#    list changes, not on every code change. Every dependency ships wheels: no compiler needed.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# 2. The application itself (its dependencies are already in place).
+COPY README.md ./
+COPY ingest ./ingest
+COPY workers ./workers
+COPY sinks ./sinks
+RUN pip install --no-deps . \
+ && rm -rf /src
+WORKDIR /app
+
+# 3. Run as an unprivileged user. The spool (deliveries journaled while Redis is away) is the
+#    only place the service writes; docker-compose mounts a volume there.
+RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ingest \
+ && mkdir -p /var/lib/ingest/spool \
+ && chown -R ingest:ingest /var/lib/ingest
+USER ingest
+ENV INGEST_SPOOL_DIR=/var/lib/ingest/spool
+
+# 8000: the acceptor (ingest serve). 9100: a worker's Prometheus metrics (INGEST_METRICS_PORT).
+EXPOSE 8000 9100
+ENTRYPOINT ["ingest"]
+CMD ["serve"]

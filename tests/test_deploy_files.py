@@ -1,0 +1,289 @@
+"""docker-compose.yml, the Procfile, .env.example and the Dockerfile: parsed and checked.
+
+No Docker engine runs here, so these files are kept correct by reading them: every command
+they run is parsed by the real ``ingest`` argument parser, the Procfile and docker-compose run
+the same commands, and the production settings that guard deliveries (Redis persistence and
+no eviction, a readiness healthcheck, scalable workers) are where they must be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ingest.cli import _parser, _queue_name
+from ingest.config import Settings
+from ingest.constants import SINK_ENTRY_POINT_GROUP
+from ingest.providers import load_providers
+
+ROOT = Path(__file__).resolve().parents[1]
+# ${NAME}, ${NAME:-default}, ${NAME:?message} or $NAME, as compose and sh read them.
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}?")
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def app_services() -> dict[str, dict[str, Any]]:
+    """Services running our image (its entrypoint is `ingest`)."""
+    return {name: s for name, s in services().items()
+            if "build" in s or str(s.get("image", "")).startswith("webhook-ingest")}
+
+
+def procfile() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        match = re.fullmatch(r"([A-Za-z0-9_-]+):\s*(.+)", line.strip())
+        if match:
+            assert match.group(1) not in out, f"Procfile names {match.group(1)} twice"
+            out[match.group(1)] = match.group(2)
+    return out
+
+
+def expand(command: str, env: dict[str, str]) -> list[str]:
+    """A Procfile command as the platform's shell would run it, split into words."""
+    def value(m: re.Match[str]) -> str:
+        name, op, default = m.group(1), m.group(2), m.group(3) or ""
+        if name in env:
+            return env[name]
+        if op == ":-":
+            return default
+        raise AssertionError(f"Procfile uses ${name}, which no platform sets")
+    return shlex.split(_VARIABLE.sub(value, command))
+
+
+def procfile_commands() -> dict[str, list[str]]:
+    """Each Procfile line as `ingest` arguments, with $PORT as docker-compose publishes it."""
+    out = {}
+    for name, command in procfile().items():
+        words = expand(command, {"PORT": "8000"})
+        assert words[0] == "ingest", f"Procfile {name}: runs {words[0]!r}, not ingest"
+        out[name] = words[1:]
+    return out
+
+
+def parse(args: list[str], where: str) -> argparse.Namespace:
+    try:
+        return _parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: `ingest {' '.join(args)}` is not a valid ingest command")
+
+
+def builtin_sinks() -> set[str]:
+    """Sinks shipped in this distribution (the sinks package), registered as entry points."""
+    return {ep.name for ep in entry_points(group=SINK_ENTRY_POINT_GROUP)
+            if ep.value.startswith("sinks.")}
+
+
+def queues_of(args: argparse.Namespace) -> list[str]:
+    return list(args.queue or [])
+
+
+def env_example_names() -> dict[str, str]:
+    """Every NAME in .env.example, set (NAME=value) or shown commented (# NAME=default)."""
+    out = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if match:
+            out[match.group(1)] = match.group(2) if not line.startswith("#") else ""
+    return out
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def test_every_command_is_a_real_ingest_command_with_valid_arguments() -> None:
+    valid_queues = {"ingest"} | {f"sink-{name}" for name in builtin_sinks()}
+    commands = {f"docker-compose service {name}": s["command"] for name, s in
+                app_services().items()}
+    commands.update({f"Procfile {name}": args for name, args in procfile_commands().items()})
+    assert commands
+    for where, args in commands.items():
+        assert isinstance(args, list) and all(isinstance(a, str) for a in args), where
+        parsed = parse(args, where)
+        if parsed.command == "worker":
+            assert queues_of(parsed), f"{where}: a deployed worker names its queue"
+            for queue in queues_of(parsed):
+                assert queue in valid_queues, f"{where}: no queue {queue!r}"
+            assert not parsed.burst, f"{where}: a deployed worker must not exit when idle"
+
+
+def test_procfile_and_compose_run_the_same_commands() -> None:
+    compose_commands = sorted(tuple(s["command"]) for name, s in app_services().items()
+                              if name != "migrate")
+    assert compose_commands == sorted(tuple(a) for a in procfile_commands().values())
+    assert parse(procfile_commands()["web"], "Procfile web").command == "serve"
+    assert parse(procfile_commands()["worker"], "Procfile worker").command == "worker"
+    assert "$PORT" in procfile()["web"], "the platform's port must reach the acceptor"
+
+
+def test_the_schema_is_migrated_once_before_anything_starts() -> None:
+    migrate = services()["migrate"]
+    assert migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name, service in app_services().items():
+        if name != "migrate":
+            assert service["depends_on"]["migrate"]["condition"] == \
+                "service_completed_successfully", name
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_every_builtin_sink_queue_has_its_own_worker_service_and_procfile_line() -> None:
+    def sink_queues(commands: list[list[str]]) -> set[str]:
+        out = set()
+        for args in commands:
+            parsed = parse(args, "sink worker")
+            if parsed.command == "worker":
+                out |= {q for q in queues_of(parsed) if q.startswith("sink-")}
+        return out
+
+    expected = {f"sink-{name}" for name in builtin_sinks()}
+    assert "sink-postgres" in expected
+    assert sink_queues([s["command"] for s in app_services().values()]) == expected
+    assert sink_queues(list(procfile_commands().values())) == expected
+    worker = parse(services()["worker"]["command"], "worker")
+    assert queues_of(worker) == ["ingest"]
+
+
+# -- production settings ----------------------------------------------------------------------
+
+
+def test_redis_persists_every_accepted_delivery_and_never_evicts() -> None:
+    redis = services()["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must be on a volume"
+
+
+def test_postgres_keeps_its_data_and_reports_health() -> None:
+    postgres = services()["postgres"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_acceptor_healthcheck_is_readiness_and_its_spool_is_a_volume() -> None:
+    acceptor = services()["acceptor"]
+    assert parse(acceptor["command"], "acceptor").command == "serve"
+    assert "/readyz" in " ".join(acceptor["healthcheck"]["test"])
+    assert any(v.endswith(":/var/lib/ingest/spool") for v in acceptor["volumes"])
+    assert "INGEST_SPOOL_DIR=/var/lib/ingest/spool" in (ROOT / "Dockerfile").read_text()
+
+
+def test_workers_scale_nothing_ties_them_to_one_instance() -> None:
+    workers = {name: s for name, s in app_services().items()
+               if parse(s["command"], name).command == "worker"}
+    assert {"worker", "sink-postgres"} <= workers.keys()
+    for name, service in workers.items():
+        for key in ("container_name", "ports", "hostname"):
+            assert key not in service, f"{name} has {key}: `--scale {name}=4` would clash"
+        assert service["environment"]["INGEST_METRICS_PORT"], f"{name} serves no metrics"
+
+
+def test_dashboard_is_optional_and_local_only() -> None:
+    dashboard = services()["rq-dashboard"]
+    assert dashboard["profiles"] == ["dashboard"]
+    assert all(str(p).startswith("127.0.0.1:") for p in dashboard["ports"])
+
+
+# -- secrets and settings ---------------------------------------------------------------------
+
+
+def test_env_example_names_every_variable_compose_and_the_code_read() -> None:
+    names = env_example_names()
+    referenced = {m.group(1) for m in _VARIABLE.finditer((ROOT / "docker-compose.yml").read_text())}
+    assert referenced, "docker-compose.yml takes its secrets from .env"
+    assert referenced <= names.keys(), f"missing from .env.example: {referenced - names.keys()}"
+    # Every setting the code reads by name, and every provider's secret setting.
+    source = "\n".join(p.read_text() for package in ("ingest", "workers", "sinks")
+                       for p in (ROOT / package).rglob("*.py"))
+    read = set(re.findall(r'"((?:INGEST|PROMETHEUS)_[A-Z_]+|REDIS_URL|DATABASE_URL)"', source))
+    read |= {p.secret_setting for p in load_providers().values()}
+    read |= {f"{sink.upper()}_EVENTS" for sink in builtin_sinks() - {"postgres"}}
+    assert read <= names.keys(), f"missing from .env.example: {read - names.keys()}"
+
+
+def test_env_example_holds_no_secret_values() -> None:
+    for name, value in env_example_names().items():
+        if re.search(r"(SECRET|TOKEN|PASSWORD)S?$", name) or name.endswith("_URL"):
+            assert value == "", f".env.example ships a value for {name}"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_compose_reads_secrets_from_the_env_file() -> None:
+    for name, service in app_services().items():
+        assert service["env_file"] == ".env", name
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "POSTGRES_PASSWORD:?" in text, "compose must refuse to start without a password"
+
+
+# -- image ------------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_small_non_root_image_with_a_cached_dependency_layer() -> None:
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))  # continuation lines into one
+    instructions = [ln.split(None, 1) for ln in joined.splitlines()]
+    froms = [arg for op, arg in instructions if op == "FROM"]
+    assert froms == ["python:3.11-slim"]
+    ops = [op for op, _ in instructions]
+    copies = [(i, arg.split()) for i, (op, arg) in enumerate(instructions) if op == "COPY"]
+    deps_copy = next(i for i, args in copies if args[0] == "pyproject.toml")
+    deps_install = next(i for i, (op, arg) in enumerate(instructions)
+                        if op == "RUN" and "pip install -r" in arg)
+    source_copy = min(i for i, args in copies if args[0] in ("ingest", "workers", "sinks"))
+    assert deps_copy < deps_install < source_copy, "dependencies must install before the source"
+    assert {args[0] for _, args in copies} >= {"ingest", "workers", "sinks"}
+    for _, args in copies:
+        for src in args[:-1]:
+            assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
+    user = [arg for op, arg in instructions if op == "USER"]
+    assert user and user[-1] not in ("root", "0"), "the image must not run as root"
+    assert ops.index("USER") < ops.index("ENTRYPOINT")
+    assert dict(instructions)["ENTRYPOINT"] == '["ingest"]'
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "*" in ignored and {"!ingest/", "!workers/", "!sinks/", "!pyproject.toml"} <= set(ignored)
+
+
+# -- queue names as the files write them --------------------------------------------------------
+
+
+def test_queue_names_in_the_files_map_into_the_deployments_namespace() -> None:
+    plain = Settings.from_env({})
+    spaced = Settings.from_env({"INGEST_NAMESPACE": "blue"})
+    assert _queue_name(plain, "ingest") == "ingest"
+    assert _queue_name(plain, "sink-postgres") == "sink-postgres"
+    assert _queue_name(spaced, "ingest") == "blue-ingest"
+    assert _queue_name(spaced, "sink-postgres") == "blue-sink-postgres"
+    # What `ingest worker` passes to its children is already in the namespace.
+    assert _queue_name(spaced, "blue-sink-postgres") == "blue-sink-postgres"
+    for bad in ("ingets", "sink-", "postgres"):
+        with pytest.raises(ValueError, match="no queue"):
+            _queue_name(spaced, bad)
+
+
+def test_a_worker_for_a_queue_no_deployment_has_stops_at_once() -> None:
+    result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--queue", "ingets"],
+                            env={"PATH": os.environ.get("PATH", "")}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no queue 'ingets'" in result.stderr
