@@ -8,8 +8,12 @@ needs (ingest, then one per enabled sink), restarting any that dies.
 
 Workers are RQ ``SimpleWorker``s (the job runs in the worker process: no fork per job, which
 matters when a job is a whole batch) with the scheduler on (retries with backoff need it).
-SIGTERM lets the job in hand finish; a second SIGTERM or SIGKILL does not, and then RQ's
-abandoned-job handling (maintenance every ``WATCHDOG_INTERVAL`` s) retries the job.
+SIGTERM lets the job in hand finish; a second SIGTERM or SIGKILL does not, and then the
+watchdog (workers.watchdog) retries the job within about a minute.
+
+A worker waits out a Redis outage: RQ itself quits its loop on some Redis errors (a timeout,
+or an error outside the blocking dequeue), so :func:`_single` then waits until Redis answers
+and starts a fresh worker on the same queue. Only a signal (or ``--burst``) ends it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import time
 import uuid
 from types import FrameType
 
-from rq import SimpleWorker
+from redis import Redis
+from redis.exceptions import RedisError
 from rq.serializers import JSONSerializer
 
 from ingest import constants
 from ingest.config import Settings
 from workers.runtime import Runtime, install_runtime
+from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
 
 __all__ = ["run_worker"]
 
@@ -37,18 +43,73 @@ log = logging.getLogger("workers.runner")
 _MIN_HEALTHY_SECONDS = 10.0
 
 
+def _wait_for_redis(redis: Redis, stopping: list[bool]) -> None:
+    """Return once Redis answers a PING (or a signal asked us to stop)."""
+    delay = 0.25
+    while not stopping:
+        try:
+            if redis.ping():
+                return
+        except (RedisError, OSError):
+            pass
+        time.sleep(delay)
+        delay = min(delay * 2, constants.WORKER_RECONNECT_MAX)
+
+
 def _single(rt: Runtime, queue: str, burst: bool) -> int:
-    worker = SimpleWorker(
-        [rt.queue(queue)],
-        connection=rt.redis,
-        serializer=JSONSerializer,
-        name=f"{queue}-{uuid.uuid4().hex[:12]}",
-        maintenance_interval=constants.WATCHDOG_INTERVAL,
-        log_job_description=False,
-    )
-    log.info("worker listening", extra={"queue": queue})
-    worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
-    return 0
+    scheduler: ResilientScheduler | None = None
+    if not burst:  # (in burst mode RQ's worker promotes due retries itself, once)
+        die_with_parent()  # the forked scheduler must not outlive a worker killed with SIGKILL
+        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer)
+        scheduler.start()
+    try:
+        return _work(rt, queue, burst)
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown()
+
+
+def _work(rt: Runtime, queue: str, burst: bool) -> int:
+    while True:
+        worker = IngestWorker(
+            [rt.queue(queue)],
+            connection=rt.redis,
+            serializer=JSONSerializer,
+            name=f"{queue}-{uuid.uuid4().hex[:12]}",
+            maintenance_interval=constants.WATCHDOG_INTERVAL,
+            worker_ttl=constants.WORKER_TTL,
+            log_job_description=False,
+            names=rt.names,
+            abandoned_after=rt.settings.abandoned_after,
+        )
+        worker.max_connection_wait_time = constants.WORKER_RECONNECT_MAX
+        log.info("worker listening", extra={"queue": queue})
+        started = time.monotonic()
+        try:
+            # The scheduler of a long-running worker is the process-wide one above: it outlives
+            # the worker objects this loop replaces after a Redis outage.
+            worker.work(burst=burst, with_scheduler=burst, logging_level="INFO")
+            reason = "RQ ended its work loop"
+        except (RedisError, OSError) as exc:
+            reason = f"Redis error: {exc!r}"
+        if burst or worker.stop_requested_by_signal:
+            return 0
+        # RQ's signal handlers belong to the worker that just ended: take signals ourselves
+        # while waiting, so SIGTERM during an outage stops us cleanly.
+        stopping: list[bool] = []
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            stopping.append(True)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.error("worker for %s stopped (%s); starting a new one once Redis answers",
+                  queue, reason, extra={"queue": queue})
+        if time.monotonic() - started < _MIN_HEALTHY_SECONDS:
+            time.sleep(1.0)  # a worker that keeps failing at once must not spin
+        _wait_for_redis(rt.redis, stopping)
+        if stopping:
+            return 0
 
 
 def _supervise(queues: list[str], burst: bool) -> int:

@@ -1,0 +1,225 @@
+"""Hostile and broken senders: dropped connections, endless bodies, slow loris, deep JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from ingest.app import create_app
+from ingest.config import Settings
+from ingest.embedded import free_port
+from tests.faults.conftest import ROOT, outcaller_delivery, outreach_delivery, wait_until
+from tests.helpers import SECRETS, drain, rows
+
+pytestmark = pytest.mark.fault
+
+
+def request_head(path: str, headers: dict[str, str], length: int | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append("Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+class Uvicorn:
+    """The app under uvicorn with a chosen HTTP implementation, in a thread."""
+
+    def __init__(self, app: Any, http: str) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, http=http, loop="asyncio", log_config=None,
+            access_log=False, lifespan="on", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()),
+                                       daemon=True)
+
+    def __enter__(self) -> Uvicorn:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 10, "uvicorn to start", interval=0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_outreach_gets_not_one_byte_when_nothing_can_be_made_durable(
+        make_env: Callable[..., dict[str, str]], tmp_path: Path, http: str,
+        fault_logs: Path) -> None:
+    """Redis unreachable and the spool unusable: Outreach's request must end as a network
+    failure (it retries those, and no answer it reads as final)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    settings = Settings.from_env(make_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                                          INGEST_SPOOL_DIR=str(blocker / "spool")))
+    _, body, headers, _ = outreach_delivery(1)
+    with Uvicorn(create_app(settings), http) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(request_head("/webhooks/outreach", headers, len(body)) + body)
+        assert read_answer(sock) == b""  # closed with no status line at all
+        sock.close()
+        _, body, headers, _ = outcaller_delivery(1)
+        answer = httpx.post(f"http://127.0.0.1:{server.port}/webhooks/outcaller", content=body,
+                            headers=headers, timeout=10)
+        assert answer.status_code == 503
+
+
+def test_endless_chunked_body_is_refused_with_413_long_before_it_ends(
+        make_env: Callable[..., dict[str, str]], database_url: str, fault_logs: Path) -> None:
+    settings = Settings.from_env(make_env(database_url, INGEST_MAX_BODY_BYTES="65536"))
+    _, _, headers, _ = outcaller_delivery(1)
+    chunk = b"x" * 65536
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    offered = 256 * len(chunk)  # 16 MiB, if the server were to read it all
+    sent = 0
+    with Uvicorn(create_app(settings), "httptools") as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(request_head("/webhooks/outcaller", headers))
+        answer = b""
+        try:
+            while sent < offered:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server answered before the body ended
+                sock.sendall(framed)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_answer(sock)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert sent < offered / 4, f"the server let {sent} bytes in before refusing"
+
+
+def test_deeply_nested_or_huge_json_fails_only_that_delivery(
+        make_env: Callable[..., dict[str, str]], database_url: str, runtime: Any,
+        fault_logs: Path) -> None:
+    import importlib.metadata
+
+    major, minor, patch = (int(x) for x in importlib.metadata.version("orjson").split(".")[:3])
+    assert (major, minor, patch) >= (3, 10, 15), "orjson without the recursion-limit fixes"
+    settings = Settings.from_env(make_env(database_url))
+    token = {"Authorization": f"Bearer {SECRETS['outcaller'][0]}"}
+    nested = b'{"event": "lead.created", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    near_limit = orjson.dumps({"event": "lead.created", "resource": "lead", "workspaceId": "w",
+                               "timestamp": "2026-01-01T00:00:00Z",
+                               "data": {"id": "lead_big", "notes": ["n" * 100] * 9000}})
+    assert len(near_limit) < settings.max_body_bytes
+    with Uvicorn(create_app(settings), "httptools") as server:
+        url = f"http://127.0.0.1:{server.port}/webhooks/outcaller"
+        deep = httpx.post(url, content=nested, headers=token, timeout=30)
+        assert deep.status_code == 400 and "JSON object" in deep.json()["error"]
+        big = httpx.post(url, content=near_limit, headers=token, timeout=30)
+        assert big.status_code == 200
+        _, body, headers, _ = outcaller_delivery(7)
+        assert httpx.post(url, content=body, headers=headers, timeout=10).status_code == 200
+    drain(runtime)
+    stored = rows(database_url, "SELECT resource_id FROM webhook_events ORDER BY resource_id")
+    assert [r["resource_id"] for r in stored] == ["lead_7", "lead_big"]
+
+
+@pytest.fixture
+def served(make_env: Callable[..., dict[str, str]], database_url: str,
+           fault_logs: Path) -> Iterator[str]:
+    """``ingest serve`` as production runs it (httptools, uvloop), in a process of its own."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(make_env(database_url, INGEST_BODY_TIMEOUT="2", PYTHONUNBUFFERED="1"))
+    log = open(fault_logs / "acceptor.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, 30, "ingest serve to start", interval=0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_200_slow_loris_connections_do_not_hold_up_real_deliveries(
+        served: str, runtime: Any, database_url: str) -> None:
+    port = int(served.rsplit(":", 1)[1])
+    _, body, headers, _ = outcaller_delivery(0)
+    head_only = request_head("/webhooks/outcaller", headers, len(body))
+    heads: list[socket.socket] = []  # trickle their request head, byte by byte, forever
+    bodies: list[socket.socket] = []  # send the head, then trickle the body
+    for i in range(200):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if i % 2:
+            sock.sendall(head_only)
+            bodies.append(sock)
+        else:
+            heads.append(sock)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        offset = 0
+        while not stop.wait(0.3):
+            for sock in heads:
+                try:
+                    sock.sendall(head_only[offset:offset + 1])
+                except OSError:
+                    pass
+            for sock in bodies:
+                try:
+                    sock.sendall(body[offset % len(body):offset % len(body) + 1])
+                except OSError:
+                    pass
+            offset = min(offset + 1, len(head_only) - 3)  # never finish the head
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        with httpx.Client(timeout=5.0) as client:  # Outreach's own deadline
+            for n in range(1, 41):
+                _, real_body, real_headers, _ = outcaller_delivery(n)
+                answer = client.post(f"{served}/webhooks/outcaller", content=real_body,
+                                     headers=real_headers)
+                assert answer.status_code == 200, (n, answer.status_code)
+        # Each trickling body is cut off at INGEST_BODY_TIMEOUT with a 408, and closed.
+        answers = [read_answer(sock, timeout=15) for sock in bodies]
+    finally:
+        stop.set()
+        trickler.join(5)
+        for sock in heads + bodies:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), \
+        {a[:40] for a in answers if not a.startswith(b"HTTP/1.1 408")}
+    drain(runtime)
+    stored = rows(database_url, "SELECT count(*) AS n, count(DISTINCT resource_id) AS d "
+                                "FROM webhook_events")[0]
+    assert stored == {"n": 40, "d": 40}

@@ -1,0 +1,73 @@
+"""Postgres stopped and started again under continuous traffic: sink jobs retry through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from pgserver._commands import pg_ctl
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+
+from ingest.app import create_app
+from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
+from sinks.postgres import migrate
+from tests.faults.conftest import Stack, Traffic, make_stack_env, wait_until
+from tests.helpers import serve, with_database
+
+pytestmark = pytest.mark.fault
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A Postgres of this test's own (pgserver), which the test stops and starts."""
+    server = EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _pg_ctl(server: EmbeddedPostgres, *args: str) -> None:
+    pg_ctl(["-w", *args], pgdata=server.server.pgdata, user=server.server.system_user,
+           timeout=60)
+
+
+def test_postgres_restart_under_traffic_loses_and_doubles_nothing(
+        make_env: Callable[..., dict[str, str]], own_redis: EmbeddedRedis,
+        own_postgres: EmbeddedPostgres, tmp_path: Path, fault_logs: Path) -> None:
+    with psycopg.connect(own_postgres.url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE ingest_faults")
+    database_url = with_database(own_postgres.url, "ingest_faults")
+    migrate(database_url)
+    stack = Stack(env=make_stack_env(make_env, own_redis.url, database_url, tmp_path),
+                  database_url=database_url, logs=fault_logs, redis_server=own_redis)
+    try:
+        supervisor = stack.start_workers()
+        stack.wait_for_workers(supervisor)
+        with serve(create_app(stack.settings)) as acceptor:
+            traffic = Traffic(acceptor.url)
+            traffic.start()
+            try:
+                traffic.wait_for_accepted(20)
+                _pg_ctl(own_postgres, "-m", "fast", "stop")
+                # The acceptor does not need Postgres: deliveries keep getting 200 ...
+                traffic.wait_for_accepted(len(traffic.accepted) + 30)
+                # ... and sink jobs that hit the outage wait in the retry schedule.
+                redis = stack.redis()
+                retries = ScheduledJobRegistry(stack.names.sink_queue("postgres"),
+                                               connection=redis, serializer=JSONSerializer)
+                wait_until(lambda: retries.count > 0, 30, "a deliver job scheduled for retry")
+                redis.close()
+                _pg_ctl(own_postgres, "restart")
+                traffic.wait_for_accepted(len(traffic.accepted) + 20)
+            finally:
+                traffic.stop()
+            stack.wait_for_pipeline(traffic, timeout=90)
+        stack.assert_invariants(traffic)
+        assert "Postgres unavailable" in "".join(
+            p.read_text(errors="replace") for p in fault_logs.glob("worker-*.log"))
+    finally:
+        stack.stop_processes()

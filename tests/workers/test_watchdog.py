@@ -1,0 +1,137 @@
+"""The watchdog with real RQ on real Redis: renewals, abandoned jobs, jobs stuck after a pop."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from ingest.enqueue import enqueue_batch
+from tests.faults.conftest import wait_until
+from tests.helpers import drain, rows
+from workers.watchdog import IngestWorker
+
+
+def enqueue_one(runtime: Any, n: int) -> Job:
+    body = orjson.dumps({"event": "lead.created", "resource": "lead", "workspaceId": "ws",
+                         "timestamp": f"2026-06-04T05:49:{n:02d}Z",
+                         "data": {"id": f"lead_{n}", "email": f"p{n}@example.com"}})
+    envelope = {"id": str(uuid.uuid4()), "provider": "outcaller",
+                "received_at": datetime.now(timezone.utc).isoformat(), "headers": {},
+                "body": body.decode()}
+    job_id = runtime.names.job_id("batch", uuid.uuid4().hex)
+    enqueue_batch(runtime.ingest_queue, [envelope], job_id)
+    return Job.fetch(job_id, connection=runtime.redis, serializer=JSONSerializer)
+
+
+def make_worker(runtime: Any, abandoned_after: int = 3) -> IngestWorker:
+    return IngestWorker([runtime.ingest_queue], connection=runtime.redis,
+                        serializer=JSONSerializer, name=f"w-{uuid.uuid4().hex[:8]}",
+                        names=runtime.names, abandoned_after=abandoned_after)
+
+
+def score(runtime: Any, job: Job) -> float:
+    registry = StartedJobRegistry(runtime.ingest_queue.name, connection=runtime.redis)
+    entries = runtime.redis.zrange(registry.key, 0, -1, withscores=True)
+    (found,) = [s for member, s in entries if member.decode().startswith(job.id)]
+    return float(found)
+
+
+def pop(runtime: Any) -> Job:
+    """What a worker does first: move the job id into the intermediate queue."""
+    queue = runtime.ingest_queue
+    job_id = runtime.redis.lmove(queue.key, queue.intermediate_queue.key, "LEFT", "RIGHT")
+    return Job.fetch(job_id.decode(), connection=runtime.redis, serializer=JSONSerializer)
+
+
+def start(worker: IngestWorker, runtime: Any) -> Job:
+    """A worker taking the next job, up to the moment its function would run."""
+    job = pop(runtime)
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    return job
+
+
+def test_a_running_job_is_registered_briefly_and_renewed(runtime: Any) -> None:
+    job = enqueue_one(runtime, 1)
+    worker = make_worker(runtime, abandoned_after=30)
+    start(worker, runtime)
+    first = score(runtime, job)
+    assert first <= time.time() + 31  # not RQ's job timeout + 60 s (six minutes)
+    runtime.redis.zadd(StartedJobRegistry(job.origin, connection=runtime.redis).key,
+                       {m: first - 20 for m in runtime.redis.zrange(
+                           StartedJobRegistry(job.origin, connection=runtime.redis).key, 0, -1)})
+    worker.renew()
+    assert score(runtime, job) >= first - 1  # pushed back out again
+
+
+def test_a_job_whose_worker_died_is_retried_by_the_next_sweep(runtime: Any,
+                                                              database_url: str) -> None:
+    job = enqueue_one(runtime, 2)
+    dead = make_worker(runtime)
+    start(dead, runtime)  # ... and then the worker died: no renewals
+    key = StartedJobRegistry(job.origin, connection=runtime.redis).key
+    runtime.redis.zadd(key, {m: time.time() - 1 for m in runtime.redis.zrange(key, 0, -1)})
+
+    assert make_worker(runtime).sweep() == 1
+    job.refresh()
+    assert job.get_status() == JobStatus.SCHEDULED  # retried with its own backoff
+    assert job.id in ScheduledJobRegistry(job.origin, connection=runtime.redis,
+                                          serializer=JSONSerializer)
+    # Once due, it runs and the delivery is stored, once.
+    runtime.redis.zadd(ScheduledJobRegistry(job.origin, connection=runtime.redis).key,
+                       {job.id: time.time() - 1})
+    _promote_and_drain(runtime)
+    assert rows(database_url, "SELECT resource_id FROM webhook_events") == [
+        {"resource_id": "lead_2"}]
+
+
+def test_a_job_popped_but_never_started_is_retried_after_one_period(
+        runtime: Any, database_url: str) -> None:
+    job = enqueue_one(runtime, 3)
+    pop(runtime)  # the worker died (or lost Redis) right after the pop
+    rescuer = make_worker(runtime)
+    rescuer.sweep()
+    assert job.id in runtime.ingest_queue.intermediate_queue.get_job_ids()  # first sighting
+    runtime.redis.delete(rescuer.names.key(f"watchdog:{runtime.ingest_queue.name}"))
+    wait_until(lambda: _swept_again(rescuer, runtime, job), 10, "the stuck job to be retried",
+               interval=0.2)
+    assert job.id not in runtime.ingest_queue.intermediate_queue.get_job_ids()
+    runtime.redis.zadd(ScheduledJobRegistry(job.origin, connection=runtime.redis).key,
+                       {job.id: time.time() - 1})
+    _promote_and_drain(runtime)
+    assert rows(database_url, "SELECT resource_id FROM webhook_events") == [
+        {"resource_id": "lead_3"}]
+
+
+def _swept_again(worker: IngestWorker, runtime: Any, job: Job) -> bool:
+    runtime.redis.delete(worker.names.key(f"watchdog:{runtime.ingest_queue.name}"))
+    worker.sweep()
+    job.refresh()
+    return job.get_status() == JobStatus.SCHEDULED
+
+
+def _promote_and_drain(runtime: Any) -> None:
+    from rq.scheduler import RQScheduler
+
+    scheduler = RQScheduler([runtime.ingest_queue], connection=runtime.redis,
+                            serializer=JSONSerializer)
+    scheduler.acquire_locks()
+    scheduler.enqueue_scheduled_jobs()
+    scheduler.release_locks()
+    drain(runtime)
+
+
+def test_a_live_workers_sweep_leaves_a_running_job_alone(runtime: Any) -> None:
+    job = enqueue_one(runtime, 4)
+    live = make_worker(runtime)
+    start(live, runtime)
+    assert make_worker(runtime).sweep() == 1
+    job.refresh()
+    assert job.get_status() == JobStatus.STARTED

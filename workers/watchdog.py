@@ -1,0 +1,250 @@
+"""Heartbeats for running jobs, and a watchdog that retries the jobs of workers that died.
+
+What RQ 3 does on its own is too slow for a worker killed mid-batch: a ``SimpleWorker``
+registers the running job in the queue's ``StartedJobRegistry`` with an expiry of the job
+timeout + 60 s (six minutes here) and renews nothing while the job runs; an expired entry is
+noticed only by the maintenance of a live worker on the same queue, which an idle worker runs
+between blocking dequeues, under a lock that a worker dying mid-maintenance (or hitting a Redis
+error in it: there is no ``finally``) holds for 15 minutes. So a job could sit abandoned for
+anywhere from six to twenty minutes.
+
+:class:`IngestWorker` makes that about a minute:
+
+- the running job's entry expires ``INGEST_ABANDONED_AFTER`` seconds (45 by default) after its
+  last renewal, and a background thread renews it every third of that while the job runs;
+- the same thread sweeps each of its queues every third of that period: RQ's own
+  ``StartedJobRegistry.cleanup()`` (a job whose entry expired is retried with its ``Retry``
+  schedule while it has retries left, else moved to the failed registry) and the intermediate
+  queue (a job popped by a worker that died, or lost Redis, before registering it as started;
+  RQ waits a full minute before it re-queues one, we wait one sweep period: popping and
+  registering are microseconds apart). A short lock of our own per queue means one worker
+  sweeps per period, and it expires by itself, whatever happens to the worker holding it.
+
+So a job whose worker died is retried within ``abandoned_after`` plus one sweep period. A job
+retried while its first run was in fact still going (a worker frozen longer than
+``abandoned_after``) is harmless: both runs carry the same job id, so the second recognises the
+dedup claims as its own and writes the same deliver job ids, and sinks are idempotent.
+
+RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
+forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
+block every other scheduler for 61 s), that a worker only replaces every few maintenance
+periods, and that outlives a worker killed with SIGKILL. :class:`ResilientScheduler` rides out
+Redis outages and takes a queue over within a second of its holder letting go; the runner
+starts one per worker process, and :func:`die_with_parent` makes it get SIGTERM when that
+process dies (Linux), so it releases its lock and exits instead of lingering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq import SimpleWorker
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
+
+from ingest import constants
+
+__all__ = ["IngestWorker", "ResilientScheduler", "die_with_parent"]
+
+log = logging.getLogger("workers.watchdog")
+
+_PR_SET_PDEATHSIG = 1
+_forking_parent = 0
+
+
+def _remember_parent() -> None:
+    global _forking_parent
+    _forking_parent = os.getpid()
+
+
+def _ask_for_sigterm_when_parent_dies() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _forking_parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_installed = False
+
+
+def die_with_parent() -> None:
+    """Make every child this process forks from now on get SIGTERM when it dies (Linux only)."""
+    global _installed
+    if _installed or not sys.platform.startswith("linux"):
+        return
+    os.register_at_fork(before=_remember_parent, after_in_child=_ask_for_sigterm_when_parent_dies)
+    _installed = True
+
+
+class IngestWorker(SimpleWorker):
+    """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned."""
+
+    def __init__(self, *args: Any, names: constants.Names,
+                 abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.names = names
+        self.abandoned_after = abandoned_after
+        self.beat_interval = max(1.0, abandoned_after / 3)
+        # True once SIGTERM/SIGINT asked this worker to stop (as opposed to RQ quitting its loop
+        # on a Redis error, after which the runner starts a new worker).
+        self.stop_requested_by_signal = False
+        self._running: tuple[Job, Execution] | None = None
+        self._running_lock = threading.Lock()
+        self._stop_beating = threading.Event()
+        self._beater: threading.Thread | None = None
+
+    # -- RQ hooks ------------------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.abandoned_after
+
+    def prepare_execution(self, job: Job) -> Execution:
+        execution = super().prepare_execution(job)
+        with self._running_lock:
+            self._running = (job, execution)
+        return execution
+
+    def execute_job(self, job: Job, queue: Any) -> None:
+        try:
+            super().execute_job(job, queue)
+        finally:
+            with self._running_lock:
+                self._running = None
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested_by_signal = True
+        super().request_stop(signum, frame)
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        self._stop_beating.clear()
+        self._beater = threading.Thread(target=self._beat_loop, name="rq-heartbeat", daemon=True)
+        self._beater.start()
+
+    def teardown(self) -> None:
+        self._stop_beating.set()
+        if self._beater is not None:
+            self._beater.join(timeout=self.beat_interval + 5)
+        super().teardown()
+
+    # -- the background thread -----------------------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        while True:
+            try:
+                self.renew()
+                self.sweep()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat/watchdog could not reach Redis: %r", exc)
+            except Exception:
+                log.exception("heartbeat/watchdog failed; trying again next period")
+            if self._stop_beating.wait(self.beat_interval):
+                return
+
+    def renew(self) -> None:
+        """Push back the expiry of the running job's entry in the started registry."""
+        with self._running_lock:
+            running = self._running
+        if running is None:
+            return
+        # Renewing just after the job ended is harmless: the registry update only touches
+        # entries that still exist (XX), and the execution hash it touches expires by itself.
+        job, execution = running
+        with self.connection.pipeline() as pipe:
+            execution.heartbeat(job.started_job_registry, self.abandoned_after, pipe)
+            self.heartbeat(self.abandoned_after + 60, pipeline=pipe)
+            pipe.execute()
+
+    def sweep(self) -> int:
+        """Retry what dead workers left on our queues. Returns how many queues were swept."""
+        swept = 0
+        for queue in self.queues:
+            lock = self.names.key(f"watchdog:{queue.name}")
+            if not self.connection.set(lock, self.name, nx=True, ex=max(1, int(self.beat_interval))):
+                continue  # another worker swept this queue within the period
+            registry = StartedJobRegistry(queue.name, connection=self.connection,
+                                          job_class=self.job_class, serializer=self.serializer)
+            registry.cleanup()
+            self._rescue_stuck(queue, registry)
+            swept += 1
+        return swept
+
+    def _rescue_stuck(self, queue: Any, started: StartedJobRegistry) -> None:
+        """Retry jobs that sat in the intermediate queue, never started, for a whole period."""
+        intermediate = queue.intermediate_queue
+        job_ids = intermediate.get_job_ids()
+        if not job_ids:
+            return
+        running = set(started.get_job_ids(cleanup=False))
+        for job_id in job_ids:
+            if job_id in running:
+                continue
+            job = queue.fetch_job(job_id)
+            if job is None:
+                intermediate.remove(job_id)
+                continue
+            if intermediate.set_first_seen(job_id):
+                continue  # first sighting: give its worker one period to register it
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen is None or time.time() - first_seen.timestamp() < self.beat_interval:
+                continue
+            log.warning("job %s was popped but never started (its worker died or lost Redis); "
+                        "retrying it", job_id, extra={"job_id": job_id})
+            self.handle_job_failure(job, queue, exc_string="popped but never started: "
+                                    "its worker died or lost Redis")
+            intermediate.remove(job_id)
+
+
+class ResilientScheduler(RQScheduler):
+    """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring."""
+
+    def work(self) -> None:
+        self._install_signal_handlers()
+        failing = False
+        born = False
+        while not self._stop_requested:
+            try:
+                if not born:
+                    self.register_birth()
+                    born = True
+                if failing or self.acquired_locks != self._queue_names:
+                    self.acquire_locks()  # one SET NX per queue: cheap enough every second
+                self.heartbeat()
+                self.enqueue_scheduled_jobs()
+                if failing:
+                    log.info("scheduler reaches Redis again")
+                failing = False
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("scheduler cannot reach Redis, will keep trying: %r", exc)
+                failing = True
+            time.sleep(self.interval)
+        with contextlib.suppress(RedisError, OSError):
+            self.stop()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """From the parent: stop the scheduler process and wait for it."""
+        process = self._process
+        if process is None or process.pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
