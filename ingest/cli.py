@@ -241,6 +241,15 @@ def _parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[..., None]] = []
 
 
+def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.replay import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_replay)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
