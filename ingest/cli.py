@@ -241,6 +241,15 @@ def _parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[..., None]] = []
 
 
+def _add_dlq(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from workers.dlq import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_dlq)
+
+
 def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
     from ingest.replay import add_command
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from rq.exceptions import DuplicateJobError
 
 from ingest import constants, metrics
 from ingest.events import Delivery, Event
-from ingest.exceptions import NormalizationError, PermanentSinkError
+from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
 from sinks.base import matches_any
 from workers import dedup
@@ -60,6 +61,20 @@ def _deliver_retry() -> Retry:
     intervals = [max(1, int(i * random.uniform(0.75, 1.25)))
                  for i in constants.DELIVER_RETRY_INTERVALS]
     return Retry(max=len(intervals), interval=intervals)
+
+
+def _stretch_next_retry(job: Any, retry_after: float) -> None:
+    """Make the job's next scheduled retry wait at least ``retry_after`` seconds: the
+    receiver's own hint (429/503 Retry-After) beats our backoff when it is longer. RQ reads
+    the interval from the job object when it schedules the retry, right after this job ends."""
+    intervals = list(job.retry_intervals or [])
+    if not intervals or not job.retries_left:
+        return
+    index = max(len(intervals) - job.retries_left, 0)
+    wanted = math.ceil(min(retry_after, constants.MAX_RETRY_AFTER))
+    if index < len(intervals) and intervals[index] < wanted:
+        intervals[index] = wanted
+        job.retry_intervals = intervals
 
 
 def _digest(ids: Sequence[str]) -> str:
@@ -198,6 +213,8 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     except Exception as exc:
         job = get_current_job()
         final = job is None or not job.retries_left  # RQ retries only while some are left
+        if not final and isinstance(exc, TransientSinkError) and exc.retry_after:
+            _stretch_next_retry(job, exc.retry_after)
         metrics.SINK_EVENTS.labels(sink_name, "failed" if final else "retried").inc(len(evs))
         log.warning("sink failed (%s): %s", "no retries left" if final else "will retry", exc,
                     extra={"sink": sink_name, "count": len(evs),

@@ -1,0 +1,169 @@
+"""``ingest dlq list / retry / purge [--sink NAME]``: the dead letters, per sink.
+
+What cannot be delivered ends in RQ's failed registry of its queue, with its reason: a
+``deliver`` job of a sink that refused an event (a 4xx, or retries used up), or a
+``process_batch`` job holding one delivery that cannot be normalized (shown as sink
+``ingest``). ``list`` prints one line per failure: the sink, the event ids (or the delivery
+id), and the last line of the exception, which names the reason. ``retry`` puts the jobs back
+on their queues with a fresh retry schedule (after the receiver or the normalizer is fixed);
+every sink is idempotent on ``event.id``, so a retry never doubles what did get through.
+``purge`` deletes them.
+
+Queue names come from :class:`~ingest.constants.Names`, so ``INGEST_NAMESPACE`` is honoured.
+The sinks listed are the enabled ones plus every installed one (a sink disabled after its
+failures still has its dead letters); nothing here builds a sink, so a sink whose settings
+are broken does not hide its failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from ingest import constants
+from ingest.config import Settings
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq.job import Job
+
+__all__ = ["Failure", "add_command", "list_failures", "purge_failures", "retry_failures"]
+
+INGEST = "ingest"  # the "sink" column of a delivery that failed before reaching any sink
+PROCESS_BATCH = "workers.jobs.process_batch"
+DELIVER = "workers.jobs.deliver"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One job in a failed registry, as an operator reads it."""
+
+    sink: str
+    ids: tuple[str, ...]
+    reason: str
+    job_id: str
+    queue: str
+    failed_at: datetime | None
+
+    def line(self) -> str:
+        ids = ",".join(self.ids) if len(self.ids) <= 3 else (
+            f"{','.join(self.ids[:3])},+{len(self.ids) - 3} more")
+        return f"{self.sink:<10} {ids or '-'}  {self.reason}"
+
+
+def queues(settings: Settings, sink: str | None = None) -> list[tuple[str, str]]:
+    """(label, queue name) of every queue whose dead letters ``--sink`` selects."""
+    names = settings.names
+    installed = {ep.name for ep in entry_points(group=constants.SINK_ENTRY_POINT_GROUP)}
+    everything = [(INGEST, names.ingest_queue)] + [
+        (s, names.sink_queue(s)) for s in dict.fromkeys([*settings.sinks, *sorted(installed)])]
+    if sink is None:
+        return everything
+    if sink == INGEST:
+        return [(INGEST, names.ingest_queue)]
+    return [(sink, names.sink_queue(sink))]
+
+
+def _reason(job: Job) -> str:
+    result = job.latest_result()
+    text = (result.exc_string if result is not None else None) or ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no reason recorded: retries used up)"
+
+
+def _ids(job: Job) -> tuple[str, ...]:
+    try:
+        args: Any = job.args
+        if job.func_name == DELIVER:
+            return tuple(str(e.get("id")) for e in args[1])
+        if job.func_name == PROCESS_BATCH:
+            return tuple(str(env.get("id")) for env in args[0])
+    except Exception:  # a job written by another version: still list it, without ids
+        pass
+    return ()
+
+
+def _failed(redis: Redis, settings: Settings,
+            sink: str | None) -> Iterator[tuple[str, Any, Job]]:
+    from rq import Queue
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    for label, name in queues(settings, sink):
+        queue = Queue(name, connection=redis, serializer=JSONSerializer)
+        registry = queue.failed_job_registry
+        job_ids = registry.get_job_ids()
+        for job_id, job in zip(job_ids, Job.fetch_many(job_ids, connection=redis,
+                                                       serializer=JSONSerializer)):
+            if job is None:  # expired: drop the dangling registry entry
+                registry.remove(job_id)
+                continue
+            yield label, registry, job
+
+
+def list_failures(redis: Redis, settings: Settings, sink: str | None = None) -> list[Failure]:
+    out = []
+    for label, _, job in _failed(redis, settings, sink):
+        out.append(Failure(sink=label, ids=_ids(job), reason=_reason(job), job_id=job.id,
+                           queue=job.origin, failed_at=job.ended_at))
+    return out
+
+
+def retry_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
+    """Re-queue every failed job selected; each gets its retry schedule back, fresh."""
+    from workers.jobs import _deliver_retry
+
+    count = 0
+    for _, registry, job in list(_failed(redis, settings, sink)):
+        if job.func_name == DELIVER:
+            retry = _deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
+            job.retry_intervals, job.retries_left = retry.intervals, retry.max
+        elif job.retry_intervals:
+            job.retries_left = len(job.retry_intervals)
+        registry.requeue(job)  # saves the job and puts it on its queue
+        count += 1
+    return count
+
+
+def purge_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
+    count = 0
+    for _, registry, job in list(_failed(redis, settings, sink)):
+        registry.remove(job, delete_job=True)
+        count += 1
+    return count
+
+
+# -- the command ----------------------------------------------------------------------------
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from ingest.redis_conn import worker_redis
+
+    settings = Settings.from_env()
+    redis = worker_redis(settings.require_redis())
+    try:
+        if args.action == "list":
+            failures = list_failures(redis, settings, args.sink)
+            for failure in failures:
+                print(failure.line())
+            print(f"{len(failures)} failed", file=sys.stderr)
+        elif args.action == "retry":
+            print(f"re-queued {retry_failures(redis, settings, args.sink)}")
+        else:
+            print(f"purged {purge_failures(redis, settings, args.sink)}")
+    finally:
+        redis.close()
+    return 0
+
+
+def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Registers ``ingest dlq`` with the CLI (see ingest.cli._EXTRA_COMMANDS)."""
+    p = add("dlq", cmd_dlq, "dead letters: list, retry or purge failed deliveries, per sink")
+    p.add_argument("action", choices=("list", "retry", "purge"))
+    p.add_argument("--sink", metavar="NAME",
+                   help=f"only this sink's failures ({INGEST!r}: deliveries that failed to "
+                        "normalize); default: all")
