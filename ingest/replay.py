@@ -222,8 +222,8 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                 report.changed += 1
                 if len(report.changes) < SHOWN:
                     report.changes.append(Change(event_id, event.dedup_key, diff))
-                values = dict(today, id=event_id, data=Jsonb(event.data),
-                              previous=Jsonb(event.previous) if event.previous is not None else None)
+                previous = Jsonb(event.previous) if event.previous is not None else None
+                values = dict(today, id=event_id, data=Jsonb(event.data), previous=previous)
                 updates.append(values)
             if not dry_run and events:
                 by_delivery = {d.id: d for d in batch}

@@ -23,7 +23,8 @@ def store(runtime: Any, deliveries: list[tuple[str, bytes, dict[str, str], str]]
     when = (received_at or datetime.now(timezone.utc)).isoformat()
     envelopes = []
     for provider, body, headers, _ in deliveries:
-        kept = {k.lower(): v for k, v in headers.items() if k.lower() == "outreach-webhook-cleanup-token"}
+        kept = {k.lower(): v for k, v in headers.items()
+                if k.lower() == "outreach-webhook-cleanup-token"}
         envelopes.append({"id": str(uuid.uuid4()), "provider": provider, "received_at": when,
                           "headers": kept, "body": body.decode()})
     enqueue_batch(runtime.ingest_queue, envelopes, runtime.names.job_id("batch", uuid.uuid4().hex))

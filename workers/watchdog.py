@@ -128,7 +128,7 @@ class IngestWorker(SimpleWorker):
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested_by_signal = True
-        super().request_stop(signum, frame)
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
@@ -140,7 +140,7 @@ class IngestWorker(SimpleWorker):
         self._stop_beating.set()
         if self._beater is not None:
             self._beater.join(timeout=self.beat_interval + 5)
-        super().teardown()
+        super().teardown()  # type: ignore[no-untyped-call]
 
     # -- the background thread -----------------------------------------------------------------
 
@@ -175,7 +175,8 @@ class IngestWorker(SimpleWorker):
         swept = 0
         for queue in self.queues:
             lock = self.names.key(f"watchdog:{queue.name}")
-            if not self.connection.set(lock, self.name, nx=True, ex=max(1, int(self.beat_interval))):
+            period = max(1, int(self.beat_interval))
+            if not self.connection.set(lock, self.name, nx=True, ex=period):
                 continue  # another worker swept this queue within the period
             registry = StartedJobRegistry(queue.name, connection=self.connection,
                                           job_class=self.job_class, serializer=self.serializer)
@@ -214,7 +215,7 @@ class ResilientScheduler(RQScheduler):
     """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring."""
 
     def work(self) -> None:
-        self._install_signal_handlers()
+        self._install_signal_handlers()  # type: ignore[no-untyped-call]
         failing = False
         born = False
         while not self._stop_requested:
@@ -223,9 +224,10 @@ class ResilientScheduler(RQScheduler):
                     self.register_birth()
                     born = True
                 if failing or self.acquired_locks != self._queue_names:
-                    self.acquire_locks()  # one SET NX per queue: cheap enough every second
-                self.heartbeat()
-                self.enqueue_scheduled_jobs()
+                    # One SET NX per queue: cheap enough to try every second.
+                    self.acquire_locks()  # type: ignore[no-untyped-call]
+                self.heartbeat()  # type: ignore[no-untyped-call]
+                self.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
                 if failing:
                     log.info("scheduler reaches Redis again")
                 failing = False
@@ -235,7 +237,7 @@ class ResilientScheduler(RQScheduler):
                 failing = True
             time.sleep(self.interval)
         with contextlib.suppress(RedisError, OSError):
-            self.stop()
+            self.stop()  # type: ignore[no-untyped-call]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """From the parent: stop the scheduler process and wait for it."""

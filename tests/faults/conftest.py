@@ -300,7 +300,8 @@ class Stack:
         stored = self.stored()
         assert traffic.accepted, "the test sent nothing that was accepted"
         missing = traffic.accepted - set(stored)
-        assert not missing, f"{len(missing)} deliveries answered 200 are not stored: {sorted(missing)[:5]}"
+        assert not missing, \
+            f"{len(missing)} deliveries answered 200 are not stored: {sorted(missing)[:5]}"
         doubled = {k: n for k, n in stored.items() if n != 1}
         assert not doubled, f"stored more than once: {doubled}"
         unknown = set(stored) - traffic.sent
@@ -314,6 +315,12 @@ class Stack:
         assert events["d"] == events["n"] == archived, (
             f"{events['n']} events, {events['d']} delivery ids, {archived} archived deliveries: "
             "the postgres sink's effect happened more than once for some event")
+        # No credential in a stored header (the archive keeps only the headers a worker needs).
+        headers = " ".join(str(r["headers"]) for r in rows(
+            self.database_url, "SELECT headers FROM webhook_deliveries"))
+        for secret in [s for pair in SECRETS.values() for s in pair] + list(PRESENTED_BAD_TOKENS):
+            assert secret not in headers, "a credential was stored with a delivery"
+        assert "authorization" not in headers.lower()
         redis = self.redis()
         try:
             for name in self.queue_names():

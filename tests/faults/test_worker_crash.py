@@ -104,7 +104,7 @@ def test_sigkill_of_workers_mid_job_loses_and_doubles_nothing(stack: Stack) -> N
     assert children[sink_queue].pid != sink.pid
     assert left, "the killed workers had no scheduler child: nothing checked"
     wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                               for p in left), 15, "scheduler children of the killed workers to exit")
+                               for p in left), 15, "the killed workers' scheduler children to exit")
     stack.assert_invariants(traffic)
     assert Job.fetch(job_id, connection=stack.redis(), serializer=JSONSerializer) \
         .get_status() in (JobStatus.FINISHED, None)
