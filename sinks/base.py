@@ -9,6 +9,14 @@ events came from sets ``needs_raw = True`` and receives ``deliveries`` (by deliv
 Its settings come from its own prefix: the sink ``crm`` reads ``CRM_*`` variables or the
 ``[sinks.crm]`` TOML table through ``settings.section("crm")``; ``<NAME>_EVENTS`` (globs over
 ``kind``) chooses which events it receives.
+
+A sink is built once per worker process and kept: connections it opens (an HTTP client, a
+database connection) are reused across jobs. A sink that needs Redis (the Slack sink paces
+all workers through it) opens its own, lazily, from ``settings.require_redis()``, with keys
+under ``settings.names.key(...)`` so ``INGEST_NAMESPACE`` keeps deployments apart. An
+optional ``close()`` is called when the worker stops. A permanent error may name, in
+``event_ids``, the only events of the batch that failed: each gets a job of its own that ends
+in the failed registry, and the others count as delivered.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ class Sink(Protocol):
 class RawSink(Sink, Protocol):
     needs_raw: ClassVar[bool]
 
-    def send(  # type: ignore[override]
+    def send(
         self, events: Sequence[Event], deliveries: Mapping[str, Delivery] | None = None
     ) -> None: ...
 

@@ -24,7 +24,6 @@ from typing import Any
 import orjson
 import pytest
 from rq import SimpleWorker
-from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from slack_sdk.models.blocks import Block
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -211,7 +210,7 @@ def fast_forward(rt: Runtime) -> int:
     """Make every scheduled retry due now. Returns how many there were."""
     moved = 0
     for name in rt.queue_names():
-        registry = ScheduledJobRegistry(name, connection=rt.redis, serializer=JSONSerializer)
+        registry = rt.queue(name).scheduled_job_registry
         ids = registry.get_job_ids()
         if ids:
             rt.redis.zadd(registry.key, {i: int(time.time()) - 1 for i in ids})

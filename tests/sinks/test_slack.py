@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
@@ -128,7 +127,7 @@ def test_only_replies_and_meetings_are_posted_by_default_and_only_once(
     providers = load_providers()
     again = [e for env in (reply, linkedin)
              for e in providers["outboundry"].events(Delivery.from_dict(env))]
-    sink.send(again)  # type: ignore[attr-defined]
+    sink.send(again)
     assert len(receiver.messages) == 2
 
 
@@ -143,7 +142,7 @@ def test_429_is_waited_out_not_dropped(
     assert receiver.requests == 2 and receiver.rate_limited == 1
     assert len(receiver.messages) == 1 and "Barbara Liskov" in receiver.texts()
     assert not list_failures(rt.redis, rt.settings)
-    scheduled = ScheduledJobRegistry(rt.names.sink_queue("slack"), connection=rt.redis)
+    scheduled = rt.queue(rt.names.sink_queue("slack")).scheduled_job_registry
     assert scheduled.count == 0
 
 
@@ -155,8 +154,7 @@ def test_a_long_retry_after_holds_every_worker_and_reschedules_the_job(
     enqueue(rt, outboundry_delivery())
     before = time.time()
     drain(rt)
-    scheduled = ScheduledJobRegistry(rt.names.sink_queue("slack"), connection=rt.redis,
-                                     serializer=JSONSerializer)
+    scheduled = rt.queue(rt.names.sink_queue("slack")).scheduled_job_registry
     [job_id] = scheduled.get_job_ids()
     assert scheduled.get_scheduled_time(job_id).timestamp() >= before + 120 - 1
     sink = rt.sinks["slack"].sink
@@ -312,6 +310,6 @@ def test_permanent_error_carries_the_event_ids(
     envelope = outboundry_delivery()
     events = load_providers()["outboundry"].events(Delivery.from_dict(envelope))
     with pytest.raises(PermanentSinkError) as info:
-        sink.send(events)  # type: ignore[attr-defined]
+        sink.send(events)
     assert info.value.event_ids == [events[0].id]
     assert "invalid_payload" in str(info.value)
