@@ -215,7 +215,8 @@ def test_env_example_names_every_variable_compose_and_the_code_read() -> None:
     # Every setting the code reads by name, and every provider's secret setting.
     source = "\n".join(p.read_text() for package in ("ingest", "workers", "sinks")
                        for p in (ROOT / package).rglob("*.py"))
-    read = set(re.findall(r'"((?:INGEST|PROMETHEUS)_[A-Z_]+|REDIS_URL|DATABASE_URL)"', source))
+    prefixes = "|".join(["INGEST", "PROMETHEUS", *(s.upper() for s in builtin_sinks())])
+    read = set(re.findall(rf'"((?:{prefixes})_[A-Z_]+|REDIS_URL|DATABASE_URL)"', source))
     read |= {p.secret_setting for p in load_providers().values()}
     read |= {f"{sink.upper()}_EVENTS" for sink in builtin_sinks() - {"postgres"}}
     assert read <= names.keys(), f"missing from .env.example: {read - names.keys()}"
@@ -223,7 +224,7 @@ def test_env_example_names_every_variable_compose_and_the_code_read() -> None:
 
 def test_env_example_holds_no_secret_values() -> None:
     for name, value in env_example_names().items():
-        if re.search(r"(SECRET|TOKEN|PASSWORD)S?$", name) or name.endswith("_URL"):
+        if re.search(r"(SECRET|TOKEN|PASSWORD|HEADERS)S?$", name) or name.endswith("_URL"):
             assert value == "", f".env.example ships a value for {name}"
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
