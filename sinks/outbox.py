@@ -16,8 +16,11 @@ Per event, the state lives in Redis (every key under the namespace's ``names.key
   that dies mid-post leaves its claim to expire; the next claimer puts it back in the queue;
 - ``sent:<id>`` (expires with the dedup TTL): posted; parking it again is a no-op, which is
   what makes the sink idempotent on ``event.id``;
-- ``failed:<id>`` (holds the reason): the target refused the message carrying it. The job
-  that parked it raises the permanent error; parking it again (``ingest dlq retry``) clears it.
+- ``solo`` (set): events that were in a digest the target refused. Each goes alone from then
+  on, so one bad event cannot fail the others with it;
+- ``failed:<id>`` (holds the reason): the target refused the message carrying it alone. The
+  job that parked it raises the permanent error; parking it again (``ingest dlq retry``)
+  clears it.
 
 A worker that crashes after the target accepted a message but before marking it sent makes
 the next claimer post it again: at least once, like every HTTP receiver without an
@@ -53,12 +56,14 @@ for i = 3, #ARGV, 2 do
         parked = parked + 1
     end
 end
-for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return parked
 """
 
-# KEYS: queue, items, inflight. ARGV: key prefix, digest_after, digest_max, claim ms.
-# Returns id, json, id, json, ...: one message's worth of waiting events.
+# KEYS: queue, items, inflight, solo. ARGV: key prefix, digest_after, digest_max, claim ms.
+# Returns id, json, id, json, ...: one message's worth of waiting events. An event in "solo"
+# (it was in a digest the target refused) is only ever sent alone, so that one bad event
+# fails by itself.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,10 +74,20 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
         redis.call('ZADD', KEYS[1], 0, id)
     end
 end
-local take = 1
-if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[2]) then take = tonumber(ARGV[3]) end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+if #first == 0 then return {} end
+local ids = first
+if redis.call('SISMEMBER', KEYS[4], first[1]) == 0
+        and redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[2]) then
+    ids = {}
+    local most = tonumber(ARGV[3])
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 4 * most)) do
+        if #ids >= most then break end
+        if redis.call('SISMEMBER', KEYS[4], id) == 0 then table.insert(ids, id) end
+    end
+end
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, take - 1)) do
+for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1], id)
     local item = redis.call('HGET', KEYS[2], id)
     if item and redis.call('EXISTS', ARGV[1] .. 'sent:' .. id) == 0 then
@@ -119,7 +134,7 @@ class Outbox:
         self.digest_max = digest_max
         self.done_ttl = done_ttl
         self.claim_ms = max(1, int(claim_seconds * 1000))
-        self._keys = [prefix + "queue", prefix + "items", prefix + "inflight"]
+        self._keys = [prefix + "queue", prefix + "items", prefix + "inflight", prefix + "solo"]
         self._slot = prefix + "slot"
         self._token = secrets.token_hex(8)
         self._park = redis.register_script(_PARK)
@@ -184,7 +199,16 @@ class Outbox:
             pipe.set(self.prefix + f"sent:{i}", b"1", ex=self.done_ttl)
             pipe.zrem(self._keys[2], i)
             pipe.hdel(self._keys[1], i)
+            pipe.srem(self._keys[3], i)
         pipe.execute()
+
+    def isolate(self, ids: Sequence[str]) -> None:
+        """The target refused a message carrying several events: send each alone from now
+        on (back at the front of the queue), so only the event at fault fails."""
+        if ids:
+            self.redis.sadd(self._keys[3], *ids)
+            self.redis.expire(self._keys[3], self.done_ttl)
+            self.give_back(ids)
 
     def fail(self, ids: Iterable[str], reason: str) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -6,14 +6,18 @@ only replies and booked meetings are posted (``SLACK_EVENTS`` changes that).
 
 Slack allows about one message per second per webhook, and every worker posts to the same
 one, so messages go through a paced outbox in Redis (:mod:`sinks.outbox`): all workers
-together post at most one message per ``SLACK_MIN_INTERVAL`` to one webhook, and when more
-than a few events wait, the next message is one digest of them instead of a flood. A 429 is
-honoured for every worker: a short ``Retry-After`` is waited out inside the job, a long one
-ends the attempt with a transient error whose retry is scheduled after it.
+together post at most one message per ``SLACK_MIN_INTERVAL`` to one webhook (counted from
+Slack's answer to the previous one), and when more than a few events wait, the next message is
+one digest of them instead of a flood. A job that finds the slot busy while more Slack jobs
+are queued behind it leaves its events parked and steps aside (a transient error, retried in
+a few seconds), so even one worker turns a backlog into a digest rather than blocking on it.
+A 429 is honoured for every worker: a short ``Retry-After`` is waited out inside the job, a
+long one ends the attempt with a transient error whose retry is scheduled after it.
 
 ``invalid_payload``, ``no_service`` and other 4xx answers (and 3xx: redirects are never
 followed) are permanent: the events of that message land in the failed registry with
-Slack's answer as the reason. The webhook URL is a secret: no log line or error shows it.
+Slack's answer as the reason; a refused digest is first re-sent event by event, so only the
+event at fault fails. The webhook URL is a secret: no log line or error shows it.
 
 Settings (``SLACK_*`` or ``[sinks.slack]``): ``WEBHOOK_URL`` (required), ``EVENTS``,
 ``TIMEOUT``. The outbox needs ``REDIS_URL`` (workers always have it).
@@ -345,7 +349,10 @@ class SlackSink:
                 raise TransientSinkError(str(exc), retry_after=exc.retry_after) from None
             return True
         except PermanentSinkError as exc:
-            box.fail(ids, str(exc))
+            if len(ids) > 1:
+                box.isolate(ids)  # which event is at fault? Each goes alone next.
+            else:
+                box.fail(ids, str(exc))
         except BaseException:
             box.give_back(ids)  # transient trouble, a bug, or the job's timeout: post later
             box.hold(self.interval)

@@ -101,6 +101,7 @@ class SlackReceiver:
     # (Redis expiries are whole milliseconds), never a real second message.
     min_gap: float = 0.95
     script: list[tuple[int, dict[str, str], str]] = field(default_factory=list)
+    refuse_containing: str | None = None  # a message with this text gets invalid_payload
     messages: list[dict[str, Any]] = field(default_factory=list)  # accepted bodies
     arrivals: list[float] = field(default_factory=list)  # monotonic time of each accepted
     requests: int = 0
@@ -110,11 +111,14 @@ class SlackReceiver:
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
+            raw = await request.body()
             try:
-                body = orjson.loads(await request.body())
+                body = orjson.loads(raw)
                 problem = block_kit_problem(body)
             except orjson.JSONDecodeError:
                 problem = "not JSON"
+            if self.refuse_containing and self.refuse_containing.encode() in raw:
+                problem = problem or f"refused: contains {self.refuse_containing}"
             now = time.monotonic()
             with self.lock:
                 self.requests += 1

@@ -1,0 +1,110 @@
+"""``ingest dlq``: dead letters per sink and per namespace, with their reasons."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import orjson
+import pytest
+
+from ingest.cli import main
+from ingest.events import Delivery
+from tests.sinks.conftest import (
+    CrmReceiver,
+    crm_env,
+    enqueue,
+    event_ids,
+    outboundry_delivery,
+    run_jobs,
+)
+from workers.dlq import list_failures, purge_failures, retry_failures
+from workers.runtime import Runtime
+
+
+def _poison() -> dict[str, object]:
+    """A delivery no dedup key can be formed from: it must fail alone, with its reason."""
+    return Delivery(id=str(uuid.uuid4()), provider="outboundry",
+                    received_at=datetime.now(timezone.utc), headers={},
+                    body=orjson.dumps({"data": {"lead": {"id": 1}}}).decode()).to_dict()
+
+
+def test_list_shows_sink_ids_and_reason_and_purge_is_per_sink(
+        crm: tuple[CrmReceiver, str], pipeline: Callable[..., Runtime],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    receiver, url = crm
+    rt = pipeline(INGEST_SINKS="crm", **crm_env(url))
+    refused = outboundry_delivery()
+    [refused_id] = event_ids(refused)
+    receiver.refuse[refused_id] = 410
+    poison = _poison()
+    enqueue(rt, refused)
+    enqueue(rt, poison)
+    run_jobs(rt)
+
+    failures = {f.sink: f for f in list_failures(rt.redis, rt.settings)}
+    assert set(failures) == {"crm", "ingest"}
+    assert failures["crm"].ids == (refused_id,) and "410" in failures["crm"].reason
+    assert failures["ingest"].ids == (poison["id"],)
+    assert "NormalizationError" in failures["ingest"].reason
+    assert "no event name" in failures["ingest"].reason
+
+    for key in ("REDIS_URL", "INGEST_NAMESPACE", "INGEST_SINKS", "CRM_WEBHOOK_URL",
+                "CRM_WEBHOOK_SECRET", "CRM_HEADERS"):
+        monkeypatch.setenv(key, rt.settings.raw[key])
+    assert main(["dlq", "list", "--sink", "ingest"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("ingest") and str(poison["id"]) in out[0]
+
+    assert main(["dlq", "purge", "--sink", "ingest"]) == 0
+    assert "purged 1" in capsys.readouterr().out
+    assert [f.sink for f in list_failures(rt.redis, rt.settings)] == ["crm"]
+    assert purge_failures(rt.redis, rt.settings) == 1
+    assert list_failures(rt.redis, rt.settings) == []
+
+
+def test_retry_gives_a_fresh_retry_schedule(
+        crm: tuple[CrmReceiver, str], pipeline: Callable[..., Runtime]) -> None:
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from ingest import constants
+
+    receiver, url = crm
+    rt = pipeline(INGEST_SINKS="crm", **crm_env(url))
+    envelope = outboundry_delivery()
+    [event_id] = event_ids(envelope)
+    receiver.refuse[event_id] = 400
+    enqueue(rt, envelope)
+    run_jobs(rt)
+    [failure] = list_failures(rt.redis, rt.settings)
+    job = Job.fetch(failure.job_id, connection=rt.redis, serializer=JSONSerializer)
+    assert job.retries_left == 0  # a permanent error spent them
+
+    assert retry_failures(rt.redis, rt.settings, "crm") == 1
+    job = Job.fetch(failure.job_id, connection=rt.redis, serializer=JSONSerializer)
+    assert job.retries_left == len(constants.DELIVER_RETRY_INTERVALS)
+    assert job.get_status() == "queued"
+    del receiver.refuse[event_id]
+    run_jobs(rt)
+    assert list(receiver.accepted) == [event_id]
+
+
+def test_each_namespace_sees_only_its_own_dead_letters(
+        crm: tuple[CrmReceiver, str], pipeline: Callable[..., Runtime]) -> None:
+    _, url = crm
+    ours = pipeline(INGEST_SINKS="crm", **crm_env(url))
+    # Contains ours, so the namespace fixture's cleanup removes its keys too.
+    theirs = pipeline(INGEST_SINKS="crm", INGEST_NAMESPACE=f"{ours.names.namespace}-other",
+                      **crm_env(url))
+    try:
+        enqueue(theirs, _poison())
+        run_jobs(theirs)
+        assert len(list_failures(theirs.redis, theirs.settings)) == 1
+        assert list_failures(ours.redis, ours.settings) == []
+        assert retry_failures(ours.redis, ours.settings) == 0
+        assert purge_failures(ours.redis, ours.settings) == 0
+        assert len(list_failures(theirs.redis, theirs.settings)) == 1
+    finally:
+        purge_failures(theirs.redis, theirs.settings)
