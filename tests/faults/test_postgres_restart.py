@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     try:
         yield server
     finally:
+        # pgserver only knows the postmaster it started: after a restart it would leave the
+        # new one running, so stop it by its data directory first.
+        with contextlib.suppress(Exception):
+            _pg_ctl(server, "-m", "fast", "stop")
         server.stop()
 
 
