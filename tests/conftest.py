@@ -7,6 +7,8 @@ both are removed afterwards. No test flushes a server it did not start.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,29 +26,35 @@ from workers.runtime import Runtime, install_runtime
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server() -> Iterator[str]:
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
         return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    directory = Path(tempfile.mkdtemp(prefix="ingest-test-redis-"))
+    server = EmbeddedRedis(directory, appendonly=False).start()
     try:
         yield server.url
     finally:
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres")).start()
+    # Not under pytest's basetemp: another pytest run on the machine may reset that tree's
+    # permissions, which crashes a Postgres still using it.
+    directory = Path(tempfile.mkdtemp(prefix="ingest-test-pg-"))
+    server = EmbeddedPostgres(directory / "pg").start()
     try:
         yield server.url
     finally:
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
