@@ -27,6 +27,7 @@ from starlette.routing import Route
 from ingest import metrics
 from ingest.config import Settings
 from ingest.durable import Durable, NotDurable
+from ingest.enqueue import BatchEnqueuer
 from ingest.exceptions import SignatureError
 from ingest.providers import Provider, load_providers
 from ingest.providers.base import CREDENTIAL_HEADERS
@@ -34,6 +35,10 @@ from ingest.providers.base import CREDENTIAL_HEADERS
 __all__ = ["create_app"]
 
 log = logging.getLogger("ingest.acceptor")
+
+
+# The 200 answer, rendered once: JSONResponse would serialize the same dict for every request.
+_ACCEPTED = b'{"status":"accepted"}'
 
 
 class _BodyTooLarge(Exception):
@@ -79,30 +84,42 @@ class Acceptor:
         providers = load_providers()
         # Only providers with a secret are served; the rest answer 404.
         self.providers = {n: p for n, p in providers.items() if settings.secrets_for(n)}
+        self.secrets = {n: settings.secrets_for(n) for n in self.providers}
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _count(self, provider: str, result: str) -> None:
+        # The labelled child, looked up once: labels() takes a lock and builds a key each call.
+        child = self._counters.get((provider, result))
+        if child is None:
+            child = self._counters[(provider, result)] = metrics.DELIVERIES.labels(
+                provider, result)
+        child.inc()
 
     async def receive(self, request: Request) -> Response:
         name = request.path_params["provider"]
         provider = self.providers.get(name)
         if provider is None:
-            metrics.DELIVERIES.labels("unknown", "not_found").inc()
+            self._count("unknown", "not_found")
             return _error(404, f"no provider {name!r} is configured here")
         try:
             async with asyncio.timeout(self.settings.body_timeout):
                 body = await _read_body(request, self.settings.max_body_bytes)
         except _BodyTooLarge:
-            metrics.DELIVERIES.labels(name, "too_large").inc()
+            self._count(name, "too_large")
             return _error(413, f"body is larger than {self.settings.max_body_bytes} bytes",
                           close=True)
         except TimeoutError:
-            metrics.DELIVERIES.labels(name, "too_slow").inc()
+            self._count(name, "too_slow")
             return _error(408, f"body not received within {self.settings.body_timeout:g} s",
                           close=True)
 
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        # Straight from the ASGI scope (what request.headers wraps), decoded as Starlette does.
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in request.scope["headers"]}
         try:
-            provider.verify(headers, body, self.settings.secrets_for(name), request.query_params)
+            provider.verify(headers, body, self.secrets[name], request.query_params)
         except SignatureError as exc:
-            metrics.DELIVERIES.labels(name, "unauthorized").inc()
+            self._count(name, "unauthorized")
             log.warning("refused: %s", exc, extra={"provider": name})
             return _error(401, str(exc))
 
@@ -111,7 +128,7 @@ class Acceptor:
         except orjson.JSONDecodeError:
             parsed = None  # also covers nesting past orjson's recursion limit
         if not isinstance(parsed, dict):
-            metrics.DELIVERIES.labels(name, "bad_request").inc()
+            self._count(name, "bad_request")
             return _error(400, "body must be a JSON object")
 
         delivery_id = str(uuid.uuid4())
@@ -126,15 +143,15 @@ class Acceptor:
         try:
             result = await self.durable.store(envelope)
         except NotDurable as exc:
-            metrics.DELIVERIES.labels(name, "unavailable").inc()
+            self._count(name, "unavailable")
             log.error("could not make delivery durable: %s", exc,
                       extra={"provider": name, "delivery_id": delivery_id})
             if provider.retries_network_errors:
                 raise DropConnection from None  # the sender retries network failures only
             return _error(503, "temporarily unable to accept deliveries")
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
-        metrics.DELIVERIES.labels(name, result).inc()
-        return JSONResponse({"status": "accepted"})
+        self._count(name, result)
+        return Response(_ACCEPTED, media_type="application/json")
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -185,6 +202,9 @@ class DropConnectionMiddleware:
 def create_app(settings: Settings | None = None, durable: Durable | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     durable = durable or Durable.from_settings(settings)
+    if isinstance(getattr(durable, "enqueuer", None), BatchEnqueuer):
+        # Jobs waiting in any queue of the pipeline make group commit batch harder.
+        durable.enqueuer.watch(settings.names.sink_queue(s) for s in settings.sinks)
     acceptor = Acceptor(settings, durable)
 
     @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ from rq import Queue, Retry, get_current_job
 from rq.exceptions import DuplicateJobError
 
 from ingest import constants, metrics
+from ingest.enqueue import FastJSONSerializer
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
@@ -45,6 +46,8 @@ DELIVER = "workers.jobs.deliver"
 def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
                     retry: Retry | None, description: str) -> bool:
     """Enqueue unless a job with this id exists. True when this call created it."""
+    # Written with orjson (the same JSON every worker reads): deliver jobs carry whole batches.
+    queue = Queue(queue.name, connection=queue.connection, serializer=FastJSONSerializer)
     try:
         queue.enqueue_call(
             func, args=args, job_id=job_id, unique=True, retry=retry,

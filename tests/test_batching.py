@@ -1,0 +1,72 @@
+"""Group commit stays on: a burst of deliveries through a real acceptor becomes few RQ jobs.
+
+Throughput rests on this (see docs/performance.md): RQ's cost is per job, so a worker keeps up
+with a burst only because the acceptor packs it into few jobs. These tests count jobs, they do
+not time anything: a change that quietly gave every delivery a job of its own fails here.
+
+The burst comes from the bench's load generator (bench/loadgen.py) in a process of its own:
+signed Outreach deliveries with unique ids, over raw keep-alive connections, each sending its
+next request as soon as the previous is answered. A client in the test's own process would
+share the acceptor's interpreter lock, and an httpx client (``ingest send``) cannot send fast
+enough to make a burst: both would trickle, which is not what this guards.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from ingest.config import Settings
+from ingest.samples import build_sample
+from tests.helpers import SECRETS
+
+BURST = 200  # deliveries sent at once
+CONNECTIONS = 50  # concurrent connections the burst is sent over
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _queued(settings: Settings) -> list[list[dict[str, Any]]]:
+    """The envelopes of each job waiting in the ingest queue (no worker runs here)."""
+    redis = Redis.from_url(settings.require_redis())
+    try:
+        queue = Queue(settings.names.ingest_queue, connection=redis, serializer=JSONSerializer)
+        return [list(job.args[0]) for job in queue.get_jobs()]
+    finally:
+        redis.close()
+
+
+def test_a_burst_of_deliveries_becomes_far_fewer_jobs_each_delivery_in_exactly_one(
+        acceptor: Any, settings: Settings) -> None:
+    sent = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", f"{acceptor.url}/webhooks/outreach",
+         "--secret", SECRETS["outreach"][0], "--connections", str(CONNECTIONS),
+         "--count", str(BURST), "--duration", "120", "--warmup", "0", "--ids"],
+        capture_output=True, cwd=ROOT, timeout=180)
+
+    assert sent.returncode == 0, sent.stderr.decode(errors="replace")
+    report = orjson.loads(sent.stdout)
+    assert report["ok"] == report["sent"] == BURST, report
+    jobs = _queued(settings)
+    queued = Counter(orjson.loads(e["body"])["data"]["id"] for job in jobs for e in job)
+    assert queued == Counter(report["accepted"])  # each delivery in exactly one job
+    assert len(jobs) <= BURST // 4, f"{BURST} deliveries became {len(jobs)} jobs"
+
+
+def test_a_lone_delivery_is_written_at_once_as_a_batch_of_one(
+        acceptor: Any, settings: Settings) -> None:
+    body, headers = build_sample("outreach", SECRETS["outreach"][0], random.Random(8))
+
+    response = httpx.post(f"{acceptor.url}/webhooks/outreach", content=body, headers=headers)
+
+    assert response.status_code == 200
+    assert [[e["body"].encode() for e in job] for job in _queued(settings)] == [[body]]
