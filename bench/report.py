@@ -1,0 +1,122 @@
+"""The bench's printed report: Markdown tables of absolute figures, ratios and targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Row", "render"]
+
+
+@dataclass
+class Row:
+    measure: str
+    value: str
+    ratio: str = ""
+    target: str = ""
+    met: bool | None = None  # None: no target
+
+    def cells(self) -> list[str]:
+        met = "" if self.met is None else ("yes" if self.met else "**no**")
+        return [self.measure, self.value, self.ratio, self.target, met]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _mib(x: int) -> str:
+    return f"{x / 2**20:.1f} MiB"
+
+
+def render(r: dict[str, Any], rows: list[Row]) -> str:
+    """The report as Markdown; appends the pipeline rows (with their verdicts) to ``rows``."""
+    bare, acc = r["bare"], r["acceptor"]
+    e1, e2 = r["e2e1"], r["e2e2"]
+    d1, d2 = r["drain1"], r["drain2"]
+    ceilings = [
+        ["bare Starlette POST route, same uvicorn settings, 64 connections",
+         f"{_n(bare['rate'])} req/s (p99 {bare['p99_ms']:.1f} ms)"],
+        ["Redis LPUSH, the acceptor's client (redis-py), 1 in flight",
+         f"{_n(r['lpush_sync'])} ops/s"],
+        ["Redis LPUSH, redis.asyncio, 64 in flight", f"{_n(r['lpush_async'])} ops/s"],
+        ["RQ no-op jobs, one SimpleWorker", f"{_n(r['rq_noop'])} jobs/s"],
+        ["Postgres inserts into a copy of webhook_events, 256 rows per transaction",
+         f"{_n(r['pg_rows'])} rows/s"],
+    ]
+    acc_ratio = acc["rate"] / bare["rate"]
+    rows += [
+        Row("acceptor (signature check + durable enqueue), 64 connections",
+            f"{_n(acc['rate'])} req/s", f"{acc_ratio:.0%} of bare Starlette",
+            ">= 40%", acc_ratio >= 0.40),
+        Row("acceptor p50 / p99 latency", f"{acc['p50_ms']:.1f} / {acc['p99_ms']:.1f} ms",
+            "", "p99 < 50 ms", acc["p99_ms"] < 50),
+        Row("acceptor: deliveries answered 200 missing / doubled in RQ",
+            f"{acc['lost']} / {acc['doubled']} of {acc['ok']:,}", "", "0 / 0",
+            acc["lost"] == 0 and acc["doubled"] == 0 and not acc["errors"]),
+        Row("acceptor: deliveries per RQ job (group commit)",
+            f"{acc['mean_batch']:.1f} ({acc['jobs']:,} jobs)",
+            f"{acc['rate'] / r['lpush_sync']:.1f}x single LPUSH round trips"),
+        Row("end to end, 1 worker process per queue", f"{_n(e1['events_per_s'])} events/s",
+            f"{e1['events_per_s'] / r['rq_noop']:.1f}x RQ no-op jobs/s", ">= 5x",
+            e1["events_per_s"] >= 5 * r["rq_noop"]),
+        Row("end to end: accepted deliveries missing / doubled in Postgres",
+            f"{e1['lost']} / {e1['doubled']} of {e1['events']:,}", "", "0 / 0",
+            e1["lost"] == 0 and e1["doubled"] == 0),
+        Row("end to end, 2 worker processes per queue", f"{_n(e2['events_per_s'])} events/s",
+            f"{e2['events_per_s'] / e1['events_per_s']:.2f}x one per queue", ">= 1.7x",
+            e2["events_per_s"] >= 1.7 * e1["events_per_s"]),
+        Row("end to end (2 per queue): missing / doubled",
+            f"{e2['lost']} / {e2['doubled']} of {e2['events']:,}", "", "0 / 0",
+            e2["lost"] == 0 and e2["doubled"] == 0),
+        Row("workers alone draining a full queue, 1 per queue",
+            f"{_n(d1['events_per_s'])} events/s",
+            f"{d1['events_per_s'] / r['rq_noop']:.1f}x RQ no-op jobs/s"),
+        Row("workers alone draining a full queue, 2 per queue",
+            f"{_n(d2['events_per_s'])} events/s",
+            f"{d2['events_per_s'] / d1['events_per_s']:.2f}x one per queue", ">= 1.7x",
+            d2["events_per_s"] >= 1.7 * d1["events_per_s"]),
+        Row("workers alone: missing / doubled",
+            f"{d1['lost'] + d2['lost']} / {d1['doubled'] + d2['doubled']}", "", "0 / 0",
+            d1["lost"] + d2["lost"] == 0 and d1["doubled"] + d2["doubled"] == 0),
+    ]
+    for share, lat in sorted(r["latency"].items(), key=lambda kv: float(kv[0])):
+        rows.append(Row(f"receipt to Postgres row at {float(share):.0%} of max "
+                        f"({_n(lat['rate'])} deliveries/s)",
+                        f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms"))
+    soak = r["soak"]
+    for name, m in soak["rss"].items():
+        rows.append(Row(f"RSS over {r['args']['soak']:.0f} s soak at {_n(soak['rate'])}/s: {name}",
+                        f"{_mib(m['start'])} -> {_mib(m['end'])}, peak {_mib(m['peak'])}",
+                        f"{m['growth']:+.1%}", "within 10%", abs(m["growth"]) <= 0.10))
+    rows.append(Row("soak: deliveries refused or failed",
+                    f"{soak['sent'] - soak['ok']} of {soak['sent']:,}", "", "0",
+                    soak["sent"] == soak["ok"]))
+
+    cpu_cols = ["loadgen", "server", "acceptor", "workers", "redis", "postgres", "bench",
+                "other", "machine"]
+    cpu_rows = []
+    for label, res in [("bare Starlette", bare), ("acceptor alone", acc),
+                       ("end to end, 1 per queue", e1), ("end to end, 2 per queue", e2),
+                       ("workers draining, 1 per queue", d1),
+                       ("workers draining, 2 per queue", d2)]:
+        cpu = res["cpu"]
+        cpu_rows.append([label] + [f"{cpu[c]:.2f}" if c in cpu else "" for c in cpu_cols])
+
+    out = ["## Ceilings (this machine, this run)", "",
+           _table(["ceiling", "measured"], ceilings), "",
+           "## Pipeline", "",
+           _table(["measure", "value", "ratio", "target", "met"], [x.cells() for x in rows]),
+           "", "## Where the CPU went (cores, averaged over each phase; 'other' is everything "
+           "outside the bench)", "",
+           _table(["phase", *cpu_cols], cpu_rows), "",
+           f"Machine: {r['machine']}. Run took {r['seconds']:.0f} s."]
+    return "\n".join(out)
