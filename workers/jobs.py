@@ -150,9 +150,9 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
         metrics.EVENTS.labels(event.provider, event.kind).inc()
         if event.kind == UNKNOWN:
             metrics.UNKNOWN_EVENTS.labels(event.provider, event.event_type).inc()
-    for provider, count in produced.items():
+    for provider_name, count in produced.items():
         if count:
-            metrics.DUPLICATES.labels(provider).inc(count)
+            metrics.DUPLICATES.labels(provider_name).inc(count)
     duplicates = sum(produced.values())
 
     if fresh:
@@ -181,8 +181,8 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     started = time.perf_counter()
     try:
         if getattr(enabled.sink, "needs_raw", False):
-            raw = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
-            enabled.sink.send(evs, deliveries=raw)  # type: ignore[call-arg]
+            by_delivery = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
+            enabled.sink.send(evs, deliveries=by_delivery)  # type: ignore[call-arg]
         else:
             enabled.sink.send(evs)
     except PermanentSinkError as exc:
