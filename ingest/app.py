@@ -86,6 +86,9 @@ class Acceptor:
         self.providers = {n: p for n, p in providers.items() if settings.secrets_for(n)}
         self.secrets = {n: settings.secrets_for(n) for n in self.providers}
         self._counters: dict[tuple[str, str], Any] = {}
+        enqueuer = getattr(durable, "enqueuer", None)
+        # Group commit ends a held batch once every sender's connection waits in it.
+        self._enqueuer = enqueuer if isinstance(enqueuer, BatchEnqueuer) else None
 
     def _count(self, provider: str, result: str) -> None:
         # The labelled child, looked up once: labels() takes a lock and builds a key each call.
@@ -139,6 +142,9 @@ class Acceptor:
             "headers": _kept_headers(provider, headers),
             "body": body.decode("utf-8"),  # orjson accepted it, so it is valid UTF-8
         }
+        client = request.scope.get("client")
+        if self._enqueuer is not None and client is not None:
+            self._enqueuer.sender(tuple(client))
         started = time.perf_counter()
         try:
             result = await self.durable.store(envelope)
@@ -203,7 +209,7 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
     settings = settings or Settings.from_env()
     durable = durable or Durable.from_settings(settings)
     if isinstance(getattr(durable, "enqueuer", None), BatchEnqueuer):
-        # Jobs waiting in any queue of the pipeline make group commit batch harder.
+        # Workers busy on any queue of the pipeline make group commit batch harder.
         durable.enqueuer.watch(settings.names.sink_queue(s) for s in settings.sinks)
     acceptor = Acceptor(settings, durable)
 

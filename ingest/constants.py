@@ -30,9 +30,9 @@ ACCEPTOR_REDIS_TIMEOUT = 0.5
 WORKER_REDIS_TIMEOUT = 10.0
 # Largest number of deliveries the acceptor groups into one RQ job.
 MAX_BATCH_SIZE = 256
-# Longest the acceptor holds a batch open (seconds) to let it grow, and only while the workers
-# are behind (jobs wait in the queues): then waiting costs no latency and saves job overhead.
-GROUP_COMMIT_MAX_WAIT = 0.010
+# Longest the acceptor holds a batch open (seconds) to let it grow, and only while workers are
+# busy (jobs wait or run): a new job would wait for them anyway, and fewer jobs cost them less.
+GROUP_COMMIT_MAX_WAIT = 0.025
 # RQ job timeout for process_batch and deliver jobs (seconds).
 JOB_TIMEOUT = 300
 # How long RQ keeps a failed job (and its reason) in the failed registry: 30 days.

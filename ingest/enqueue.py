@@ -7,15 +7,23 @@ all of them (up to ``MAX_BATCH_SIZE``) in one job and one Redis round trip. So t
 adapts to the load by itself.
 
 That alone leaves batches small under moderate, spread-out load (a flush takes a fraction of a
-millisecond, so deliveries 1 ms apart each get a job of their own), and RQ's cost per job, not
-per delivery, then caps what the workers can take: they fall behind and latency grows without
-bound. So each flush also reads how many jobs wait in the pipeline's queues (one pipelined LLEN
-per queue). While jobs wait, the workers are behind, a delivery would wait in the queue anyway,
-and the next flush holds its batch open to let it grow: until it is full, or
-``GROUP_COMMIT_MAX_WAIT`` after the previous flush started, or arrivals pause for three times
-their usual spacing (every sender is already waiting on us: more waiting cannot grow the batch).
-When the queues are empty again, flushes go out at once. A negative feedback loop: the further
-behind the workers are, the fewer and larger the jobs they get.
+millisecond, so deliveries 1 ms apart each get a job of their own), and RQ's cost per job (some
+18 Redis round trips), not per delivery, then caps what the workers can take: they fall behind
+and latency grows without bound. So each flush also asks Redis how busy the workers are: jobs
+waiting in each queue of the pipeline (LLEN) and running from it (ZCARD of its started
+registry), in the same trip to the thread. While jobs run, a new job would wait for a worker
+anyway, so the next flush may hold its batch open to let it grow, for at most a *hold* after
+the previous flush started. The hold adapts like TCP's congestion window, the other way round:
+it grows (doubles, plus 1 ms) each time jobs are found waiting, up to ``GROUP_COMMIT_MAX_WAIT``,
+and halves each time the workers are found idle; while they are idle, flushes go out at once.
+A negative feedback loop: the further behind the workers, the fewer and larger the jobs they
+get; the less loaded, the less anyone waits.
+
+A held batch also goes out as soon as every connection that sent a request within the last
+second has one waiting in it (HTTP/1.1 has one request in flight per connection): nobody else
+can add to it, and holding on would only cap senders with a fixed concurrency (and the
+closed-loop benchmark) at connections per hold. The acceptor tells the enqueuer which
+connection each delivery came over (:meth:`BatchEnqueuer.sender`).
 
 A job is written with an explicit id and ``unique=True`` (one Lua script: check, save, push).
 If the reply to a write is lost and redis-py retries it, the retry finds the job already there
@@ -29,7 +37,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,6 +55,10 @@ log = logging.getLogger(__name__)
 
 # The job function, by name: the acceptor never imports worker code.
 PROCESS_BATCH = "workers.jobs.process_batch"
+# What the group-commit hold grows by (seconds) each time workers are found behind.
+_HOLD_STEP = 0.001
+# A connection that sent nothing for this long (seconds) no longer counts as a sender.
+_SENDER_WINDOW = 1.0
 
 
 class FastJSONSerializer:
@@ -101,59 +113,94 @@ class BatchEnqueuer:
         self._flusher: asyncio.Task[None] | None = None
         # One thread: flushes are sequential by design, and redis-py's sync client is simplest.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
-        self._watched = [self.queue.key]  # queues whose waiting jobs say the workers are behind
-        self._backlog = 0  # jobs waiting in the watched queues, as of the last flush
-        # Times are time.perf_counter(): uvloop's loop.time() has a resolution of 1 ms.
-        self._last_flush = 0.0  # when the last flush started
-        self._last_arrival = 0.0  # when the latest submit came
-        self._spacing = 0.0  # smoothed seconds between submits (capped at max_wait)
+        # (queue key, started registry key) of each queue of the pipeline: jobs waiting, running.
+        self._watched = [(self.queue.key, self.queue.started_job_registry.key)]
+        self._waiting = 0  # jobs waiting in the watched queues, as of the last flush
+        self._running = 0  # jobs running from them, as of the last flush
+        self._hold = 0.0  # how long the next flush may hold its batch open, adapted to load
+        self._last_flush = 0.0  # time.perf_counter() when the last flush started
+        self._senders: dict[Hashable, float] = {}  # connection -> when it last sent
+        self._senders_pruned = 0.0
+        self._full: asyncio.Event | None = None  # set while a hold may end early
 
     def watch(self, queue_names: Iterable[str]) -> None:
-        """Also count jobs waiting in these queues (the sinks' queues) as workers behind."""
+        """Also count the jobs of these queues (the sinks' queues) as keeping workers busy."""
         for name in queue_names:
-            key = Queue(name, connection=self.queue.connection).key
-            if key not in self._watched:
-                self._watched.append(key)
+            queue = Queue(name, connection=self.queue.connection)
+            keys = (queue.key, queue.started_job_registry.key)
+            if keys not in self._watched:
+                self._watched.append(keys)
+
+    def sender(self, connection: Hashable) -> None:
+        """Note that the next submit comes over ``connection`` (the ASGI client address)."""
+        now = time.perf_counter()
+        self._senders[connection] = now
+        if now - self._senders_pruned > _SENDER_WINDOW / 10:
+            self._senders_pruned = now
+            for key in [k for k, t in self._senders.items() if now - t > _SENDER_WINDOW]:
+                del self._senders[key]
+
+    def _complete(self) -> bool:
+        """True when waiting longer cannot grow the batch: it is full, or every sender's
+        connection already has a delivery in it."""
+        pending = len(self._pending)
+        return pending >= self.max_batch or 0 < len(self._senders) <= pending
 
     async def submit(self, envelope: dict[str, Any]) -> None:
         """Return once ``envelope`` is in Redis; raise the Redis error if it could not be."""
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        self._spacing += (min(now - self._last_arrival, self.max_wait) - self._spacing) * 0.2
-        self._last_arrival = now
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((envelope, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_loop())
+        elif self._full is not None and self._complete():
+            self._full.set()
         # shield: a client hanging up must not cancel the write other requests share.
         await asyncio.shield(future)
 
     async def _linger(self) -> None:
-        """Let the batch grow while the workers are behind (see the module docstring)."""
-        deadline = self._last_flush + self.max_wait
-        while len(self._pending) < self.max_batch:
-            wake = min(deadline, self._last_arrival + 3 * self._spacing)
-            wait = wake - time.perf_counter()
-            if wait <= 0:
-                return
-            # Below the loop's 1 ms timer resolution, let one loop iteration run instead (it
-            # reads whatever requests have arrived) and look again.
-            await asyncio.sleep(wait if wait >= 0.001 else 0)
+        """Let the batch grow while the workers are busy (see the module docstring)."""
+        wait = self._last_flush + self._hold - time.perf_counter()
+        if wait <= 0 or self._complete():
+            return
+        self._full = asyncio.Event()
+        try:
+            async with asyncio.timeout(wait):
+                await self._full.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._full = None
 
-    def _waiting_jobs(self) -> int:
-        """Jobs waiting in the watched queues (0 when Redis does not say)."""
+    def _write(self, envelopes: list[dict[str, Any]], job_id: str) -> tuple[int, int]:
+        """Enqueue one job, then read how busy the workers are (one trip to the thread)."""
+        enqueue_batch(self.queue, envelopes, job_id)
+        return self._busy_jobs()
+
+    def _busy_jobs(self) -> tuple[int, int]:
+        """Jobs (waiting, running) in the watched queues; (0, 0) when Redis does not say
+        (the job is written by then: not knowing must not fail the deliveries)."""
         try:
             pipe = self.queue.connection.pipeline(transaction=False)
-            for key in self._watched:
-                pipe.llen(key)
-            return sum(pipe.execute())
+            for queue_key, started_key in self._watched:
+                pipe.llen(queue_key)
+                pipe.zcard(started_key)
+            counts = pipe.execute()
         except (RedisError, OSError):
-            return 0
+            return 0, 0
+        return sum(counts[0::2]), sum(counts[1::2])
+
+    def _adapt(self, waiting: int, running: int) -> None:
+        self._waiting, self._running = waiting, running
+        if waiting:
+            self._hold = min(self.max_wait, self._hold * 2 + _HOLD_STEP)
+        elif not running:
+            self._hold = self._hold / 2 if self._hold > _HOLD_STEP else 0.0
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            if self._backlog:
+            if self._hold and (self._waiting or self._running):
                 await self._linger()
             self._last_flush = time.perf_counter()
             batch = self._pending[: self.max_batch]
@@ -161,22 +208,18 @@ class BatchEnqueuer:
             envelopes = [envelope for envelope, _ in batch]
             job_id = self.names.job_id("batch", uuid.uuid4().hex)
             try:
-                await loop.run_in_executor(
-                    self._executor, enqueue_batch, self.queue, envelopes, job_id
-                )
+                busy = await loop.run_in_executor(self._executor, self._write, envelopes, job_id)
             except Exception as exc:
-                self._backlog = 0
+                self._adapt(0, 0)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self._adapt(*busy)
             metrics.BATCH_SIZE.observe(len(batch))
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
-            # After answering, so it adds nothing to their latency; the next batch grows
-            # meanwhile, which is the point.
-            self._backlog = await loop.run_in_executor(self._executor, self._waiting_jobs)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
