@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -68,6 +68,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())`` at half the cost (no UUID object): a random version-4 UUID."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
@@ -134,7 +143,7 @@ class Acceptor:
             self._count(name, "bad_request")
             return _error(400, "body must be a JSON object")
 
-        delivery_id = str(uuid.uuid4())
+        delivery_id = _uuid4()
         envelope: dict[str, Any] = {
             "id": delivery_id,
             "provider": name,

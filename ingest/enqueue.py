@@ -155,8 +155,9 @@ class BatchEnqueuer:
             self._flusher = loop.create_task(self._flush_loop())
         elif self._full is not None and self._complete():
             self._full.set()
-        # shield: a client hanging up must not cancel the write other requests share.
-        await asyncio.shield(future)
+        # A client hanging up cancels only its own future: the flush, which other requests
+        # share, is a task of its own and skips futures that are already done.
+        await future
 
     async def _linger(self) -> None:
         """Let the batch grow while the workers are busy (see the module docstring)."""
