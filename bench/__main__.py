@@ -544,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     assert ctx is not None
     ctx.results["machine"] = description
+    ctx.results["cores"] = psutil.cpu_count()
     ctx.results["seconds"] = time.monotonic() - started
     ctx.results["args"] = vars(args)
     rows: list[Row] = []

@@ -42,6 +42,7 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
     bare, acc = r["bare"], r["acceptor"]
     e1, e2 = r["e2e1"], r["e2e2"]
     d1, d2 = r["drain1"], r["drain2"]
+    cores = r.get("cores", 2)
     ceilings = [
         ["bare Starlette POST route, same uvicorn settings, 64 connections",
          f"{_n(bare['rate'])} req/s (p99 {bare['p99_ms']:.1f} ms)"],
@@ -64,7 +65,8 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
             acc["lost"] == 0 and acc["doubled"] == 0 and not acc["errors"]),
         Row("acceptor: deliveries per RQ job (group commit)",
             f"{acc['mean_batch']:.1f} ({acc['jobs']:,} jobs)",
-            f"{acc['rate'] / r['lpush_sync']:.1f}x single LPUSH round trips"),
+            f"{acc['rate'] / acc['mean_batch']:,.0f} jobs/s: "
+            f"{acc['rate'] / acc['mean_batch'] / r['lpush_sync']:.1%} of the LPUSH ceiling"),
         Row("end to end, 1 worker process per queue", f"{_n(e1['events_per_s'])} events/s",
             f"{e1['events_per_s'] / r['rq_noop']:.1f}x RQ no-op jobs/s", ">= 5x",
             e1["events_per_s"] >= 5 * r["rq_noop"]),
@@ -74,6 +76,9 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         Row("end to end, 2 worker processes per queue", f"{_n(e2['events_per_s'])} events/s",
             f"{e2['events_per_s'] / e1['events_per_s']:.2f}x one per queue", ">= 1.7x",
             e2["events_per_s"] >= 1.7 * e1["events_per_s"]),
+        Row("most 2 per queue could reach end to end: idle CPU with 1 per queue",
+            f"{cores - e1['cpu']['machine']:.2f} of {cores} cores idle",
+            f"<= {cores / e1['cpu']['machine']:.2f}x"),
         Row("end to end (2 per queue): missing / doubled",
             f"{e2['lost']} / {e2['doubled']} of {e2['events']:,}", "", "0 / 0",
             e2["lost"] == 0 and e2["doubled"] == 0),
@@ -84,6 +89,9 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
             f"{_n(d2['events_per_s'])} events/s",
             f"{d2['events_per_s'] / d1['events_per_s']:.2f}x one per queue", ">= 1.7x",
             d2["events_per_s"] >= 1.7 * d1["events_per_s"]),
+        Row("most 2 per queue could reach draining: idle CPU with 1 per queue",
+            f"{cores - d1['cpu']['machine']:.2f} of {cores} cores idle",
+            f"<= {cores / d1['cpu']['machine']:.2f}x"),
         Row("workers alone: missing / doubled",
             f"{d1['lost'] + d2['lost']} / {d1['doubled'] + d2['doubled']}", "", "0 / 0",
             d1["lost"] + d2["lost"] == 0 and d1["doubled"] + d2["doubled"] == 0),
