@@ -223,13 +223,15 @@ def loadgen(ctx: Context, url: str, duration: float, rate: float | None = None,
             ids: bool = False, during: Callable[[], None] | None = None,
             every: float = 1.0) -> dict[str, Any]:
     """Run bench.loadgen in its own process; ``during`` is called every ``every`` s."""
+    if rate:
+        rate = round(rate, 1)  # what the load generator is given, so both count alike
     expected = int(rate * duration) if rate else int(duration * 50_000)
     start = ctx.take_seqs(expected + 1)
     out_path = ctx.tmp / f"loadgen-{start}.json"
     cmd = python("-m", "bench.loadgen", url, "--secret", SECRET, "--duration", str(duration),
                  "--connections", str(ctx.args.connections), "--start-seq", str(start))
     if rate:
-        cmd += ["--rate", f"{rate:.1f}"]
+        cmd += ["--rate", repr(rate)]
     if ids:
         cmd.append("--ids")
     with open(out_path, "wb") as out:
