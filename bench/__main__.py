@@ -11,9 +11,11 @@ ports, and removes them afterwards. Then, in order:
 3. end to end: acceptor + one ``ingest worker`` per queue + Postgres, closed loop, until every
    accepted delivery is a row: events/s, none lost or doubled;
 4. receipt-to-row latency (``stored_at - received_at``) at 10/50/90% of that throughput, open
-   loop; then a soak at 50% for ``--soak`` seconds, sampling the RSS of every process;
+   loop;
 5. scaling: the same end to end with two worker processes per queue; and the workers alone
-   draining a pre-filled queue with one and with two processes per queue.
+   draining a pre-filled queue with one and with two processes per queue;
+6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS
+   of every process.
 
 The load generator (bench.loadgen) is always a separate process. ``--profile DIR`` records
 py-spy profiles of the acceptor and the workers during phases 2 and 3.
@@ -418,8 +420,6 @@ def phase_pipeline(ctx: Context) -> None:
             ctx.results["latency"][share] = {**latency_ms(ctx, lg["start_seq"], lg["end_seq"]),
                                              "rate": lg["ok"] / ctx.args.duration,
                                              "http_p99": lg["p99_ms"]}
-        log(f"soak: {ctx.args.soak:.0f} s at 50% ({top * 0.5:.0f} deliveries/s)")
-        ctx.results["soak"] = soak(ctx, stack, top * 0.5)
     finally:
         stack.stop()
     ctx.reset()
@@ -428,6 +428,18 @@ def phase_pipeline(ctx: Context) -> None:
     stack = Stack(ctx, "e2e2", per_queue=2)
     try:
         ctx.results["e2e2"] = e2e(ctx, stack, "e2e2")
+    finally:
+        stack.stop()
+    ctx.reset()
+
+
+def phase_soak(ctx: Context) -> None:
+    """Last, so a long soak does not push the short phases apart in time."""
+    rate = ctx.results["e2e1"]["events_per_s"] * 0.5
+    log(f"soak: {ctx.args.soak:.0f} s at 50% ({rate:.0f} deliveries/s)")
+    stack = Stack(ctx, "soak", per_queue=1)
+    try:
+        ctx.results["soak"] = soak(ctx, stack, rate)
     finally:
         stack.stop()
     ctx.reset()
@@ -534,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 phase_pipeline(ctx)
                 ctx.results["drain1"] = phase_drain(ctx, 1)
                 ctx.results["drain2"] = phase_drain(ctx, 2)
+                phase_soak(ctx)
             finally:
                 for proc in ctx.procs:
                     proc.stop()
