@@ -20,9 +20,11 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ingest import metrics
 from ingest.config import Settings
@@ -37,46 +39,90 @@ __all__ = ["create_app"]
 log = logging.getLogger("ingest.acceptor")
 
 
-# The 200 answer, rendered once: JSONResponse would serialize the same dict for every request.
-_ACCEPTED = b'{"status":"accepted"}'
+# The answers of the webhook route, rendered once; ASGI messages are only read by the server.
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_ACCEPTED_BODY = b'{"status":"accepted"}'
+_ACCEPTED_START = {"type": "http.response.start", "status": 200,
+                   "headers": [*_JSON_HEADERS, (b"content-length", b"%d" % len(_ACCEPTED_BODY))]}
+_ACCEPTED = {"type": "http.response.body", "body": _ACCEPTED_BODY}
+# What a response start with this header makes uvicorn do: close the connection, answer nothing.
+_DROP_START = {"type": "http.response.start", "status": 503, "headers": [(b"x-drop", b"\x00")]}
+_NO_QUERY: dict[str, str] = {}
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
+class _Disconnected(Exception):
+    pass
+
+
 class DropConnection(Exception):
-    """Raised to close the connection without an answer (see ``DropConnectionMiddleware``)."""
+    """Raised to close the connection without an answer (see ``Acceptor.__call__``)."""
 
 
-def _error(status: int, message: str, close: bool = False) -> JSONResponse:
-    # close=True for refusals that leave request body unread: without it the connection stays
-    # open and the server keeps receiving (and discarding) whatever the sender streams.
-    headers = {"connection": "close"} if close else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class _Refusal(Exception):
+    """An answer other than 200, raised from inside the webhook route."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _BodyTooLarge
+class _BodyDeadline:
+    """``asyncio.timeout`` for the body read, without its bookkeeping (this runs per delivery):
+    one timer that cancels the reading task, and a flag telling that cancel from any other."""
+
+    __slots__ = ("expired", "handle", "task")
+
+    def __init__(self, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.expired = False
+        self.handle = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body from the ASGI messages, refused as soon as it passes ``limit``."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _uuid4() -> str:
-    """``str(uuid.uuid4())`` at half the cost (no UUID object): a random version-4 UUID."""
-    b = bytearray(os.urandom(16))
-    b[6] = b[6] & 0x0F | 0x40
-    b[8] = b[8] & 0x3F | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+class _DeliveryIds:
+    """Random version-4 UUIDs as ``str(uuid.uuid4())`` writes them, drawing on ``os.urandom``
+    4 KiB at a time: one system call per 256 ids instead of one per id."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(4096), 0
+        b = bytearray(self._pool[self._at:self._at + 16])
+        self._at += 16
+        b[6] = b[6] & 0x0F | 0x40
+        b[8] = b[8] & 0x3F | 0x80
+        h = b.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
@@ -87,6 +133,13 @@ def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]
 
 
 class Acceptor:
+    """The webhook route (``POST /webhooks/{provider}``) as a raw ASGI app, and the small
+    GET routes as ordinary Starlette endpoints.
+
+    The webhook route is the hot path: it reads the ASGI messages and sends pre-rendered
+    answers itself, with no Request or Response object per delivery.
+    """
+
     def __init__(self, settings: Settings, durable: Durable) -> None:
         self.settings = settings
         self.durable = durable
@@ -95,6 +148,7 @@ class Acceptor:
         self.providers = {n: p for n, p in providers.items() if settings.secrets_for(n)}
         self.secrets = {n: settings.secrets_for(n) for n in self.providers}
         self._counters: dict[tuple[str, str], Any] = {}
+        self._ids = _DeliveryIds()
         enqueuer = getattr(durable, "enqueuer", None)
         # Group commit ends a held batch once every sender's connection waits in it.
         self._enqueuer = enqueuer if isinstance(enqueuer, BatchEnqueuer) else None
@@ -107,33 +161,75 @@ class Acceptor:
                 provider, result)
         child.inc()
 
-    async def receive(self, request: Request) -> Response:
-        name = request.path_params["provider"]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._receive(scope, receive)
+        except _Refusal as refusal:
+            body = orjson.dumps({"error": refusal.message})
+            headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(body))]
+            if refusal.close:
+                # Refusals that leave the body unread: without this the connection stays open
+                # and the server keeps receiving (and discarding) whatever the sender streams.
+                headers.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": refusal.status,
+                        "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except DropConnection:
+            # ASGI has no "close without answering". Starting a response and failing would
+            # still put a status line on the wire ("503 ..."), which a sender may read as an
+            # answer and never retry. What uvicorn (h11 and httptools alike) does instead: it
+            # marks the response as started, *then* validates the headers; a header value with
+            # a control character fails that check before anything is written, and an app that
+            # returns with its response started but not finished gets its transport closed.
+            # The sender sees a network failure, which Outreach retries.
+            # tests/faults/test_hostile.py checks this on a raw socket with both HTTP stacks.
+            with contextlib.suppress(Exception):
+                await send(_DROP_START)
+        except _Disconnected:
+            pass  # the sender hung up before its body was complete: nobody to answer
+        else:
+            await send(_ACCEPTED_START)
+            await send(_ACCEPTED)
+
+    async def _receive(self, scope: Scope, receive: Receive) -> None:
+        """Make one delivery durable, or raise what to answer instead of 200."""
+        name = scope["path_params"]["provider"]
         provider = self.providers.get(name)
         if provider is None:
             self._count("unknown", "not_found")
-            return _error(404, f"no provider {name!r} is configured here")
+            raise _Refusal(404, f"no provider {name!r} is configured here")
+        limit = self.settings.max_body_bytes
+        # Straight from the ASGI scope, decoded as Starlette's Request.headers does.
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope["headers"]}
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self._count(name, "too_large")
+            raise _Refusal(413, f"body is larger than {limit} bytes", close=True)
+        deadline = _BodyDeadline(self.settings.body_timeout)
         try:
-            async with asyncio.timeout(self.settings.body_timeout):
-                body = await _read_body(request, self.settings.max_body_bytes)
+            body = await _read_body(receive, limit)
         except _BodyTooLarge:
             self._count(name, "too_large")
-            return _error(413, f"body is larger than {self.settings.max_body_bytes} bytes",
-                          close=True)
-        except TimeoutError:
+            raise _Refusal(413, f"body is larger than {limit} bytes", close=True) from None
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise
+            deadline.task.uncancel()
             self._count(name, "too_slow")
-            return _error(408, f"body not received within {self.settings.body_timeout:g} s",
-                          close=True)
+            raise _Refusal(408, f"body not received within {self.settings.body_timeout:g} s",
+                           close=True) from None
+        finally:
+            deadline.handle.cancel()
 
-        # Straight from the ASGI scope (what request.headers wraps), decoded as Starlette does.
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in request.scope["headers"]}
+        query_string = scope.get("query_string", b"")
+        query = QueryParams(query_string) if query_string else _NO_QUERY
         try:
-            provider.verify(headers, body, self.secrets[name], request.query_params)
+            provider.verify(headers, body, self.secrets[name], query)
         except SignatureError as exc:
             self._count(name, "unauthorized")
             log.warning("refused: %s", exc, extra={"provider": name})
-            return _error(401, str(exc))
+            raise _Refusal(401, str(exc)) from None
 
         try:
             parsed = orjson.loads(body)
@@ -141,9 +237,9 @@ class Acceptor:
             parsed = None  # also covers nesting past orjson's recursion limit
         if not isinstance(parsed, dict):
             self._count(name, "bad_request")
-            return _error(400, "body must be a JSON object")
+            raise _Refusal(400, "body must be a JSON object")
 
-        delivery_id = _uuid4()
+        delivery_id = self._ids.next()
         envelope: dict[str, Any] = {
             "id": delivery_id,
             "provider": name,
@@ -151,7 +247,7 @@ class Acceptor:
             "headers": _kept_headers(provider, headers),
             "body": body.decode("utf-8"),  # orjson accepted it, so it is valid UTF-8
         }
-        client = request.scope.get("client")
+        client = scope.get("client")
         if self._enqueuer is not None and client is not None:
             self._enqueuer.sender(tuple(client))
         started = time.perf_counter()
@@ -163,10 +259,9 @@ class Acceptor:
                       extra={"provider": name, "delivery_id": delivery_id})
             if provider.retries_network_errors:
                 raise DropConnection from None  # the sender retries network failures only
-            return _error(503, "temporarily unable to accept deliveries")
+            raise _Refusal(503, "temporarily unable to accept deliveries") from None
         metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
         self._count(name, result)
-        return Response(_ACCEPTED, media_type="application/json")
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -184,34 +279,6 @@ class Acceptor:
         metrics.SPOOL_DEPTH.set(self.durable.spool_depth())
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
-
-
-class DropConnectionMiddleware:
-    """Turns :class:`DropConnection` into a closed connection with not one byte of answer.
-
-    ASGI has no "close without answering". Starting a response and failing would still put a
-    status line on the wire ("503 ..."), which a sender may read as an answer and never retry.
-    What uvicorn (h11 and httptools alike) does instead: it marks the response as started,
-    *then* validates the headers; a header value with a control character fails that check
-    before anything is written, and an application that returns with its response started but
-    not finished gets its transport closed. The sender sees the connection close with no
-    response at all: a network failure, which Outreach retries. tests/faults/test_hostile.py
-    checks this on a raw socket with both HTTP implementations.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        except DropConnection:
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"x-drop", b"\x00")]})
 
 
 def create_app(settings: Settings | None = None, durable: Durable | None = None) -> Starlette:
@@ -232,13 +299,12 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
 
     app = Starlette(
         routes=[
-            Route("/webhooks/{provider}", acceptor.receive, methods=["POST"]),
+            Route("/webhooks/{provider}", acceptor, methods=["POST"]),
             Route("/healthz", acceptor.healthz, methods=["GET"]),
             Route("/readyz", acceptor.readyz, methods=["GET"]),
             Route("/metrics", acceptor.metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
-    app.add_middleware(DropConnectionMiddleware)
     app.state.acceptor = acceptor
     return app
