@@ -11,7 +11,7 @@ millisecond, so deliveries 1 ms apart each get a job of their own), and RQ's cos
 18 Redis round trips), not per delivery, then caps what the workers can take: they fall behind
 and latency grows without bound. So each flush also asks Redis how busy the workers are: jobs
 waiting in each queue of the pipeline (LLEN) and running from it (ZCARD of its started
-registry), in the same trip to the thread. While jobs run, a new job would wait for a worker
+registry), in the same round trip as the write. While jobs run, a new job would wait for a worker
 anyway, so the next flush may hold its batch open to let it grow, for at most a *hold* after
 the previous flush started. The hold adapts like TCP's congestion window, the other way round:
 it grows (doubles, plus 1 ms) each time jobs are found waiting, up to ``GROUP_COMMIT_MAX_WAIT``,
@@ -25,9 +25,11 @@ can add to it, and holding on would only cap senders with a fixed concurrency (a
 closed-loop benchmark) at connections per hold. The acceptor tells the enqueuer which
 connection each delivery came over (:meth:`BatchEnqueuer.sender`).
 
-A job is written with an explicit id and ``unique=True`` (one Lua script: check, save, push).
+A job is written with an explicit id by RQ's unique-enqueue Lua script (check, save, push).
 If the reply to a write is lost and redis-py retries it, the retry finds the job already there
-(``DuplicateJobError``) and counts as success: a lost reply never doubles a job.
+and counts as success: a lost reply never doubles a job. The spool's drainer writes through
+RQ's own ``enqueue_job(unique=True)`` (``DuplicateJobError``); group commit writes the same
+job, plus its reads, in one pipeline (:class:`_OneTripWriter`).
 """
 
 from __future__ import annotations
@@ -35,17 +37,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import hashlib
 import time
 import uuid
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
+from rq.job import Job, JobStatus
+from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
+from rq.utils import now
 
 from ingest import constants, metrics
 
@@ -79,24 +86,70 @@ class FastJSONSerializer:
         return json.loads(data.decode("utf-8"))  # as JSONSerializer reads (exact big integers)
 
 
+def _batch_job(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> Job:
+    """The process_batch job holding ``envelopes``, not yet written."""
+    return queue.create_job(
+        PROCESS_BATCH,
+        args=(envelopes,),
+        job_id=job_id,
+        timeout=constants.JOB_TIMEOUT,
+        result_ttl=constants.RESULT_TTL,
+        failure_ttl=constants.FAILED_JOB_TTL,
+        retry=Retry(max=len(constants.BATCH_RETRY_INTERVALS),
+                    interval=list(constants.BATCH_RETRY_INTERVALS)),
+        # RQ's default description is the call with its arguments: every body. Keep it short.
+        description=f"process_batch({len(envelopes)} deliveries)",
+    )
+
+
 def enqueue_batch(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> None:
     """Write one process_batch job holding ``envelopes``. Idempotent on ``job_id``."""
     try:
-        queue.enqueue_call(
-            PROCESS_BATCH,
-            args=(envelopes,),
-            job_id=job_id,
-            unique=True,
-            timeout=constants.JOB_TIMEOUT,
-            result_ttl=constants.RESULT_TTL,
-            failure_ttl=constants.FAILED_JOB_TTL,
-            retry=Retry(max=len(constants.BATCH_RETRY_INTERVALS),
-                        interval=list(constants.BATCH_RETRY_INTERVALS)),
-            # RQ's default description is the call with its arguments: every body. Keep it short.
-            description=f"process_batch({len(envelopes)} deliveries)",
-        )
+        queue.enqueue_job(_batch_job(queue, envelopes, job_id), unique=True)
     except DuplicateJobError:
         pass  # an earlier attempt whose reply was lost already wrote it
+
+
+class _OneTripWriter:
+    """What ``Queue.enqueue_job(job, unique=True)`` writes, plus the reads group commit needs,
+    in one pipeline: one round trip to Redis per flush instead of three (RQ registers the
+    queue, then runs its unique-enqueue script, each a trip of its own).
+
+    It runs RQ's own script (``rq.scripts.UNIQUE_ENQUEUE_SCRIPT``) with the job hash RQ builds
+    (``Job.to_dict``, fields as RQ's ``_build_hset_args`` writes them), so a worker cannot tell
+    the two apart; tests/test_batching.py compares them field by field.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.sha = hashlib.sha1(UNIQUE_ENQUEUE_SCRIPT.encode()).hexdigest()
+
+    def write(self, job: Job, reads: Callable[[Pipeline], object]) -> list[Any]:
+        """Write ``job`` unless its id exists; return the replies of what ``reads`` added."""
+        queue = self.queue
+        job.redis_server_version = queue.get_redis_server_version()  # asked once, then cached
+        job.origin = queue.name
+        job.enqueued_at = now()
+        fields: list[Any] = []
+        for key, value in job.to_dict().items():
+            if value is not None:
+                fields += (key, value if isinstance(value, (bytes, str)) else str(value))
+        ttl = job.ttl if job.ttl is not None else -1
+        for attempt in (1, 2):
+            pipe = queue.connection.pipeline(transaction=False)
+            pipe.sadd(queue.redis_queues_keys, queue.key)
+            pipe.evalsha(self.sha, 2, job.key, queue.key, job.id, "R", ttl, *fields)
+            reads(pipe)
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[1], NoScriptError) and attempt == 1:
+                queue.connection.script_load(UNIQUE_ENQUEUE_SCRIPT)  # a restarted Redis
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            # replies[1] == 0: the job id exists, written by an attempt whose reply was lost.
+            return replies[2:]
+        raise AssertionError("unreachable")
 
 
 class BatchEnqueuer:
@@ -115,6 +168,7 @@ class BatchEnqueuer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
         # (queue key, started registry key) of each queue of the pipeline: jobs waiting, running.
         self._watched = [(self.queue.key, self.queue.started_job_registry.key)]
+        self._writer = _OneTripWriter(self.queue)
         self._waiting = 0  # jobs waiting in the watched queues, as of the last flush
         self._running = 0  # jobs running from them, as of the last flush
         self._hold = 0.0  # how long the next flush may hold its batch open, adapted to load
@@ -174,21 +228,14 @@ class BatchEnqueuer:
             self._full = None
 
     def _write(self, envelopes: list[dict[str, Any]], job_id: str) -> tuple[int, int]:
-        """Enqueue one job, then read how busy the workers are (one trip to the thread)."""
-        enqueue_batch(self.queue, envelopes, job_id)
-        return self._busy_jobs()
-
-    def _busy_jobs(self) -> tuple[int, int]:
-        """Jobs (waiting, running) in the watched queues; (0, 0) when Redis does not say
-        (the job is written by then: not knowing must not fail the deliveries)."""
-        try:
-            pipe = self.queue.connection.pipeline(transaction=False)
+        """Enqueue one job and read how busy the workers are: jobs (waiting, running) in the
+        watched queues. One trip to the thread, one round trip to Redis."""
+        def busy_reads(pipe: Pipeline) -> None:
             for queue_key, started_key in self._watched:
                 pipe.llen(queue_key)
                 pipe.zcard(started_key)
-            counts = pipe.execute()
-        except (RedisError, OSError):
-            return 0, 0
+
+        counts = self._writer.write(_batch_job(self.queue, envelopes, job_id), busy_reads)
         return sum(counts[0::2]), sum(counts[1::2])
 
     def _adapt(self, waiting: int, running: int) -> None:

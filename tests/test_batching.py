@@ -27,6 +27,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
+from ingest.enqueue import FastJSONSerializer, _batch_job, _OneTripWriter, enqueue_batch
 from ingest.samples import build_sample
 from tests.helpers import SECRETS
 
@@ -70,3 +71,32 @@ def test_a_lone_delivery_is_written_at_once_as_a_batch_of_one(
 
     assert response.status_code == 200
     assert [[e["body"].encode() for e in job] for job in _queued(settings)] == [[body]]
+
+
+def test_group_commit_writes_the_job_rq_itself_would_write_and_never_twice(
+        settings: Settings) -> None:
+    redis = Redis.from_url(settings.require_redis())
+    try:
+        queue = Queue(settings.names.ingest_queue, connection=redis,
+                      serializer=FastJSONSerializer)
+        envelopes = [{"id": "d1", "provider": "outreach", "body": '{"data": {"id": 1}}'}]
+        enqueue_batch(queue, envelopes, settings.names.job_id("batch", "by-rq"))
+        writer = _OneTripWriter(queue)
+        mine = settings.names.job_id("batch", "one-trip")
+        reads = writer.write(_batch_job(queue, envelopes, mine), lambda pipe: pipe.llen(queue.key))
+        again = writer.write(_batch_job(queue, envelopes, mine), lambda pipe: pipe.llen(queue.key))
+
+        assert reads == again == [2]  # written once: the second write found the id taken
+        assert queue.get_job_ids() == [settings.names.job_id("batch", "by-rq"), mine]
+        by_rq = redis.hgetall(f"rq:job:{settings.names.job_id('batch', 'by-rq')}")
+        one_trip = redis.hgetall(f"rq:job:{mine}")
+        stamps = {b"created_at", b"enqueued_at"}
+        assert set(by_rq) == set(one_trip) and stamps <= set(one_trip)
+        assert {k: v for k, v in by_rq.items() if k not in stamps} == \
+            {k: v for k, v in one_trip.items() if k not in stamps}
+        job = queue.fetch_job(mine)
+        assert job is not None and list(job.args) == [envelopes] and job.origin == queue.name
+        assert redis.sismember("rq:queues", queue.key)
+    finally:
+        redis.srem("rq:queues", f"rq:queue:{settings.names.ingest_queue}")
+        redis.close()
