@@ -26,7 +26,7 @@ from rq import Queue
 from ingest import constants
 from ingest.config import Settings
 from ingest.enqueue import BatchEnqueuer
-from ingest.redis_conn import acceptor_redis
+from ingest.redis_conn import acceptor_async_redis, acceptor_redis
 from ingest.spool import Spool as JournalSpool
 
 __all__ = ["Durable", "NotDurable", "Spool"]
@@ -61,8 +61,10 @@ class Durable:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Durable:
-        redis = acceptor_redis(settings.require_redis())
-        return cls(redis, BatchEnqueuer(redis, settings.names), JournalSpool(settings.spool_dir))
+        url = settings.require_redis()
+        redis = acceptor_redis(url)
+        enqueuer = BatchEnqueuer(redis, acceptor_async_redis(url), settings.names)
+        return cls(redis, enqueuer, JournalSpool(settings.spool_dir))
 
     async def store(self, envelope: dict[str, Any]) -> str:
         """Make ``envelope`` durable; return the result label ("accepted" or "spooled")."""
@@ -132,4 +134,4 @@ class Durable:
         if self.spool is not None:
             await self.spool.stop()
         self._drain_executor.shutdown(wait=True)
-        self.enqueuer.close()
+        await self.enqueuer.aclose()

@@ -41,12 +41,12 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import Redis
-from redis.client import Pipeline
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import NoScriptError, RedisError
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
@@ -112,22 +112,29 @@ def enqueue_batch(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) ->
 
 class _OneTripWriter:
     """What ``Queue.enqueue_job(job, unique=True)`` writes, plus the reads group commit needs,
-    in one pipeline: one round trip to Redis per flush instead of three (RQ registers the
-    queue, then runs its unique-enqueue script, each a trip of its own).
+    in one pipeline on the event loop's own Redis client: one round trip per flush instead of
+    three (RQ registers the queue, then runs its unique-enqueue script, each a trip of its own),
+    and no thread to hand the flush to (a thread would fight the event loop for the GIL).
 
     It runs RQ's own script (``rq.scripts.UNIQUE_ENQUEUE_SCRIPT``) with the job hash RQ builds
     (``Job.to_dict``, fields as RQ's ``_build_hset_args`` writes them), so a worker cannot tell
     the two apart; tests/test_batching.py compares them field by field.
     """
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, queue: Queue, redis: AsyncRedis) -> None:
         self.queue = queue
+        self.redis = redis
         self.sha = hashlib.sha1(UNIQUE_ENQUEUE_SCRIPT.encode()).hexdigest()
+        self._server_version: tuple[int, int, int] | None = None
 
-    def write(self, job: Job, reads: Callable[[Pipeline], object]) -> list[Any]:
+    async def write(self, job: Job, reads: Callable[[AsyncPipeline], object]) -> list[Any]:
         """Write ``job`` unless its id exists; return the replies of what ``reads`` added."""
         queue = self.queue
-        job.redis_server_version = queue.get_redis_server_version()  # asked once, then cached
+        if self._server_version is None:  # what RQ records on every job, asked once
+            info = await self.redis.info("server")
+            self._server_version = cast(tuple[int, int, int], tuple(
+                int(part) for part in str(info["redis_version"]).split(".")[:3]))
+        job.redis_server_version = self._server_version
         job.origin = queue.name
         job.enqueued_at = now()
         fields: list[Any] = []
@@ -136,26 +143,26 @@ class _OneTripWriter:
                 fields += (key, value if isinstance(value, (bytes, str)) else str(value))
         ttl = job.ttl if job.ttl is not None else -1
         for attempt in (1, 2):
-            pipe = queue.connection.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(queue.redis_queues_keys, queue.key)
             pipe.evalsha(self.sha, 2, job.key, queue.key, job.id, "R", ttl, *fields)
             reads(pipe)
-            replies = pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
             if isinstance(replies[1], NoScriptError) and attempt == 1:
-                queue.connection.script_load(UNIQUE_ENQUEUE_SCRIPT)  # a restarted Redis
+                await self.redis.script_load(UNIQUE_ENQUEUE_SCRIPT)  # a restarted Redis
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
             # replies[1] == 0: the job id exists, written by an attempt whose reply was lost.
-            return replies[2:]
+            return list(replies[2:])
         raise AssertionError("unreachable")
 
 
 class BatchEnqueuer:
     """Adaptive group commit of envelopes into RQ jobs on the ingest queue."""
 
-    def __init__(self, redis: Redis, names: constants.Names,
+    def __init__(self, redis: Redis, async_redis: AsyncRedis, names: constants.Names,
                  max_batch: int = constants.MAX_BATCH_SIZE,
                  max_wait: float = constants.GROUP_COMMIT_MAX_WAIT) -> None:
         self.queue = Queue(names.ingest_queue, connection=redis, serializer=FastJSONSerializer)
@@ -164,11 +171,9 @@ class BatchEnqueuer:
         self.max_wait = max_wait
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        # One thread: flushes are sequential by design, and redis-py's sync client is simplest.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
         # (queue key, started registry key) of each queue of the pipeline: jobs waiting, running.
         self._watched = [(self.queue.key, self.queue.started_job_registry.key)]
-        self._writer = _OneTripWriter(self.queue)
+        self._writer = _OneTripWriter(self.queue, async_redis)
         self._waiting = 0  # jobs waiting in the watched queues, as of the last flush
         self._running = 0  # jobs running from them, as of the last flush
         self._hold = 0.0  # how long the next flush may hold its batch open, adapted to load
@@ -227,15 +232,15 @@ class BatchEnqueuer:
         finally:
             self._full = None
 
-    def _write(self, envelopes: list[dict[str, Any]], job_id: str) -> tuple[int, int]:
+    async def _write(self, envelopes: list[dict[str, Any]], job_id: str) -> tuple[int, int]:
         """Enqueue one job and read how busy the workers are: jobs (waiting, running) in the
-        watched queues. One trip to the thread, one round trip to Redis."""
-        def busy_reads(pipe: Pipeline) -> None:
+        watched queues. One round trip to Redis."""
+        def busy_reads(pipe: AsyncPipeline) -> None:
             for queue_key, started_key in self._watched:
                 pipe.llen(queue_key)
                 pipe.zcard(started_key)
 
-        counts = self._writer.write(_batch_job(self.queue, envelopes, job_id), busy_reads)
+        counts = await self._writer.write(_batch_job(self.queue, envelopes, job_id), busy_reads)
         return sum(counts[0::2]), sum(counts[1::2])
 
     def _adapt(self, waiting: int, running: int) -> None:
@@ -246,7 +251,6 @@ class BatchEnqueuer:
             self._hold = self._hold / 2 if self._hold > _HOLD_STEP else 0.0
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending:
             if self._hold and (self._waiting or self._running):
                 await self._linger()
@@ -256,7 +260,7 @@ class BatchEnqueuer:
             envelopes = [envelope for envelope, _ in batch]
             job_id = self.names.job_id("batch", uuid.uuid4().hex)
             try:
-                busy = await loop.run_in_executor(self._executor, self._write, envelopes, job_id)
+                busy = await self._write(envelopes, job_id)
             except Exception as exc:
                 self._adapt(0, 0)
                 for _, future in batch:
@@ -269,5 +273,7 @@ class BatchEnqueuer:
                 if not future.done():
                     future.set_result(None)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)  # let it finish
+        await self._writer.redis.aclose()

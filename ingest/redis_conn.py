@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
 
 from ingest import constants
 
-__all__ = ["acceptor_redis", "worker_redis"]
+__all__ = ["acceptor_async_redis", "acceptor_redis", "worker_redis"]
 
 
 def acceptor_redis(url: str) -> Redis:
@@ -23,6 +25,18 @@ def acceptor_redis(url: str) -> Redis:
         socket_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
         socket_connect_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
         retry=Retry(NoBackoff(), retries=1),
+        retry_on_error=[ConnectionError, TimeoutError],
+        health_check_interval=30,
+    )
+
+
+def acceptor_async_redis(url: str) -> AsyncRedis:
+    """The same as :func:`acceptor_redis`, on the event loop: group commit's writes."""
+    return AsyncRedis.from_url(
+        url,
+        socket_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
+        socket_connect_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
+        retry=AsyncRetry(NoBackoff(), retries=1),
         retry_on_error=[ConnectionError, TimeoutError],
         health_check_interval=30,
     )

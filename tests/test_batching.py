@@ -13,6 +13,7 @@ enough to make a burst: both would trickle, which is not what this guards.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
 from ingest.enqueue import FastJSONSerializer, _batch_job, _OneTripWriter, enqueue_batch
+from ingest.redis_conn import acceptor_async_redis
 from ingest.samples import build_sample
 from tests.helpers import SECRETS
 
@@ -76,27 +78,33 @@ def test_a_lone_delivery_is_written_at_once_as_a_batch_of_one(
 def test_group_commit_writes_the_job_rq_itself_would_write_and_never_twice(
         settings: Settings) -> None:
     redis = Redis.from_url(settings.require_redis())
-    try:
-        queue = Queue(settings.names.ingest_queue, connection=redis,
-                      serializer=FastJSONSerializer)
-        envelopes = [{"id": "d1", "provider": "outreach", "body": '{"data": {"id": 1}}'}]
-        enqueue_batch(queue, envelopes, settings.names.job_id("batch", "by-rq"))
-        writer = _OneTripWriter(queue)
-        mine = settings.names.job_id("batch", "one-trip")
-        reads = writer.write(_batch_job(queue, envelopes, mine), lambda pipe: pipe.llen(queue.key))
-        again = writer.write(_batch_job(queue, envelopes, mine), lambda pipe: pipe.llen(queue.key))
+    queue = Queue(settings.names.ingest_queue, connection=redis, serializer=FastJSONSerializer)
+    envelopes = [{"id": "d1", "provider": "outreach", "body": '{"data": {"id": 1}}'}]
+    by_rq = settings.names.job_id("batch", "by-rq")
+    mine = settings.names.job_id("batch", "one-trip")
 
-        assert reads == again == [2]  # written once: the second write found the id taken
-        assert queue.get_job_ids() == [settings.names.job_id("batch", "by-rq"), mine]
-        by_rq = redis.hgetall(f"rq:job:{settings.names.job_id('batch', 'by-rq')}")
-        one_trip = redis.hgetall(f"rq:job:{mine}")
+    async def write_twice() -> list[list[Any]]:
+        writer = _OneTripWriter(queue, acceptor_async_redis(settings.require_redis()))
+        try:
+            return [await writer.write(_batch_job(queue, envelopes, mine),
+                                       lambda pipe: pipe.llen(queue.key)) for _ in range(2)]
+        finally:
+            await writer.redis.aclose()
+
+    try:
+        enqueue_batch(queue, envelopes, by_rq)
+        replies = asyncio.run(write_twice())
+
+        assert replies == [[2], [2]]  # written once: the second write found the id taken
+        assert queue.get_job_ids() == [by_rq, mine]
+        theirs, ours = redis.hgetall(f"rq:job:{by_rq}"), redis.hgetall(f"rq:job:{mine}")
         stamps = {b"created_at", b"enqueued_at"}
-        assert set(by_rq) == set(one_trip) and stamps <= set(one_trip)
-        assert {k: v for k, v in by_rq.items() if k not in stamps} == \
-            {k: v for k, v in one_trip.items() if k not in stamps}
+        assert set(theirs) == set(ours) and stamps <= set(ours)
+        assert {k: v for k, v in theirs.items() if k not in stamps} == \
+            {k: v for k, v in ours.items() if k not in stamps}
         job = queue.fetch_job(mine)
         assert job is not None and list(job.args) == [envelopes] and job.origin == queue.name
         assert redis.sismember("rq:queues", queue.key)
     finally:
-        redis.srem("rq:queues", f"rq:queue:{settings.names.ingest_queue}")
+        redis.srem("rq:queues", queue.key)
         redis.close()

@@ -25,7 +25,7 @@ from ingest.constants import Names
 from ingest.durable import Durable
 from ingest.embedded import EmbeddedRedis, free_port
 from ingest.enqueue import BatchEnqueuer
-from ingest.redis_conn import acceptor_redis
+from ingest.redis_conn import acceptor_async_redis, acceptor_redis
 from ingest.spool import Spool, encode_record, read_segment
 from tests.helpers import SECRETS, serve
 
@@ -184,9 +184,11 @@ def test_an_unusable_spool_directory_refuses_instead_of_pretending(tmp_path: Pat
 def test_durable_spools_while_redis_is_down_then_drains_when_it_returns(
         tmp_path: Path, namespace: str) -> None:
     port = free_port()
-    redis = acceptor_redis(f"redis://127.0.0.1:{port}/0")
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis = acceptor_redis(redis_url)
     names = Names(namespace)
-    durable = Durable(redis, BatchEnqueuer(redis, names), Spool(tmp_path / "spool"),
+    durable = Durable(redis, BatchEnqueuer(redis, acceptor_async_redis(redis_url), names),
+                      Spool(tmp_path / "spool"),
                       drain_interval=0.05)
     server = EmbeddedRedis(tmp_path / "redis", port=port)
 
