@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -14,32 +16,26 @@ from ingest import constants
 __all__ = ["acceptor_async_redis", "acceptor_redis", "worker_redis"]
 
 
-def acceptor_redis(url: str) -> Redis:
-    """For the acceptor: every call answers or fails well inside a second.
+# The acceptor's clients: every call answers or fails well inside a second. One immediate
+# retry covers a connection the server closed while idle; more would eat into the sender's
+# deadline, and the spool is the fallback anyway.
+_ACCEPTOR_OPTIONS: dict[str, Any] = {
+    "socket_timeout": constants.ACCEPTOR_REDIS_TIMEOUT,
+    "socket_connect_timeout": constants.ACCEPTOR_REDIS_TIMEOUT,
+    "retry_on_error": [ConnectionError, TimeoutError],
+    "health_check_interval": 30,
+}
 
-    One immediate retry covers a connection the server closed while idle; more would eat
-    into the sender's deadline, and the spool is the fallback anyway.
-    """
-    return Redis.from_url(
-        url,
-        socket_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
-        socket_connect_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
-        retry=Retry(NoBackoff(), retries=1),
-        retry_on_error=[ConnectionError, TimeoutError],
-        health_check_interval=30,
-    )
+
+def acceptor_redis(url: str) -> Redis:
+    """For the acceptor's occasional calls (readiness, the spool drainer)."""
+    return Redis.from_url(url, retry=Retry(NoBackoff(), retries=1), **_ACCEPTOR_OPTIONS)
 
 
 def acceptor_async_redis(url: str) -> AsyncRedis:
-    """The same as :func:`acceptor_redis`, on the event loop: group commit's writes."""
-    return AsyncRedis.from_url(
-        url,
-        socket_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
-        socket_connect_timeout=constants.ACCEPTOR_REDIS_TIMEOUT,
-        retry=AsyncRetry(NoBackoff(), retries=1),
-        retry_on_error=[ConnectionError, TimeoutError],
-        health_check_interval=30,
-    )
+    """For group commit's writes, on the acceptor's event loop: the same settings."""
+    return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), retries=1),
+                               **_ACCEPTOR_OPTIONS)
 
 
 def worker_redis(url: str) -> Redis:
