@@ -11,11 +11,12 @@ millisecond, so deliveries 1 ms apart each get a job of their own), and RQ's cos
 18 Redis round trips), not per delivery, then caps what the workers can take: they fall behind
 and latency grows without bound. So each flush also asks Redis how busy the workers are: jobs
 waiting in each queue of the pipeline (LLEN) and running from it (ZCARD of its started
-registry), in the same round trip as the write. While jobs run, a new job would wait for a worker
-anyway, so the next flush may hold its batch open to let it grow, for at most a *hold* after
-the previous flush started. The hold adapts like TCP's congestion window, the other way round:
-it grows (doubles, plus 1 ms) each time jobs are found waiting, up to ``GROUP_COMMIT_MAX_WAIT``,
-and halves each time the workers are found idle; while they are idle, flushes go out at once.
+registry), in the same round trip as the write. While jobs run, a new job would wait for a
+worker anyway, so the next flush may hold its batch open to let it grow, for at most a *hold*
+after the previous flush started. The hold adapts like TCP's congestion window, the other way
+round: it grows (doubles, plus 1 ms) each time jobs are found waiting, up to
+``GROUP_COMMIT_MAX_WAIT``, and halves each time the workers are found idle; while they are
+idle, flushes go out at once.
 A negative feedback loop: the further behind the workers, the fewer and larger the jobs they
 get; the less loaded, the less anyone waits.
 
@@ -35,9 +36,9 @@ job, plus its reads, in one pipeline (:class:`_OneTripWriter`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import hashlib
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
@@ -47,10 +48,10 @@ import orjson
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
 from rq.utils import now
 
@@ -128,7 +129,8 @@ class _OneTripWriter:
         self._server_version: tuple[int, int, int] | None = None
 
     async def write(self, job: Job, reads: Callable[[AsyncPipeline], object]) -> list[Any]:
-        """Write ``job`` unless its id exists; return the replies of what ``reads`` added."""
+        """Write ``job`` unless its id exists; return the replies of what ``reads`` added
+        (0 for a read that failed)."""
         queue = self.queue
         if self._server_version is None:  # what RQ records on every job, asked once
             info = await self.redis.info("server")
@@ -151,11 +153,12 @@ class _OneTripWriter:
             if isinstance(replies[1], NoScriptError) and attempt == 1:
                 await self.redis.script_load(UNIQUE_ENQUEUE_SCRIPT)  # a restarted Redis
                 continue
-            for reply in replies:
+            for reply in replies[:2]:
                 if isinstance(reply, Exception):
                     raise reply
             # replies[1] == 0: the job id exists, written by an attempt whose reply was lost.
-            return list(replies[2:])
+            # The job is written now: a read Redis refused must not fail the deliveries.
+            return [0 if isinstance(r, Exception) else r for r in replies[2:]]
         raise AssertionError("unreachable")
 
 
