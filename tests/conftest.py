@@ -66,6 +66,10 @@ def namespace(redis_server: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"*{ns}*", count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i : i + 500])
+        # RQ also lists every queue it saw in one shared set.
+        ours = [q for q in client.smembers("rq:queues") if ns.encode() in q]
+        if ours:
+            client.srem("rq:queues", *ours)
     finally:
         client.close()
 

@@ -32,7 +32,9 @@ def enqueue_one(runtime: Any, n: int) -> Job:
 
 def make_worker(runtime: Any, abandoned_after: int = 3) -> IngestWorker:
     return IngestWorker([runtime.ingest_queue], connection=runtime.redis,
-                        serializer=JSONSerializer, name=f"w-{uuid.uuid4().hex[:8]}",
+                        serializer=JSONSerializer,
+                        # In the test's namespace, so its Redis keys are cleaned up with it.
+                        name=f"{runtime.names.namespace}-w-{uuid.uuid4().hex[:8]}",
                         names=runtime.names, abandoned_after=abandoned_after)
 
 
