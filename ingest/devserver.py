@@ -130,7 +130,7 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev") -> int:
         while not stop:
             for proc in children:
                 if proc.poll() is not None:
-                    console.print(f"[red]a child process exited ({proc.args}); stopping[/red]")
+                    console.print(f"[red]a child process exited ({proc.args!r}); stopping[/red]")
                     return 1
             time.sleep(0.3)
         console.print("stopping...")

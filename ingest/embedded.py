@@ -131,7 +131,8 @@ class EmbeddedPostgres:
             except ImportError:
                 raise RuntimeError("pgserver is not installed: pip install "
                                    "'webhook-ingest[embedded]' or set DATABASE_URL") from None
-            self.server = pgserver.get_server(self.directory, cleanup_mode="stop")
+            self.server = pgserver.get_server(  # type: ignore[attr-defined]
+                self.directory, cleanup_mode="stop")
         return self
 
     @property

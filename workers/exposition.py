@@ -107,7 +107,8 @@ class WorkerMetrics:
                 log.info("removed %d stale metrics files from %s", stale, self.directory)
             os.environ[MULTIPROC_ENV] = str(self.directory)  # children inherit it
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=str(self.directory))
+            MultiProcessCollector(  # type: ignore[no-untyped-call]
+                registry, path=str(self.directory))
         if self.supervising:
             # The children serve one queue each and must not try to listen on our port; an
             # empty value wins over a config file (the environment always does).
