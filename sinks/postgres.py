@@ -1,9 +1,9 @@
 """The Postgres sink: the raw archive and one row per event, in one transaction per batch.
 
 Events go in first with ``ON CONFLICT (provider, dedup_key) DO NOTHING RETURNING
-delivery_id``; only deliveries that produced a new row are archived (the foreign key is
-deferred to commit, so the order inside the transaction does not matter). Sending the same
-batch twice changes nothing.
+delivery_id``; only deliveries that produced a new row are archived, in the same transaction.
+Sending the same batch twice changes nothing. ``delivery_id`` has no foreign key (see
+migrations/0002): this module is what keeps every stored event's delivery in the archive.
 """
 
 from __future__ import annotations
