@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import uvicorn
-from rq import SimpleWorker
+from redis import Redis
+from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from ingest.embedded import free_port
@@ -26,6 +27,30 @@ SECRETS: dict[str, tuple[str, str]] = {
     "outboundry": ("outboundry-token-old-0001", "outboundry-token-new-0002"),
     "mailstand": ("mailstand-token-old-0001", "mailstand-token-new-0002"),
 }
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.1) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_queue_workers(redis_url: str, queues: Iterable[str], timeout: float = 60.0) -> None:
+    """Until every one of ``queues`` has a worker registered in Redis."""
+    wanted = set(queues)
+    redis = Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
+                                      for q in w.queue_names()},
+                   timeout, "a worker on every queue", interval=0.2)
+    finally:
+        redis.close()
 
 
 def with_database(url: str, dbname: str) -> str:

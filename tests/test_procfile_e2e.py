@@ -18,8 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,26 +28,17 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
-from rq import Worker
 from rq.registry import FailedJobRegistry
 
 from ingest.constants import Names
 from ingest.embedded import free_port
 from ingest.providers import load_providers
 from ingest.samples import SAMPLES
-from tests.helpers import SECRETS, rows
+from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 from tests.test_deploy_files import procfile
 
 BIN = Path(sys.executable).parent
 COUNT = 16  # deliveries per provider, duplicates included
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -146,13 +136,7 @@ def wait_ready(stack: dict[str, Process], env: dict[str, str]) -> None:
     for proc in stack.values():
         wait_until(lambda: up(proc), 60, f"{proc.name} to answer")
     names = Names(env["INGEST_NAMESPACE"])
-    wanted = {names.ingest_queue, names.sink_queue("postgres")}
-    redis = Redis.from_url(env["REDIS_URL"])
-    try:
-        wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
-                                      for q in w.queue_names()}, 60, "workers on every queue")
-    finally:
-        redis.close()
+    wait_for_queue_workers(env["REDIS_URL"], [names.ingest_queue, names.sink_queue("postgres")])
 
 
 def worker_for(stack: dict[str, Process], queue: str) -> Process:

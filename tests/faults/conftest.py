@@ -15,6 +15,7 @@ or the workers, nor in a stored header.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -43,24 +44,12 @@ from rq.serializers import JSONSerializer
 from ingest.config import Settings
 from ingest.constants import Names
 from ingest.embedded import EmbeddedRedis
-from tests.helpers import SECRETS, rows
+from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 # Credentials an attacker presents: wrong, so never configured, so never redacted by the
 # logging filter either. They must still never reach a log line.
 PRESENTED_BAD_TOKENS = ("presented-bad-token-7f3a9c1e", "presented-bad-hmac-key-52b8d0aa")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.1) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- deliveries -------------------------------------------------------------------------------
@@ -184,6 +173,17 @@ class Traffic(threading.Thread):
     def wait_for_accepted(self, count: int, timeout: float = 30.0) -> None:
         wait_until(lambda: len(self.accepted) >= count, timeout, f"{count} accepted deliveries")
 
+    @contextlib.contextmanager
+    def flowing(self, accepted: int = 20) -> Iterator[Traffic]:
+        """Start sending; enter once ``accepted`` deliveries were answered 200; stop sending
+        when the block ends, however it ends."""
+        self.start()
+        try:
+            self.wait_for_accepted(accepted)
+            yield self
+        finally:
+            self.stop()
+
 
 # -- the stack --------------------------------------------------------------------------------
 
@@ -236,17 +236,9 @@ class Stack:
                 out[cmd[cmd.index("--queue") + 1]] = child
         return out
 
-    def wait_for_workers(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    def wait_for_workers(self, timeout: float = 30.0) -> None:
         """Until every queue has a live worker registered in Redis."""
-        redis = self.redis()
-        try:
-            def ready() -> bool:
-                from rq import Worker
-                serving = {q for w in Worker.all(connection=redis) for q in w.queue_names()}
-                return set(self.queue_names()) <= serving
-            wait_until(ready, timeout, "workers on every queue", interval=0.2)
-        finally:
-            redis.close()
+        wait_for_queue_workers(self.settings.require_redis(), self.queue_names(), timeout)
 
     def stop_processes(self) -> None:
         for proc in self.processes:

@@ -21,8 +21,8 @@ import uvicorn
 from ingest.app import create_app
 from ingest.config import Settings
 from ingest.embedded import free_port
-from tests.faults.conftest import ROOT, outcaller_delivery, outreach_delivery, wait_until
-from tests.helpers import SECRETS, drain, rows
+from tests.faults.conftest import ROOT, outcaller_delivery, outreach_delivery
+from tests.helpers import SECRETS, drain, rows, wait_until
 
 pytestmark = pytest.mark.fault
 

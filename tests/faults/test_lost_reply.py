@@ -21,8 +21,8 @@ import pytest
 
 from ingest.app import create_app
 from ingest.config import Settings
-from tests.faults.conftest import outcaller_delivery, wait_until
-from tests.helpers import drain, rows, serve
+from tests.faults.conftest import outcaller_delivery
+from tests.helpers import drain, rows, serve, wait_until
 
 pytestmark = pytest.mark.fault
 

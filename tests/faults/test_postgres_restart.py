@@ -15,8 +15,8 @@ from rq.serializers import JSONSerializer
 from ingest.app import create_app
 from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
 from sinks.postgres import migrate
-from tests.faults.conftest import Stack, Traffic, make_stack_env, wait_until
-from tests.helpers import serve, with_database
+from tests.faults.conftest import Stack, Traffic, make_stack_env
+from tests.helpers import serve, wait_until, with_database
 
 pytestmark = pytest.mark.fault
 
@@ -50,13 +50,11 @@ def test_postgres_restart_under_traffic_loses_and_doubles_nothing(
     stack = Stack(env=make_stack_env(make_env, own_redis.url, database_url, tmp_path),
                   database_url=database_url, logs=fault_logs, redis_server=own_redis)
     try:
-        supervisor = stack.start_workers()
-        stack.wait_for_workers(supervisor)
+        stack.start_workers()
+        stack.wait_for_workers()
         with serve(create_app(stack.settings)) as acceptor:
             traffic = Traffic(acceptor.url)
-            traffic.start()
-            try:
-                traffic.wait_for_accepted(20)
+            with traffic.flowing():
                 _pg_ctl(own_postgres, "-m", "fast", "stop")
                 # The acceptor does not need Postgres: deliveries keep getting 200 ...
                 traffic.wait_for_accepted(len(traffic.accepted) + 30)
@@ -68,8 +66,6 @@ def test_postgres_restart_under_traffic_loses_and_doubles_nothing(
                 redis.close()
                 _pg_ctl(own_postgres, "restart")
                 traffic.wait_for_accepted(len(traffic.accepted) + 20)
-            finally:
-                traffic.stop()
             stack.wait_for_pipeline(traffic, timeout=90)
         stack.assert_invariants(traffic)
         assert "Postgres unavailable" in "".join(

@@ -11,8 +11,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ingest.app import create_app
-from tests.faults.conftest import Stack, Traffic, wait_until
-from tests.helpers import serve
+from tests.faults.conftest import Stack, Traffic
+from tests.helpers import serve, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -30,16 +30,14 @@ def spooled_count(url: str) -> float:
 def test_redis_down_for_ten_seconds_spool_absorbs_then_drains(stack: Stack) -> None:
     assert stack.redis_server is not None
     supervisor = stack.start_workers()
-    stack.wait_for_workers(supervisor)
+    stack.wait_for_workers()
     workers_before = {q: p.pid for q, p in stack.children(supervisor).items()}
     schedulers = [c for p in stack.children(supervisor).values() for c in p.children()]
     assert len(schedulers) == len(workers_before)  # one RQ scheduler per worker process
     with serve(create_app(stack.settings)) as acceptor:
         spooled_before = spooled_count(acceptor.url)
         traffic = Traffic(acceptor.url)
-        traffic.start()
-        try:
-            traffic.wait_for_accepted(20)
+        with traffic.flowing():
             stack.redis_server.stop()
             down_since = time.monotonic()
             during = len(traffic.accepted)
@@ -50,8 +48,6 @@ def test_redis_down_for_ten_seconds_spool_absorbs_then_drains(stack: Stack) -> N
             assert httpx.get(f"{acceptor.url}/readyz", timeout=5).status_code == 503
             stack.redis_server.start()
             traffic.wait_for_accepted(len(traffic.accepted) + 20)
-        finally:
-            traffic.stop()
         wait_until(lambda: spool_depth(acceptor.url) == 0, 30, "the spool to drain")
         stack.wait_for_pipeline(traffic, timeout=90)
         assert spooled_count(acceptor.url) - spooled_before >= 30
@@ -67,12 +63,10 @@ def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_delivery(
         stack: Stack) -> None:
     assert stack.redis_server is not None
     supervisor = stack.start_workers()
-    stack.wait_for_workers(supervisor)
+    stack.wait_for_workers()
     with serve(create_app(stack.settings)) as acceptor:
         traffic = Traffic(acceptor.url)
-        traffic.start()
-        try:
-            traffic.wait_for_accepted(20)
+        with traffic.flowing():
             # Freeze the ingest worker so acknowledged batches pile up in Redis, unprocessed.
             ingest = stack.children(supervisor)[stack.names.ingest_queue]
             ingest.suspend()
@@ -92,7 +86,5 @@ def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_delivery(
             assert waiting <= kept, f"lost with the Redis process: {sorted(waiting - kept)[:5]}"
             ingest.resume()
             traffic.wait_for_accepted(len(traffic.accepted) + 20)
-        finally:
-            traffic.stop()
         stack.wait_for_pipeline(traffic, timeout=90)
     stack.assert_invariants(traffic)

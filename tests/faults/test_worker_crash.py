@@ -15,8 +15,8 @@ from rq.serializers import JSONSerializer
 
 from ingest.app import create_app
 from ingest.enqueue import enqueue_batch
-from tests.faults.conftest import Stack, Traffic, outcaller_delivery, wait_until
-from tests.helpers import serve
+from tests.faults.conftest import Stack, Traffic, outcaller_delivery
+from tests.helpers import serve, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -69,13 +69,10 @@ def kill_while_running(stack: Stack, worker: psutil.Process, job_id: str) -> lis
 
 def test_sigkill_of_workers_mid_job_loses_and_doubles_nothing(stack: Stack) -> None:
     supervisor = stack.start_workers()
-    stack.wait_for_workers(supervisor)
+    stack.wait_for_workers()
     with serve(create_app(stack.settings)) as acceptor:
         traffic = Traffic(acceptor.url)
-        traffic.start()
-        try:
-            traffic.wait_for_accepted(20)
-
+        with traffic.flowing():
             # 1. The ingest worker, killed in the middle of a 2000-delivery batch.
             ingest = stack.children(supervisor)[stack.names.ingest_queue]
             job_id = big_batch(stack, traffic, first=1_000_000, count=2000)
@@ -94,8 +91,6 @@ def test_sigkill_of_workers_mid_job_loses_and_doubles_nothing(stack: Stack) -> N
                            "a deliver job blocked on the lock")
                 left += kill(sink)
             traffic.wait_for_accepted(len(traffic.accepted) + 20)
-        finally:
-            traffic.stop()
         stack.wait_for_pipeline(traffic, timeout=90)
 
     # The supervisor replaced both, and RQ's scheduler children did not outlive them.
@@ -121,20 +116,16 @@ def _insert_waiting(database_url: str) -> bool:
 
 def test_sigterm_finishes_the_job_in_hand_before_exiting(stack: Stack) -> None:
     sink_queue = stack.names.sink_queue("postgres")
-    ingest_worker = stack.start_workers(stack.names.ingest_queue)
+    stack.start_workers(stack.names.ingest_queue)
     sink_worker = stack.start_workers(sink_queue)
-    stack.wait_for_workers(ingest_worker)
+    stack.wait_for_workers()
     with serve(create_app(stack.settings)) as acceptor:
         traffic = Traffic(acceptor.url, concurrency=1)
         with psycopg.connect(stack.database_url) as locker:
             locker.execute("LOCK TABLE webhook_events IN SHARE ROW EXCLUSIVE MODE")
-            traffic.start()
-            try:
-                traffic.wait_for_accepted(5)
+            with traffic.flowing(5):
                 wait_until(lambda: _insert_waiting(stack.database_url), 30,
                            "a deliver job blocked on the lock")
-            finally:
-                traffic.stop()
             sink_worker.send_signal(signal.SIGTERM)
             # It must not exit while its job waits for the lock ...
             with pytest.raises(psutil.TimeoutExpired):

@@ -23,7 +23,6 @@ from sinks.crm import CrmSink, parse_headers, parse_secret
 from tests.helpers import rows
 from tests.sinks.conftest import (
     CRM_SECRET,
-    CRM_TOKEN,
     CrmReceiver,
     crm_env,
     enqueue,

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,27 +20,17 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from redis import Redis
-from rq import Worker
 
 from ingest.config import Settings
 from ingest.embedded import free_port
 from ingest.samples import build_sample
-from tests.helpers import SECRETS, rows
+from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 
 
 def metric(text: str, name: str, **labels: str) -> float:
     return sum(s.value for family in text_string_to_metric_families(text)
                for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def scrape(port: int) -> str:
@@ -96,13 +85,7 @@ def send_outcaller(url: str, count: int) -> None:
 
 def wait_for_workers(env: dict[str, str]) -> None:
     names = Settings.from_env(env).names
-    wanted = {names.ingest_queue, names.sink_queue("postgres")}
-    redis = Redis.from_url(env["REDIS_URL"])
-    try:
-        wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
-                                      for q in w.queue_names()}, 60, "a worker on each queue")
-    finally:
-        redis.close()
+    wait_for_queue_workers(env["REDIS_URL"], [names.ingest_queue, names.sink_queue("postgres")])
 
 
 def test_supervisor_serves_the_sum_of_its_children_and_forgets_stale_files(

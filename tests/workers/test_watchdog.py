@@ -13,8 +13,8 @@ from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from ingest.enqueue import enqueue_batch
-from tests.faults.conftest import wait_until
-from tests.helpers import drain, rows
+
+from tests.helpers import drain, rows, wait_until
 from workers.watchdog import IngestWorker
 
 
