@@ -57,7 +57,8 @@ from rq.utils import now
 
 from ingest import constants, metrics
 
-__all__ = ["BatchEnqueuer", "FastJSONSerializer", "enqueue_batch"]
+__all__ = ["PROCESS_BATCH", "BatchEnqueuer", "FastJSONSerializer", "enqueue_batch",
+           "enqueue_unique", "make_job"]
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +88,38 @@ class FastJSONSerializer:
         return json.loads(data.decode("utf-8"))  # as JSONSerializer reads (exact big integers)
 
 
+def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
+             retry: Retry | None, description: str) -> Job:
+    """One of our jobs, not yet written: our timeout and TTLs, an explicit id, and a short
+    description (RQ's default is the call with its arguments: every body)."""
+    return queue.create_job(
+        func, args=args, job_id=job_id, retry=retry, description=description,
+        timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
+        failure_ttl=constants.FAILED_JOB_TTL,
+    )
+
+
+def enqueue_unique(queue: Queue, job: Job) -> bool:
+    """Write ``job`` unless a job with its id exists. True when this call wrote it; False
+    when an earlier attempt (whose reply was lost) or another worker already had."""
+    try:
+        queue.enqueue_job(job, unique=True)
+        return True
+    except DuplicateJobError:
+        return False
+
+
 def _batch_job(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> Job:
     """The process_batch job holding ``envelopes``, not yet written."""
-    return queue.create_job(
-        PROCESS_BATCH,
-        args=(envelopes,),
-        job_id=job_id,
-        timeout=constants.JOB_TIMEOUT,
-        result_ttl=constants.RESULT_TTL,
-        failure_ttl=constants.FAILED_JOB_TTL,
-        retry=Retry(max=len(constants.BATCH_RETRY_INTERVALS),
-                    interval=list(constants.BATCH_RETRY_INTERVALS)),
-        # RQ's default description is the call with its arguments: every body. Keep it short.
-        description=f"process_batch({len(envelopes)} deliveries)",
-    )
+    return make_job(queue, PROCESS_BATCH, (envelopes,), job_id,
+                    Retry(max=len(constants.BATCH_RETRY_INTERVALS),
+                          interval=list(constants.BATCH_RETRY_INTERVALS)),
+                    f"process_batch({len(envelopes)} deliveries)")
 
 
 def enqueue_batch(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> None:
     """Write one process_batch job holding ``envelopes``. Idempotent on ``job_id``."""
-    try:
-        queue.enqueue_job(_batch_job(queue, envelopes, job_id), unique=True)
-    except DuplicateJobError:
-        pass  # an earlier attempt whose reply was lost already wrote it
+    enqueue_unique(queue, _batch_job(queue, envelopes, job_id))
 
 
 class _OneTripWriter:

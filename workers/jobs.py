@@ -24,10 +24,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rq import Queue, Retry, get_current_job
-from rq.exceptions import DuplicateJobError
 
 from ingest import constants, metrics
-from ingest.enqueue import FastJSONSerializer
+from ingest.enqueue import PROCESS_BATCH, FastJSONSerializer, enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
@@ -39,7 +38,6 @@ __all__ = ["deliver", "process_batch"]
 
 log = logging.getLogger("workers.jobs")
 
-PROCESS_BATCH = "workers.jobs.process_batch"
 DELIVER = "workers.jobs.deliver"
 
 
@@ -48,15 +46,7 @@ def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
     """Enqueue unless a job with this id exists. True when this call created it."""
     # Written with orjson (the same JSON every worker reads): deliver jobs carry whole batches.
     queue = Queue(queue.name, connection=queue.connection, serializer=FastJSONSerializer)
-    try:
-        queue.enqueue_call(
-            func, args=args, job_id=job_id, unique=True, retry=retry,
-            timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
-            failure_ttl=constants.FAILED_JOB_TTL, description=description,
-        )
-        return True
-    except DuplicateJobError:
-        return False
+    return enqueue_unique(queue, make_job(queue, func, args, job_id, retry, description))
 
 
 def _deliver_retry() -> Retry:
