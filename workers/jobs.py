@@ -26,7 +26,7 @@ from typing import Any
 from rq import Queue, Retry, get_current_job
 
 from ingest import constants, metrics
-from ingest.enqueue import PROCESS_BATCH, FastJSONSerializer, enqueue_unique, make_job
+from ingest.enqueue import PROCESS_BATCH, enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
@@ -44,8 +44,6 @@ DELIVER = "workers.jobs.deliver"
 def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
                     retry: Retry | None, description: str) -> bool:
     """Enqueue unless a job with this id exists. True when this call created it."""
-    # Written with orjson (the same JSON every worker reads): deliver jobs carry whole batches.
-    queue = Queue(queue.name, connection=queue.connection, serializer=FastJSONSerializer)
     return enqueue_unique(queue, make_job(queue, func, args, job_id, retry, description))
 
 

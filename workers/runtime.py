@@ -12,10 +12,10 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
-from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
 from ingest.constants import Names
+from ingest.enqueue import FastJSONSerializer
 from ingest.providers import Provider, load_providers
 from ingest.redis_conn import worker_redis
 from sinks.registry import EnabledSink, build_sinks
@@ -39,7 +39,9 @@ class Runtime:
         return self.queue(self.names.sink_queue(sink))
 
     def queue(self, name: str) -> Queue:
-        return Queue(name, connection=self.redis, serializer=JSONSerializer)
+        # Jobs enqueued here are written with orjson (deliver jobs carry whole batches); any
+        # JSONSerializer reads them.
+        return Queue(name, connection=self.redis, serializer=FastJSONSerializer)
 
     def queue_names(self) -> list[str]:
         """Every queue this configuration needs: ingest first, then one per sink."""
