@@ -35,6 +35,9 @@ MAX_BATCH_SIZE = 256
 GROUP_COMMIT_MAX_WAIT = 0.025
 # RQ job timeout for process_batch and deliver jobs (seconds).
 JOB_TIMEOUT = 300
+# The two job functions, by name: whoever enqueues or inspects jobs need not import them.
+PROCESS_BATCH = "workers.jobs.process_batch"
+DELIVER = "workers.jobs.deliver"
 # How long RQ keeps a failed job (and its reason) in the failed registry: 30 days.
 FAILED_JOB_TTL = 30 * 24 * 3600
 # How long RQ keeps finished job results; we never read them, so keep them briefly.

@@ -57,13 +57,10 @@ from rq.utils import now
 
 from ingest import constants, metrics
 
-__all__ = ["PROCESS_BATCH", "BatchEnqueuer", "FastJSONSerializer", "enqueue_batch",
-           "enqueue_unique", "make_job"]
+__all__ = ["BatchEnqueuer", "FastJSONSerializer", "enqueue_batch", "enqueue_unique", "make_job"]
 
 log = logging.getLogger(__name__)
 
-# The job function, by name: the acceptor never imports worker code.
-PROCESS_BATCH = "workers.jobs.process_batch"
 # What the group-commit hold grows by (seconds) each time workers are found behind.
 _HOLD_STEP = 0.001
 # A connection that sent nothing for this long (seconds) no longer counts as a sender.
@@ -111,7 +108,7 @@ def enqueue_unique(queue: Queue, job: Job) -> bool:
 
 def _batch_job(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> Job:
     """The process_batch job holding ``envelopes``, not yet written."""
-    return make_job(queue, PROCESS_BATCH, (envelopes,), job_id,
+    return make_job(queue, constants.PROCESS_BATCH, (envelopes,), job_id,
                     Retry(max=len(constants.BATCH_RETRY_INTERVALS),
                           interval=list(constants.BATCH_RETRY_INTERVALS)),
                     f"process_batch({len(envelopes)} deliveries)")

@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["Failure", "add_command", "list_failures", "purge_failures", "retry_failures"]
 
 INGEST = "ingest"  # the "sink" column of a delivery that failed before reaching any sink
-PROCESS_BATCH = "workers.jobs.process_batch"
-DELIVER = "workers.jobs.deliver"
 
 
 @dataclass(frozen=True)
@@ -79,9 +77,9 @@ def _reason(job: Job) -> str:
 def _ids(job: Job) -> tuple[str, ...]:
     try:
         args: Any = job.args
-        if job.func_name == DELIVER:
+        if job.func_name == constants.DELIVER:
             return tuple(str(e.get("id")) for e in args[1])
-        if job.func_name == PROCESS_BATCH:
+        if job.func_name == constants.PROCESS_BATCH:
             return tuple(str(env.get("id")) for env in args[0])
     except Exception:  # a job written by another version: still list it, without ids
         pass
@@ -120,7 +118,7 @@ def retry_failures(redis: Redis, settings: Settings, sink: str | None = None) ->
 
     count = 0
     for _, registry, job in list(_failed(redis, settings, sink)):
-        if job.func_name == DELIVER:
+        if job.func_name == constants.DELIVER:
             retry = _deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
             job.retry_intervals, job.retries_left = retry.intervals, retry.max
         elif job.retry_intervals:

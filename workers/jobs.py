@@ -26,7 +26,7 @@ from typing import Any
 from rq import Queue, Retry, get_current_job
 
 from ingest import constants, metrics
-from ingest.enqueue import PROCESS_BATCH, enqueue_unique, make_job
+from ingest.enqueue import enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
@@ -37,8 +37,6 @@ from workers.runtime import Runtime, current_runtime
 __all__ = ["deliver", "process_batch"]
 
 log = logging.getLogger("workers.jobs")
-
-DELIVER = "workers.jobs.deliver"
 
 
 def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
@@ -86,8 +84,8 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
             raw = [d.to_dict() for i, d in deliveries.items() if i in used]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
         created += _enqueue_unique(
-            rt.sink_queue(name), DELIVER, (name, [e.to_job() for e in chosen], raw), job_id,
-            _deliver_retry(), f"deliver({name}, {len(chosen)} events)",
+            rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
+            job_id, _deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
     return created
 
@@ -122,7 +120,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             poisoned += 1  # counted in POISON when its own job fails, not twice
             log.warning("setting aside a delivery that cannot be processed: %s", exc,
                         extra={"provider": delivery.provider, "delivery_id": delivery.id})
-            _enqueue_unique(rt.ingest_queue, PROCESS_BATCH, ([envelope],),
+            _enqueue_unique(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
                             rt.names.job_id("alone", delivery.id), None,
                             f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
@@ -183,7 +181,7 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
             for e in failed:
                 raw = [raw_by_id[e.delivery_id]] if e.delivery_id in raw_by_id else None
                 _enqueue_unique(
-                    rt.sink_queue(sink_name), DELIVER, (sink_name, [by_id[e.id]], raw),
+                    rt.sink_queue(sink_name), constants.DELIVER, (sink_name, [by_id[e.id]], raw),
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
                     _deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
                 )
