@@ -1,4 +1,5 @@
-"""What the HTTP sinks (crm, slack) share: URL checks, safe names for targets, Retry-After.
+"""What the HTTP sinks (crm, slack) share: URL and timeout checks, safe names for targets,
+Retry-After, and one reused client per worker process.
 
 Sink URLs are secrets in practice (Slack's is a bearer capability; a CRM URL may carry a
 token in its path, query or user info), so errors name a target only by scheme and host,
@@ -8,6 +9,7 @@ never by its full URL, and a redirect's ``Location`` is shown the same way.
 from __future__ import annotations
 
 import math
+import os
 import time
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -17,7 +19,8 @@ import httpx
 from ingest import constants
 from ingest.exceptions import ConfigError
 
-__all__ = ["check_url", "client", "parse_retry_after", "safe_target", "short_body"]
+__all__ = ["ProcessClient", "check_url", "parse_retry_after", "parse_timeout", "safe_target",
+           "short_body"]
 
 USER_AGENT = "webhook-ingest"
 
@@ -35,6 +38,20 @@ def check_url(variable: str, url: str | None) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(variable, "must be an http:// or https:// URL with a host")
     return url
+
+
+def parse_timeout(value: str | None, variable: str) -> float:
+    """A sink's HTTP timeout in seconds (``SINK_HTTP_TIMEOUT`` when unset), well inside the
+    job timeout; a :class:`ConfigError` naming ``variable`` otherwise."""
+    if value is None:
+        return constants.SINK_HTTP_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(variable, f"must be a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= constants.JOB_TIMEOUT / 4:
+        raise ConfigError(variable, f"must be between 0 and {constants.JOB_TIMEOUT / 4:g} seconds")
+    return seconds
 
 
 def safe_target(url: str) -> str:
@@ -85,11 +102,29 @@ def short_body(response: httpx.Response, limit: int = 200, redact: tuple[str, ..
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
-def client(timeout: float) -> httpx.Client:
-    """A client kept for the life of a worker process (connection reuse), which never follows
+class ProcessClient:
+    """An httpx client kept for the life of a worker process (connection reuse) and made
+    anew in a forked child, which must not share its parent's sockets. It never follows
     redirects: a 3xx is reported, as the contract says, not silently obeyed."""
-    return httpx.Client(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-        follow_redirects=False,
-        headers={"User-Agent": USER_AGENT},
-    )
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._client: httpx.Client | None = None
+        self._pid = 0
+
+    def get(self) -> httpx.Client:
+        if self._client is None or self._pid != os.getpid():
+            self._client = httpx.Client(
+                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+            self._pid = os.getpid()
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None

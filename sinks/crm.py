@@ -22,7 +22,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,14 @@ from ingest import constants
 from ingest.config import Settings, parse_list
 from ingest.events import Event
 from ingest.exceptions import ConfigError, PermanentSinkError, TransientSinkError
-from sinks._http import check_url, client, parse_retry_after, safe_target, short_body
+from sinks._http import (
+    ProcessClient,
+    check_url,
+    parse_retry_after,
+    parse_timeout,
+    safe_target,
+    short_body,
+)
 
 __all__ = ["CrmSink", "parse_headers", "parse_secret", "sign"]
 
@@ -112,18 +118,6 @@ def parse_headers(value: str | Mapping[str, Any] | None,
     return headers
 
 
-def parse_timeout(value: str | None, variable: str) -> float:
-    if value is None:
-        return constants.SINK_HTTP_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(variable, f"must be a number of seconds, got {value!r}") from None
-    if not 0 < seconds <= constants.JOB_TIMEOUT / 4:
-        raise ConfigError(variable, f"must be between 0 and {constants.JOB_TIMEOUT / 4:g} seconds")
-    return seconds
-
-
 class CrmSink:
     name: ClassVar[str] = "crm"
     default_events: ClassVar[tuple[str, ...]] = ("*",)
@@ -137,8 +131,7 @@ class CrmSink:
         self.keys = tuple(keys)
         self.headers = dict(headers or {})
         self.timeout = timeout
-        self._client: httpx.Client | None = None
-        self._client_pid = 0
+        self._client = ProcessClient(timeout)
         # Values an error message must never show, should a receiver echo them back.
         self._redact = tuple(self.headers.values()) + (url,)
 
@@ -160,14 +153,6 @@ class CrmSink:
 
     def __repr__(self) -> str:
         return f"<CrmSink {self.target} headers={sorted(self.headers)}>"
-
-    def _http(self) -> httpx.Client:
-        # One client per process: connections are reused, and a forked child never shares
-        # its parent's sockets.
-        if self._client is None or self._client_pid != os.getpid():
-            self._client = client(self.timeout)
-            self._client_pid = os.getpid()
-        return self._client
 
     def request_headers(self, event_id: str, body: bytes, timestamp: int) -> dict[str, str]:
         signatures = " ".join(sign(key, event_id, timestamp, body) for key in self.keys)
@@ -193,7 +178,7 @@ class CrmSink:
         body = event.to_json()
         headers = self.request_headers(event.id, body, int(time.time()))
         try:
-            response = self._http().post(self.url, content=body, headers=headers)
+            response = self._client.get().post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
             # The exception text is the library's, not ours: keep only its type and the
             # first line of its message, which for transport errors never holds the URL.
@@ -222,8 +207,4 @@ class CrmSink:
                                  event_ids=[event.id])
 
     def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            finally:
-                self._client = None
+        self._client.close()

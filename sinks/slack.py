@@ -26,7 +26,6 @@ Settings (``SLACK_*`` or ``[sinks.slack]``): ``WEBHOOK_URL`` (required), ``EVENT
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import time
 from collections import Counter
@@ -42,8 +41,7 @@ from ingest.config import Settings
 from ingest.constants import Names
 from ingest.events import Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
-from sinks._http import check_url, client, parse_retry_after, short_body
-from sinks.crm import parse_timeout
+from sinks._http import ProcessClient, check_url, parse_retry_after, parse_timeout, short_body
 from sinks.outbox import Outbox
 
 __all__ = ["SlackSink", "render_digest", "render_event"]
@@ -261,8 +259,7 @@ class SlackSink:
         self.target = hashlib.sha256(url.encode()).hexdigest()[:16]
         self._redis: Redis | None = None
         self._outbox: Outbox | None = None
-        self._client: httpx.Client | None = None
-        self._client_pid = 0
+        self._client = ProcessClient(timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SlackSink:
@@ -284,12 +281,6 @@ class SlackSink:
                 digest_after=constants.SLACK_DIGEST_AFTER, digest_max=constants.SLACK_DIGEST_MAX,
                 done_ttl=self.done_ttl, claim_seconds=2 * self.timeout + 5)
         return self._outbox
-
-    def _http(self) -> httpx.Client:
-        if self._client is None or self._client_pid != os.getpid():
-            self._client = client(self.timeout)
-            self._client_pid = os.getpid()
-        return self._client
 
     def send(self, events: Sequence[Event]) -> None:
         box = self.outbox()
@@ -366,7 +357,7 @@ class SlackSink:
 
     def _post(self, payload: dict[str, Any]) -> None:
         try:
-            response = self._http().post(self.url, json=payload)
+            response = self._client.get().post(self.url, json=payload)
         except httpx.TransportError as exc:
             raise TransientSinkError(f"Slack webhook unreachable: {type(exc).__name__}") from None
         status = response.status_code
@@ -384,9 +375,7 @@ class SlackSink:
         raise PermanentSinkError(said)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._client.close()
         if self._redis is not None:
             self._redis.close()
             self._redis = None
