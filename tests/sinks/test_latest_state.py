@@ -22,7 +22,7 @@ from ingest.events import Delivery
 from ingest.exceptions import ConfigError
 from ingest.replay import Selection, replay
 from sinks.postgres import migrate
-from sinks.registry import build_sinks
+from sinks.registry import build_sinks, sink_skips_stale
 from tests.helpers import rows, with_database
 from tests.sinks.conftest import CrmReceiver, crm_env, enqueue, run_jobs
 from workers.runtime import Runtime
@@ -163,6 +163,14 @@ def test_a_sink_can_keep_stale_events_and_a_malformed_setting_names_itself(
 
     enabled = build_sinks(Settings.from_env(make_env(database_url, POSTGRES_SKIP_STALE="yes")))
     assert enabled["postgres"].skip_stale is True
+    defaults = Settings.from_env(make_env(database_url, INGEST_SINKS="crm", **crm_env(url)))
+    assert build_sinks(defaults)["crm"].skip_stale is True
+
+    class Plugin:  # a plugin sink written before stale existed
+        name = "legacy"
+
+    assert sink_skips_stale(defaults, Plugin) is False
+    assert sink_skips_stale(Settings.from_env(make_env(LEGACY_SKIP_STALE="on")), Plugin) is True
     with pytest.raises(ConfigError, match="CRM_SKIP_STALE"):
         build_sinks(Settings.from_env(make_env(database_url, INGEST_SINKS="crm",
                                                **crm_env(url, CRM_SKIP_STALE="maybe"))))
