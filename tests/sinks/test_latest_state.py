@@ -193,14 +193,19 @@ def test_replay_recomputes_webhook_records_from_the_events_it_replays(
     rt = pipeline()
     enqueue(rt, prospect(11, 10, "Head of Sales"), prospect(12, 10, "CTO"))
     run_jobs(rt)
-    enqueue(rt, prospect(11, 20, "VP Sales"))
+    enqueue(rt, prospect(11, 20, "VP Sales", before="Head of Sales"))
     run_jobs(rt)
     before = {r["resource_id"]: r for r in rows(database_url, "SELECT * FROM webhook_records")}
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM webhook_records WHERE resource_id = '12'")
         conn.execute("UPDATE webhook_records SET data = '{}' WHERE resource_id = '11'")
+        # As stored before events had changes: replay fills them in.
+        conn.execute("UPDATE webhook_events SET changes = NULL")
     report = replay(rt.settings, Selection())
-    assert report.ok
+    assert report.ok and report.changed == 1
+    (changes,) = [r["changes"] for r in rows(database_url, "SELECT changes FROM webhook_events")
+                  if r["changes"] is not None]
+    assert changes == {"title": {"from": "Head of Sales", "to": "VP Sales"}}
     after = {r["resource_id"]: r for r in rows(database_url, "SELECT * FROM webhook_records")}
     assert after["11"]["data"]["attributes"]["title"] == "VP Sales"
     assert after["12"]["data"] == before["12"]["data"]
