@@ -120,7 +120,8 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
         "relationships": {"sequence": {"data": {"type": "sequence", "id": 42}}}}
     template = (None, "outreach", None, "prospect.updated", "contact.updated", "prospect", "1",
                 "updated", now, now, None, "ada@example.com", "Ada Sample", None, "42",
-                Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None)
+                Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None, False,
+                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json))
     statement = _INSERT_EVENT.replace("INSERT INTO webhook_events", "INSERT INTO bench_events")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_events")
