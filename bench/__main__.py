@@ -349,6 +349,8 @@ def phase_ceilings(ctx: Context) -> None:
     ctx.results["rq_noop"] = ceilings.rq_noop(ctx.redis_url, "bench-noop", ctx.args.rq_jobs)
     log("ceiling: Postgres inserts")
     ctx.results["pg_rows"] = ceilings.pg_inserts(ctx.db_url, d / 2)
+    log("per-batch Redis checks: dedup claim, stale check")
+    ctx.results["checks"] = ceilings.batch_checks(ctx.redis_url, d / 2)
     ctx.reset()
 
 

@@ -8,6 +8,10 @@
   with the sink's own ``INSERT ... ON CONFLICT DO NOTHING`` through psycopg's pipelined
   ``executemany``: what the database and the driver allow, without our job machinery.
 
+Beside the ceilings, :func:`batch_checks` times the two script calls a worker makes per batch
+(the dedup claim and the stale check), per event, on batches of 64 new events about 64
+different records, as the bench's traffic is.
+
 The HTTP ceiling (bare Starlette) needs a load generator and a server process; it is run by
 ``bench.__main__`` like the acceptor.
 """
@@ -29,7 +33,8 @@ from rq.serializers import JSONSerializer
 
 from ingest.redis_conn import acceptor_redis
 
-__all__ = ["noop", "pg_inserts", "redis_lpush_async", "redis_lpush_sync", "rq_noop"]
+__all__ = ["batch_checks", "noop", "pg_inserts", "redis_lpush_async", "redis_lpush_sync",
+           "rq_noop"]
 
 # An envelope of a typical delivery is about this long once JSON-encoded.
 _VALUE = b"x" * 700
@@ -120,7 +125,8 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
         "relationships": {"sequence": {"data": {"type": "sequence", "id": 42}}}}
     template = (None, "outreach", None, "prospect.updated", "contact.updated", "prospect", "1",
                 "updated", now, now, None, "ada@example.com", "Ada Sample", None, "42",
-                Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None)
+                Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None, False,
+                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json))
     statement = _INSERT_EVENT.replace("INSERT INTO webhook_events", "INSERT INTO bench_events")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_events")
@@ -143,3 +149,42 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
     if stored is None or stored[0] != n:
         raise RuntimeError(f"Postgres ceiling: {n} rows sent, {stored} stored")
     return n / elapsed
+
+
+def batch_checks(url: str, seconds: float, batch: int = 64) -> dict[str, float]:
+    """Microseconds per event of ``workers.dedup.claim`` and ``workers.records.mark_stale``
+    (one script call per batch each), with the workers' Redis client."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from ingest.constants import DEFAULT_DEDUP_TTL, Names  # noqa: PLC0415
+    from ingest.events import Event  # noqa: PLC0415
+    from ingest.redis_conn import worker_redis  # noqa: PLC0415
+    from workers import dedup, records  # noqa: PLC0415
+
+    client = worker_redis(url)
+    names = Names("bench-checks")
+    now = datetime.now(timezone.utc)
+    spent = {"claim": 0.0, "stale": 0.0}
+    events = 0
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            evs = [Event(provider="outreach", dedup_key=f"bench|{events + i}",
+                         event_type="prospect.updated", kind="contact.updated",
+                         occurred_at=now + timedelta(microseconds=events + i), received_at=now,
+                         resource_type="prospect", resource_id=str(events + i))
+                   for i in range(batch)]
+            t0 = time.perf_counter()
+            dedup.claim(client, names, "bench-job", evs)
+            t1 = time.perf_counter()
+            records.mark_stale(client, names, evs, DEFAULT_DEDUP_TTL)
+            t2 = time.perf_counter()
+            spent["claim"] += t1 - t0
+            spent["stale"] += t2 - t1
+            events += batch
+        keys = list(client.scan_iter(match=names.key("*"), count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i:i + 1000])
+    finally:
+        client.close()
+    return {name: total / events * 1e6 for name, total in spent.items()}

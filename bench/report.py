@@ -70,6 +70,11 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         Row("end to end, 1 worker process per queue", f"{_n(e1['events_per_s'])} events/s",
             f"{e1['events_per_s'] / r['rq_noop']:.1f}x RQ no-op jobs/s", ">= 5x",
             e1["events_per_s"] >= 5 * r["rq_noop"]),
+        *([Row("stale check (workers.records), one script call per 64-event batch",
+               f"{r['checks']['stale']:.1f} us/event",
+               f"{r['checks']['stale'] * e1['events_per_s'] / 1e6:.1%} of an event's end-to-end "
+               f"time; dedup claim {r['checks']['claim']:.1f} us/event")]
+          if "checks" in r else []),
         Row("end to end: accepted deliveries missing / doubled in Postgres",
             f"{e1['lost']} / {e1['doubled']} of {e1['events']:,}", "", "0 / 0",
             e1["lost"] == 0 and e1["doubled"] == 0),

@@ -18,7 +18,7 @@ from typing import Any
 from ingest import constants
 from ingest.exceptions import ConfigError
 
-__all__ = ["Secret", "Settings", "parse_list"]
+__all__ = ["Secret", "Settings", "parse_bool", "parse_list"]
 
 
 class Secret:
@@ -52,6 +52,22 @@ def parse_list(raw: str | None) -> tuple[str, ...]:
     if not raw:
         return ()
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(raw: str | None, variable: str, default: bool) -> bool:
+    """A yes/no setting (true/false, yes/no, on/off, 1/0, any case); unset is ``default``."""
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(variable, f"must be true or false, got {raw!r}")
 
 
 def _load_toml(path: str) -> dict[str, Any]:

@@ -13,10 +13,16 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Contact", "Delivery", "Event", "event_id", "isoformat"]
+__all__ = ["DELETE_ACTIONS", "Contact", "Delivery", "Event", "changes_between", "event_id",
+           "isoformat"]
 
 # Namespace of the stable event ids (uuid5 of "provider:dedup_key").
 _EVENT_ID_NAMESPACE = uuid.UUID("6f2b6c1e-9a57-4c8e-9d0a-1f3b5e7c9a21")
+
+
+# Actions (an event's ``action``) that remove the record they are about; ``kind``s ending in
+# ``.deleted`` do too. Migration 0004 spells the same rule in SQL for rows stored before it.
+DELETE_ACTIONS = frozenset({"deleted", "destroyed", "bulk_deleted"})
 
 
 def event_id(provider: str, dedup_key: str) -> str:
@@ -27,6 +33,19 @@ def event_id(provider: str, dedup_key: str) -> str:
 def isoformat(value: datetime) -> str:
     """ISO 8601 in UTC with a ``Z``, the one timestamp format sinks see."""
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def changes_between(before: Any, after: Any) -> dict[str, dict[str, Any]] | None:
+    """``{field: {"from": old, "to": new}}`` for every field the provider sent a previous
+    value of (``before``), against the values it sends now (``after``); None when it sent none.
+
+    The provider decides what changed (Outreach's ``beforeUpdate`` names only changed
+    attributes), so every named field is kept, even one whose new value is absent (``to``
+    is then null)."""
+    if not isinstance(before, dict) or not before:
+        return None
+    current = after if isinstance(after, dict) else {}
+    return {str(name): {"from": old, "to": current.get(name)} for name, old in before.items()}
 
 
 def _parse_iso(value: str) -> datetime:
@@ -97,7 +116,10 @@ class Event:
     """One normalized event. ``id`` is derived from ``provider`` and ``dedup_key``.
 
     ``data`` is the resource object the event is about (for a Salesloft array, its element);
-    ``previous`` holds prior values when the provider sends them.
+    ``previous`` holds prior values when the provider sends them, and ``changes`` the same as
+    ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``stale`` is set by
+    the worker (workers.records): an event about the same record that happened later was
+    already processed.
     """
 
     provider: str
@@ -115,6 +137,8 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] | None = None
     delivery_id: str | None = None
+    changes: dict[str, dict[str, Any]] | None = None
+    stale: bool = False
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +165,8 @@ class Event:
             "campaign_id": self.campaign_id,
             "data": self.data,
             "previous": self.previous,
+            "changes": self.changes,
+            "stale": self.stale,
         }
 
     def to_json(self) -> bytes:
@@ -172,10 +198,25 @@ class Event:
             data=data.get("data") or {},
             previous=data.get("previous"),
             delivery_id=data.get("delivery_id"),
+            changes=data.get("changes"),
+            stale=bool(data.get("stale", False)),
         )
         if data.get("id") not in (None, event.id):
             raise ValueError(f"event id {data['id']} does not match its provider and dedup key")
         return event
+
+    @property
+    def record(self) -> tuple[str, str, str] | None:
+        """(provider, resource_type, resource_id) of the record this event is about, or None
+        when the provider did not say."""
+        if not self.resource_type or not self.resource_id:
+            return None
+        return (self.provider, self.resource_type, self.resource_id)
+
+    @property
+    def deletes(self) -> bool:
+        """True when the event removes its record (a ``*.deleted`` kind, or a delete action)."""
+        return self.kind.endswith(".deleted") or (self.action or "") in DELETE_ACTIONS
 
     def __repr__(self) -> str:
         return f"<Event {self.provider} {self.event_type} -> {self.kind} {self.id}>"

@@ -14,7 +14,9 @@ Why it is safe to run twice: every sink is idempotent on the event id, which is 
 provider and dedup key. The Postgres sink inserts what is missing, and for rows that exist but
 that today's normalizer would fill differently (a fixed mapping, a new field), replay updates
 the normalized columns in place (``received_at``, ``delivery_id`` and ``stored_at`` keep
-their original values). ``--dry-run`` changes nothing and lists what would change, column by
+their original values). The events handed to the Postgres sink bring ``webhook_records`` up
+to date as live ones do: a record takes the newest replayed event's data unless a newer event
+is stored. ``--dry-run`` changes nothing and lists what would change, column by
 column. Sink errors are counted and shown in the summary (exit status 1); replay again after
 the fix.
 """
@@ -41,7 +43,7 @@ BATCH = 200
 # Normalized columns of webhook_events that replay compares and, when they differ, updates.
 COLUMNS = ("event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
            "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
-           "data", "previous")
+           "data", "previous", "changes")
 # How many changes and failures the summary spells out.
 SHOWN = 20
 
@@ -149,7 +151,7 @@ def _row_values(event: Event) -> dict[str, Any]:
         "occurred_at": event.occurred_at, "workspace_id": event.workspace_id,
         "contact_email": c.email if c else None, "contact_name": c.name if c else None,
         "contact_phone": c.phone if c else None, "campaign_id": event.campaign_id,
-        "data": event.data, "previous": event.previous,
+        "data": event.data, "previous": event.previous, "changes": event.changes,
     }
 
 
@@ -223,7 +225,8 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                 if len(report.changes) < SHOWN:
                     report.changes.append(Change(event_id, event.dedup_key, diff))
                 previous = Jsonb(event.previous) if event.previous is not None else None
-                values = dict(today, id=event_id, data=Jsonb(event.data), previous=previous)
+                values = dict(today, id=event_id, data=Jsonb(event.data), previous=previous,
+                              changes=Jsonb(event.changes) if event.changes is not None else None)
                 updates.append(values)
             if not dry_run and events:
                 by_delivery = {d.id: d for d in batch}

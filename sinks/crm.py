@@ -121,6 +121,8 @@ def parse_headers(value: str | Mapping[str, Any] | None,
 class CrmSink:
     name: ClassVar[str] = "crm"
     default_events: ClassVar[tuple[str, ...]] = ("*",)
+    # A CRM shows the latest state: an update older than one it got would put old data back.
+    skip_stale_default: ClassVar[bool] = True
 
     def __init__(self, url: str, keys: Sequence[bytes], headers: Mapping[str, str] | None = None,
                  timeout: float = constants.SINK_HTTP_TIMEOUT) -> None:

@@ -4,6 +4,8 @@ Events go in first with ``ON CONFLICT (provider, dedup_key) DO NOTHING RETURNING
 delivery_id``; only deliveries that produced a new row are archived, in the same transaction.
 Sending the same batch twice changes nothing. ``delivery_id`` has no foreign key (see
 migrations/0002): this module is what keeps every stored event's delivery in the archive.
+In the same transaction, ``webhook_records`` takes the newest state of each record the events
+are about (see ``_UPSERT_RECORD``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ _INSERT_EVENT = """
 INSERT INTO webhook_events (
     id, provider, dedup_key, event_type, kind, resource_type, resource_id, action,
     occurred_at, received_at, workspace_id, contact_email, contact_name, contact_phone,
-    campaign_id, data, previous, delivery_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    campaign_id, data, previous, delivery_id, stale, changes)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (provider, dedup_key) DO NOTHING
 RETURNING delivery_id
 """
@@ -43,6 +45,20 @@ _INSERT_DELIVERY = """
 INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
 VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (id) DO NOTHING
+"""
+
+# The latest state per record: only an event newer by (occurred_at, event_id), the order every
+# worker agrees on, replaces the stored one; the same event again rewrites it (a replay
+# brings today's normalization), which a retried batch does harmlessly.
+_UPSERT_RECORD = """
+INSERT INTO webhook_records AS r (
+    provider, resource_type, resource_id, occurred_at, kind, event_id, data, deleted, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (provider, resource_type, resource_id) DO UPDATE SET
+    occurred_at = excluded.occurred_at, kind = excluded.kind, event_id = excluded.event_id,
+    data = excluded.data, deleted = excluded.deleted, updated_at = excluded.updated_at
+WHERE r.event_id = excluded.event_id
+   OR (excluded.occurred_at, excluded.event_id) > (r.occurred_at, r.event_id)
 """
 
 
@@ -98,13 +114,29 @@ def _event_row(e: Event) -> tuple[Any, ...]:
         c.email if c else None, c.name if c else None, c.phone if c else None,
         e.campaign_id, Jsonb(e.data, dumps=_json),
         Jsonb(e.previous, dumps=_json) if e.previous is not None else None,
-        e.delivery_id,
+        e.delivery_id, e.stale,
+        Jsonb(e.changes, dumps=_json) if e.changes is not None else None,
     )
+
+
+def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
+    """Bring webhook_records up to date with ``events``, inside the caller's transaction.
+    Rows are written in key order, so two batches touching the same records lock them in the
+    same order instead of deadlocking."""
+    about = sorted(((e.record, e) for e in events if e.record is not None),
+                   key=lambda pair: (pair[0], pair[1].occurred_at, pair[1].id))
+    if about:
+        cur.executemany(_UPSERT_RECORD, [
+            (*record, e.occurred_at, e.kind, e.id, Jsonb(e.data, dumps=_json), e.deletes)
+            for record, e in about
+        ])
 
 
 class PostgresSink:
     name: ClassVar[str] = "postgres"
     default_events: ClassVar[tuple[str, ...]] = ("*",)
+    # The full log keeps stale events; webhook_records takes only newer data anyway.
+    skip_stale_default: ClassVar[bool] = False
     needs_raw: ClassVar[bool] = True
 
     def __init__(self, url: str) -> None:
@@ -143,6 +175,7 @@ class PostgresSink:
                      Jsonb(d.headers, dumps=_json), d.body.encode("utf-8"))
                     for d in (deliveries[i] for i in sorted(new_deliveries))
                 ])
+                _upsert_records(cur, events)
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
             self.close()
             raise TransientSinkError(f"Postgres unavailable: {exc}") from exc

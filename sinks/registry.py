@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest.config import Settings, parse_list
+from ingest.config import Settings, parse_bool, parse_list
 from ingest.constants import SINK_ENTRY_POINT_GROUP
 from ingest.exceptions import ConfigError, PluginError
 from ingest.plugins import load_group
@@ -27,17 +27,19 @@ def load_sink_classes() -> dict[str, Any]:
 
 
 class EnabledSink:
-    """A built sink with the kinds it receives."""
+    """A built sink with the kinds it receives, and whether it skips stale events."""
 
-    __slots__ = ("events", "name", "sink")
+    __slots__ = ("events", "name", "sink", "skip_stale")
 
-    def __init__(self, sink: Sink, events: tuple[str, ...]) -> None:
+    def __init__(self, sink: Sink, events: tuple[str, ...], skip_stale: bool = False) -> None:
         self.sink = sink
         self.name = sink.name
         self.events = events
+        self.skip_stale = skip_stale
 
     def __repr__(self) -> str:
-        return f"<EnabledSink {self.name} events={','.join(self.events)}>"
+        stale = " skip_stale" if self.skip_stale else ""
+        return f"<EnabledSink {self.name} events={','.join(self.events)}{stale}>"
 
 
 def sink_event_globs(settings: Settings, cls: Any) -> tuple[str, ...]:
@@ -46,6 +48,14 @@ def sink_event_globs(settings: Settings, cls: Any) -> tuple[str, ...]:
     if not globs:
         raise ConfigError(f"{cls.name.upper()}_EVENTS", "names no event kinds")
     return globs
+
+
+def sink_skips_stale(settings: Settings, cls: Any) -> bool:
+    """``<NAME>_SKIP_STALE``, else the class's ``skip_stale_default`` (plugins without one get
+    every event, stale ones flagged, as before the flag existed)."""
+    return parse_bool(settings.section(cls.name).get("SKIP_STALE"),
+                      f"{cls.name.upper().replace('-', '_')}_SKIP_STALE",
+                      bool(getattr(cls, "skip_stale_default", False)))
 
 
 def build_sinks(settings: Settings) -> dict[str, EnabledSink]:
@@ -67,5 +77,6 @@ def build_sinks(settings: Settings) -> dict[str, EnabledSink]:
             raise PluginError(name, f"cannot be built from settings: {exc!r}") from exc
         if not isinstance(sink, Sink):
             raise PluginError(name, "from_settings() did not return a sink")
-        built[name] = EnabledSink(sink, sink_event_globs(settings, cls))
+        built[name] = EnabledSink(sink, sink_event_globs(settings, cls),
+                                  sink_skips_stale(settings, cls))
     return built

@@ -242,6 +242,8 @@ class SlackSink:
     name: ClassVar[str] = "slack"
     default_events: ClassVar[tuple[str, ...]] = (
         "email.replied", "linkedin.*_replied", "meeting.booked")
+    # Nobody needs to read about a change that a newer one already replaced.
+    skip_stale_default: ClassVar[bool] = True
 
     def __init__(self, url: str, redis_url: str, names: Names,
                  done_ttl: int = constants.DEFAULT_DEDUP_TTL,

@@ -31,7 +31,7 @@ from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
 from sinks.base import matches_any
-from workers import dedup
+from workers import dedup, records
 from workers.runtime import Runtime, current_runtime
 
 __all__ = ["deliver", "process_batch"]
@@ -76,6 +76,7 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
     created = 0
     for name, enabled in rt.sinks.items():
         chosen = [e for e in events if matches_any(e.kind, enabled.events)]
+        chosen = records.for_sink(enabled, chosen)
         if not chosen:
             continue
         raw = None
@@ -131,6 +132,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
 
     events = list(candidates.values())
     fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
+    fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     for event in fresh:
         produced[event.provider] -= 1
         metrics.EVENTS.labels(event.provider, event.kind).inc()
@@ -163,7 +165,9 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     enabled = rt.sinks.get(sink_name)
     if enabled is None:
         raise PermanentSinkError(f"sink {sink_name!r} is not enabled here (INGEST_SINKS)")
-    evs = [Event.from_job(e) for e in events]
+    evs = records.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
+    if not evs:
+        return {"delivered": 0, "stale": len(events)}
     started = time.perf_counter()
     try:
         if getattr(enabled.sink, "needs_raw", False):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ingest.events import Delivery, Event
+from ingest.events import Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
 from ingest.kinds import KIND_TABLES, lookup
 from ingest.providers.base import (
@@ -91,6 +91,7 @@ class OutCallerProvider(TokenProvider):
                 campaign_id=as_id(data.get("campaignId")),
                 data=data,
                 previous=previous if isinstance(previous, dict) else None,
+                changes=changes_between(previous, data),
                 delivery_id=delivery.id,
             )
         ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ingest.events import Delivery, Event
+from ingest.events import Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
 from ingest.kinds import KIND_TABLES, lookup
 from ingest.providers.base import (
@@ -108,6 +108,7 @@ class OutreachProvider(SignedProvider):
                 campaign_id=relationship_id(data, "sequence"),
                 data=data,
                 previous=previous,
+                changes=changes_between(previous, attributes),
                 delivery_id=delivery.id,
             )
         ]
