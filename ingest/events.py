@@ -115,6 +115,9 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] | None = None
     delivery_id: str | None = None
+    # Normalized fields this event had to fall back on (ingest.providers.base.FALLBACK_FIELDS),
+    # counted by the worker; not part of the public shape.
+    fallbacks: tuple[str, ...] = field(default=(), compare=False)
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
