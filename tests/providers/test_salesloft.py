@@ -69,6 +69,10 @@ def _membership(member_id: int, person_id: int, updated_at: str) -> dict[str, An
                        "id": person_id}}
 
 
+def _raw(name: str) -> Any:
+    return orjson.loads((SAMPLES / "salesloft" / name).read_bytes())
+
+
 class TestSalesloft(ProviderSuite):
     provider = "salesloft"
     other_provider = "outreach"
@@ -108,7 +112,86 @@ class TestSalesloft(ProviderSuite):
                 (SAMPLES / "salesloft/email_updated_bounced_wrapper.raw").read_bytes())["data"],
             "previous": None,
         },
+        # -- captured from live accounts (tests/samples/SOURCES.md) --------------------------
+        "task_created_bare.raw": {
+            # A creation is dated by created_at; the person is only referenced, so no contact.
+            "dedup_key": "task_created|721356732|2026-01-22T06:22:45.587713+00:00",
+            "event_type": "task_created",
+            "kind": "task.created",
+            "resource_type": "task",
+            "resource_id": "721356732",
+            "action": "created",
+            "occurred_at": "2026-01-22T06:22:45.587713Z",  # sent as -05:00
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "contact_phone": None,
+            "campaign_id": None,
+            "data": _raw("task_created_bare.raw"),
+            "previous": None,
+        },
+        "task_updated_bare.raw": {
+            "dedup_key": "task_updated|721356732|2026-01-22T07:31:27.782586+00:00",
+            "event_type": "task_updated",
+            "kind": "task.updated",
+            "resource_type": "task",
+            "resource_id": "721356732",
+            "action": "updated",
+            "occurred_at": "2026-01-22T07:31:27.782586Z",  # updated_at, not created_at
+            "workspace_id": None,
+            "contact_email": None,
+            "campaign_id": None,
+            "data": _raw("task_updated_bare.raw"),
+            "previous": None,
+        },
+        "task_updated_example.raw": {
+            "dedup_key": "task_updated|693873531|2025-11-20T12:21:16.193200+00:00",
+            "event_type": "task_updated",
+            "kind": "task.updated",
+            "resource_type": "task",
+            "resource_id": "693873531",
+            "action": "updated",
+            "occurred_at": "2025-11-20T12:21:16.1932Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "campaign_id": None,
+            "data": _raw("task_updated_example.raw"),
+            "previous": None,
+        },
+        "account_deleted_bare.raw": {
+            # An account is not a person: its "name" (Puma) and "phone" are not a contact's.
+            "dedup_key": "account_deleted|48371772|2026-01-22T07:45:21.340083+00:00",
+            "event_type": "account_deleted",
+            "kind": "account.deleted",
+            "resource_type": "account",
+            "resource_id": "48371772",
+            "action": "deleted",
+            "occurred_at": "2026-01-22T07:45:21.340083Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "contact_phone": None,
+            "campaign_id": None,
+            "data": _raw("account_deleted_bare.raw"),
+            "previous": None,
+        },
+        "account_updated_bare.raw": {
+            "dedup_key": "account_updated|75464484|2026-01-29T23:20:20.346346+00:00",
+            "event_type": "account_updated",
+            "kind": "account.updated",
+            "resource_type": "account",
+            "resource_id": "75464484",
+            "action": "updated",
+            "occurred_at": "2026-01-29T23:20:20.346346Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "campaign_id": None,
+            "data": _raw("account_updated_bare.raw"),
+            "previous": None,
+        },
     }
+    samples_tested_elsewhere = ("cadence_membership_created_array.raw",)
 
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         try:
