@@ -108,6 +108,11 @@ def _full_name(resource: dict[str, Any]) -> str | None:
         p for p in (text(resource.get("first_name")), text(resource.get("last_name"))) if p))
 
 
+def _phone(resource: dict[str, Any]) -> str | None:
+    return (text(resource.get("phone")) or text(resource.get("mobile_phone"))
+            or text(resource.get("home_phone")))
+
+
 def _contact(resource_type: str, resource: dict[str, Any]) -> Contact | None:
     """Whichever field this resource type names its person with: people have email_address,
     emails recipient_email_address and recipient_name, meetings recipient_email, calls the
@@ -120,11 +125,9 @@ def _contact(resource_type: str, resource: dict[str, Any]) -> Contact | None:
              or text(resource.get("recipient_email")) or text(embedded.get("email_address")))
     name = (text(resource.get("recipient_name")) or _full_name(resource)
             or (_full_name(embedded) if embedded else None))
-    phone = (text(resource.get("phone")) or text(resource.get("mobile_phone"))
-             or text(resource.get("home_phone"))
+    phone = (_phone(resource)
              or (text(resource.get("to")) if resource_type in ("call", "call_data_record") else None)
-             or (text(embedded.get("phone")) or text(embedded.get("mobile_phone"))
-                 if embedded else None))
+             or _phone(embedded))
     return contact(email=email, name=name, phone=phone)
 
 
