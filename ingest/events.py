@@ -139,6 +139,9 @@ class Event:
     delivery_id: str | None = None
     changes: dict[str, dict[str, Any]] | None = None
     stale: bool = False
+    # Normalized fields this event had to fall back on (ingest.providers.base.FALLBACK_FIELDS),
+    # counted by the worker; not part of the public shape.
+    fallbacks: tuple[str, ...] = field(default=(), compare=False)
     id: str = field(init=False)
 
     def __post_init__(self) -> None:

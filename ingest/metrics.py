@@ -8,6 +8,7 @@ multiprocess mode aggregates them; :func:`render` handles both cases.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +19,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from ingest.events import Event
+from ingest.providers.base import FALLBACK_FIELDS
 
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
 
@@ -72,6 +76,22 @@ LAG_SECONDS = Histogram(
     ["sink"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
+
+# -- normalization drift ----------------------------------------------------------------------
+NORMALIZATION_FALLBACKS = Counter(
+    "ingest_normalization_fallbacks",
+    "New events that lacked a field their resource type should carry, by provider and field "
+    "(occurred_at: fell back to the delivery or receipt time; contact_email; campaign_id).",
+    ["provider", "field"],
+)
+
+
+def count_fallbacks(events: Iterable[Event]) -> None:
+    """Count each event's fallbacks; fields outside the closed set are ignored (bounded labels)."""
+    for event in events:
+        for name in event.fallbacks:
+            if name in FALLBACK_FIELDS:
+                NORMALIZATION_FALLBACKS.labels(event.provider, name).inc()
 
 
 def render() -> tuple[bytes, str]:

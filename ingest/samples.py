@@ -57,9 +57,13 @@ def _outreach(rng: random.Random, secret: str) -> Sample:
                                    "attributes": {"title": "Director of Engineering"}}
     body = orjson.dumps(payload)
     signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    # Live deliveries name the organization and the webhook in headers, not in the body.
     return body, {"Content-Type": "application/json",
                   "Outreach-Webhook-Signature": signature,
-                  "outreach-webhook-cleanup-token": "cleanup-" + uuid.uuid4().hex[:16]}
+                  "outreach-webhook-cleanup-token": "cleanup-" + uuid.uuid4().hex[:16],
+                  "outreach-org-id": "0d6f3a52-8c1e-4b7a-9f20-5e4c3b2a1908",
+                  "outreach-webhook-id": "7",
+                  "outreach-webhook-event-id": str(uuid.uuid4())}
 
 
 def _outcaller(rng: random.Random, secret: str) -> Sample:

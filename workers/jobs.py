@@ -138,6 +138,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
         metrics.EVENTS.labels(event.provider, event.kind).inc()
         if event.kind == UNKNOWN:
             metrics.UNKNOWN_EVENTS.labels(event.provider, event.event_type).inc()
+    metrics.count_fallbacks(fresh)
     for provider_name, count in produced.items():
         if count:
             metrics.DUPLICATES.labels(provider_name).inc(count)

@@ -18,6 +18,10 @@ from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import NormalizationError, SignatureError
 
 __all__ = [
+    "CAMPAIGN_ID",
+    "CONTACT_EMAIL",
+    "FALLBACK_FIELDS",
+    "OCCURRED_AT",
     "Provider",
     "SignedProvider",
     "TokenProvider",
@@ -25,11 +29,20 @@ __all__ = [
     "canonical_digest",
     "load_object",
     "parse_time",
+    "relationship_id",
     "text",
 ]
 
 # Headers that carry credentials: never stored, never logged, whatever the provider.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+
+# The normalized fields whose fallbacks are counted (ingest_normalization_fallbacks_total):
+# occurred_at taken from the delivery or receipt time; contact_email or campaign_id absent
+# where the resource type should carry it. A closed set, so the metric's labels stay bounded.
+OCCURRED_AT = "occurred_at"
+CONTACT_EMAIL = "contact_email"
+CAMPAIGN_ID = "campaign_id"
+FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
 
 
 @runtime_checkable
@@ -159,7 +172,8 @@ def obj(value: Any) -> dict[str, Any]:
 
 def parse_time(value: Any) -> datetime | None:
     """A timezone-aware UTC datetime from ISO 8601 (any offset, or none: UTC assumed) or unix
-    seconds/milliseconds. None when the value is missing or unreadable."""
+    seconds/milliseconds. None when the value is missing or unreadable, never an exception:
+    an optional timestamp a provider got wrong must not fail the delivery it travels with."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -174,15 +188,17 @@ def parse_time(value: Any) -> datetime | None:
         raw = value.strip()
         if not raw:
             return None
-        if raw.replace(".", "", 1).isdigit():
+        # isascii: str.isdigit() is also true for "²" and other digits float() refuses.
+        if raw.isascii() and raw.replace(".", "", 1).isdigit():
             return parse_time(float(raw))
         try:
             parsed = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            # Year 1 or 9999 with an offset lands outside datetime's range in UTC.
+            return parsed.astimezone(timezone.utc)
+        except (OverflowError, ValueError):
             return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.astimezone(timezone.utc)
     return None
 
 
@@ -213,6 +229,17 @@ def first(values: Any) -> Any:
 
 
 def relationship_id(resource: dict[str, Any], name: str) -> str | None:
-    """The id of a JSON:API relationship (``relationships.<name>.data.id``)."""
+    """The id of a JSON:API relationship, in either shape Outreach sends: the documented
+    ``relationships.<name>.data.id`` and the bare ``relationships.<name>.id`` of live
+    deliveries. A null, zero or missing id (``{"id": 0}``, ``{"id": null}``, ``{}``,
+    ``"data": null``, no ``relationships``) is no relationship: None. So is a to-many list."""
     rel = obj(obj(resource.get("relationships")).get(name))
-    return as_id(obj(rel.get("data")).get("id"))
+    target = obj(rel.get("data")) if "data" in rel else rel
+    found = as_id(target.get("id"))
+    return None if found is None or found == "0" else found
+
+
+def missing(**expected_but_absent: bool) -> tuple[str, ...]:
+    """The fallback field names whose flag is true, e.g. ``missing(occurred_at=True)``."""
+    return tuple(sorted(f for f, absent in expected_but_absent.items()
+                        if absent and f in FALLBACK_FIELDS))

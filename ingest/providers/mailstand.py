@@ -34,12 +34,18 @@ from ingest.providers.base import (
     as_id,
     contact,
     load_object,
+    missing,
     parse_time,
     text,
 )
 
 # On a reply the contact is the sender; on everything else, the recipient.
 _REPLY = "reply"
+# Message events name their recipient (or sender) and their campaign; a missing one is a
+# fallback. Stage changes and pauses may legitimately carry neither.
+_MESSAGE_EVENTS = frozenset({"send", "reply", "bounce", "open", "click", "unsubscribe"})
+_CAMPAIGN_EVENTS = frozenset({"send", "reply", "bounce", "open", "click", "added_to_campaign",
+                              "removed_from_campaign"})
 
 
 class MailstandProvider(TokenProvider):
@@ -62,22 +68,30 @@ class MailstandProvider(TokenProvider):
             contact_id = as_id(payload.get("contact_id")) or as_id(payload.get("to"))
             email = text(payload.get("to_email")) or payload.get("email")
             name = None
+        when = parse_time(payload.get("created_at"))
+        found = contact(email=email, name=name)
+        campaign_id = as_id(payload.get("campaign_id"))
         return [
             Event(
                 provider=self.name,
                 dedup_key=event_id,
                 event_type=event_type,
                 kind=lookup(KIND_TABLES["mailstand"], event_type),
-                occurred_at=parse_time(payload.get("created_at")) or delivery.received_at,
+                occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type="contact",
                 resource_id=contact_id,
                 action=event_type,
                 workspace_id=as_id(payload.get("workspace_id")),
-                contact=contact(email=email, name=name),
-                campaign_id=as_id(payload.get("campaign_id")),
+                contact=found,
+                campaign_id=campaign_id,
                 data=payload,
                 previous=None,
                 delivery_id=delivery.id,
+                fallbacks=missing(
+                    occurred_at=when is None,
+                    contact_email=event_type in _MESSAGE_EVENTS and not (found and found.email),
+                    campaign_id=event_type in _CAMPAIGN_EVENTS and campaign_id is None,
+                ),
             )
         ]

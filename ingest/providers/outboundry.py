@@ -34,6 +34,7 @@ from ingest.providers.base import (
     canonical_digest,
     contact,
     load_object,
+    missing,
     obj,
     parse_time,
     text,
@@ -60,24 +61,28 @@ class OutboundryProvider(TokenProvider):
         parts = [event_type, company_id or "", lead_id or "", timestamp or ""]
         if not lead_id or not timestamp:
             parts.append(f"data:{canonical_digest(data)}")
+        when = parse_time(payload.get("timestamp"))
+        found = contact(email=lead.get("email"), name=lead.get("name"), phone=lead.get("phone"))
         return [
             Event(
                 provider=self.name,
                 dedup_key="|".join(parts),
                 event_type=event_type,
                 kind=lookup(KIND_TABLES["outboundry"], event_type),
-                occurred_at=parse_time(payload.get("timestamp")) or delivery.received_at,
+                occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type="lead",
                 resource_id=lead_id,
                 # "invite-sent" is what happened to the lead: action "invite_sent".
                 action=event_type.replace("-", "_"),
                 workspace_id=company_id,
-                contact=contact(email=lead.get("email"), name=lead.get("name"),
-                                phone=lead.get("phone")),
+                contact=found,
                 campaign_id=as_id(obj(data.get("campaign")).get("id")),
                 data=data,
                 previous=None,
                 delivery_id=delivery.id,
+                # Every event is about a lead; a lead without an email is worth seeing.
+                fallbacks=missing(occurred_at=when is None,
+                                  contact_email=not (found and found.email)),
             )
         ]

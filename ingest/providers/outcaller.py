@@ -29,6 +29,7 @@ from ingest.providers.base import (
     as_id,
     contact,
     load_object,
+    missing,
     obj,
     parse_time,
     text,
@@ -71,13 +72,15 @@ class OutCallerProvider(TokenProvider):
             )
         dedup_key = "|".join([event_type, resource or "", resource_id, timestamp])
         previous = payload.get("previousData")
+        when = parse_time(payload.get("timestamp"))
+        found = contact(email=data.get("email"), name=data.get("name"), phone=data.get("phone"))
         return [
             Event(
                 provider=self.name,
                 dedup_key=dedup_key,
                 event_type=event_type,
                 kind=lookup(KIND_TABLES["outcaller"], event_type),
-                occurred_at=parse_time(payload.get("timestamp")) or delivery.received_at,
+                occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type=resource,
                 resource_id=resource_id,
@@ -85,13 +88,15 @@ class OutCallerProvider(TokenProvider):
                 workspace_id=as_id(payload.get("workspaceId"))
                 or as_id(data.get("workspaceId"))
                 or text(headers.get("x-outcaller-workspace-id")),
-                contact=contact(
-                    email=data.get("email"), name=data.get("name"), phone=data.get("phone")
-                ),
+                contact=found,
                 campaign_id=as_id(data.get("campaignId")),
                 data=data,
                 previous=previous if isinstance(previous, dict) else None,
                 changes=changes_between(previous, data),
                 delivery_id=delivery.id,
+                fallbacks=missing(
+                    occurred_at=when is None,
+                    contact_email=resource == "lead" and not (found and found.email),
+                ),
             )
         ]

@@ -8,12 +8,20 @@ Payload (version 2 adds ``beforeUpdate`` on updates)::
      "beforeUpdate": {"type": "prospect", "id": 123, "attributes": {"title": "old"}},
      "meta": {"eventName": "prospect.updated", "deliveredAt": "2026-01-02T03:04:06.000Z"}}
 
+Live deliveries write relationships bare, without the JSON:API ``data`` level
+(``"owner": {"type": "owner", "id": 2}``), and send ``"attributes": {}, "relationships": {}`` on
+some updates; both shapes are read.
+
 Headers: ``Outreach-Webhook-Signature`` (HMAC-SHA256 hex of the body keyed by the webhook's
-secret) and ``outreach-webhook-cleanup-token`` (kept: it lets the user deregister the webhook
-even after API access is revoked).
+secret). Kept with the archived delivery: ``outreach-webhook-cleanup-token`` (it lets the user
+deregister the webhook even after API access is revoked), ``outreach-org-id`` (the Outreach
+organization, our ``workspace_id``), ``outreach-webhook-id`` and ``outreach-webhook-event-id``.
 
 Dedup key: event name + resource type + id + ``attributes.updatedAt``; without ``updatedAt``, a
-digest of ``data`` (never of ``meta``: ``deliveredAt`` changes between attempts).
+digest of ``data`` (never of ``meta``: ``deliveredAt`` changes between attempts). A destroyed
+resource carries its last-known attributes, so its ``updatedAt`` is stale (seen live: 20 s
+before the delete): it still keys the event (stable across retries), but ``occurred_at`` is
+``meta.deliveredAt``.
 
 Outreach answers any non-2xx as acknowledged and never retries it, but retries network
 failures 4 times, 1 s apart: so when a delivery cannot be made durable we drop the connection.
@@ -21,9 +29,9 @@ failures 4 times, 1 s apart: so when a delivery cannot be made durable we drop t
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ingest.events import Delivery, Event, changes_between
+from ingest.events import Contact, Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
 from ingest.kinds import KIND_TABLES, lookup
 from ingest.providers.base import (
@@ -33,6 +41,7 @@ from ingest.providers.base import (
     contact,
     first,
     load_object,
+    missing,
     obj,
     parse_time,
     relationship_id,
@@ -40,12 +49,47 @@ from ingest.providers.base import (
     time_key,
 )
 
-# sequenceState.updated says more when we look at the new state.
+ORG_HEADER = "outreach-org-id"
+
+# sequenceState.updated says more when we look at the new state. "active" is a resume only
+# after "paused" (see _sequence_state_kind): a first activation is not.
 _SEQUENCE_STATE_KINDS = {
     "paused": "campaign.paused",
-    "active": "campaign.resumed",
     "finished": "campaign.finished",
 }
+_RESUMED = "campaign.resumed"
+# The only resources that are people: contact fields never come from an account's,
+# sequence's, template's or mailbox's "name".
+_PEOPLE = frozenset({"prospect"})
+# Resources that always belong to a sequence, so a missing campaign_id is a fallback.
+_IN_A_SEQUENCE = frozenset({"sequence", "sequenceState"})
+
+
+def _sequence_state_kind(kind: str, attributes: dict[str, Any], before: dict[str, Any]) -> str:
+    state = text(attributes.get("state")) or ""
+    if state == "active":
+        was = text(obj(before.get("attributes")).get("state"))
+        return _RESUMED if was == "paused" else kind
+    return _SEQUENCE_STATE_KINDS.get(state, kind)
+
+
+def _campaign_id(resource_type: str | None, resource_id: str | None,
+                 data: dict[str, Any]) -> str | None:
+    if resource_type == "sequence":
+        return resource_id
+    return relationship_id(data, "sequence")
+
+
+def _contact(resource_type: str | None, attributes: dict[str, Any]) -> Contact | None:
+    if resource_type not in _PEOPLE:
+        return None
+    name = text(attributes.get("name")) or " ".join(
+        p for p in (text(attributes.get("firstName")), text(attributes.get("lastName"))) if p
+    )
+    phone = (first(attributes.get("mobilePhones")) or first(attributes.get("workPhones"))
+             or first(attributes.get("homePhones")) or first(attributes.get("otherPhones")))
+    return contact(email=first(attributes.get("emails")) or attributes.get("email"),
+                   name=name, phone=phone)
 
 
 class OutreachProvider(SignedProvider):
@@ -53,7 +97,10 @@ class OutreachProvider(SignedProvider):
     secret_setting: ClassVar[str] = "OUTREACH_WEBHOOK_SECRETS"
     signature_header: ClassVar[str] = "outreach-webhook-signature"
     digestmod: ClassVar[str] = "sha256"
-    kept_headers: ClassVar[frozenset[str]] = frozenset({"outreach-webhook-cleanup-token"})
+    kept_headers: ClassVar[frozenset[str]] = frozenset({
+        "outreach-webhook-cleanup-token", ORG_HEADER, "outreach-webhook-id",
+        "outreach-webhook-event-id",
+    })
     retries_network_errors: ClassVar[bool] = True
 
     def events(self, delivery: Delivery) -> list[Event]:
@@ -66,28 +113,31 @@ class OutreachProvider(SignedProvider):
         if not event_type or not data:
             raise NormalizationError("Outreach delivery has no meta.eventName or no data object")
         attributes = obj(data.get("attributes"))
+        action = event_type.rpartition(".")[2] or None
 
         updated_at = time_key(attributes.get("updatedAt"))
         version = updated_at or f"data:{canonical_digest(data)}"
         dedup_key = "|".join([event_type, resource_type or "", resource_id or "", version])
 
-        occurred_at = (
-            parse_time(attributes.get("updatedAt"))
-            or parse_time(attributes.get("createdAt"))
-            or parse_time(meta.get("deliveredAt"))
-            or delivery.received_at
-        )
-        kind = lookup(KIND_TABLES["outreach"], event_type)
-        if event_type == "sequenceState.updated":
-            kind = _SEQUENCE_STATE_KINDS.get(text(attributes.get("state")) or "", kind)
+        delivered_at = parse_time(meta.get("deliveredAt"))
+        if action == "destroyed":
+            # Last-known attributes: their times predate the delete; the delivery is the delete.
+            when = delivered_at
+        else:
+            when = parse_time(attributes.get("updatedAt")) or parse_time(
+                attributes.get("createdAt"))
+        occurred_at = when or delivered_at or delivery.received_at
 
-        name = text(attributes.get("name")) or " ".join(
-            p for p in (text(attributes.get("firstName")), text(attributes.get("lastName"))) if p
-        )
-        phone = first(attributes.get("mobilePhones")) or first(attributes.get("workPhones"))
         before = obj(payload.get("beforeUpdate"))
         previous = obj(before.get("attributes")) if before else None
+        kind = lookup(KIND_TABLES["outreach"], event_type)
+        if event_type == "sequenceState.updated":
+            kind = _sequence_state_kind(kind, attributes, before)
 
+        found = _contact(resource_type, attributes)
+        campaign_id = _campaign_id(resource_type, resource_id, data)
+        wants_campaign = resource_type in _IN_A_SEQUENCE or (
+            resource_type == "mailing" and text(attributes.get("mailingType")) == "sequence")
         return [
             Event(
                 provider=self.name,
@@ -98,17 +148,18 @@ class OutreachProvider(SignedProvider):
                 received_at=delivery.received_at,
                 resource_type=resource_type,
                 resource_id=resource_id,
-                action=event_type.rpartition(".")[2] or None,
-                workspace_id=None,
-                contact=contact(
-                    email=first(attributes.get("emails")) or attributes.get("email"),
-                    name=name,
-                    phone=phone,
-                ),
-                campaign_id=relationship_id(data, "sequence"),
+                action=action,
+                workspace_id=text(delivery.headers.get(ORG_HEADER)),
+                contact=found,
+                campaign_id=campaign_id,
                 data=data,
                 previous=previous,
                 changes=changes_between(previous, attributes),
                 delivery_id=delivery.id,
+                fallbacks=missing(
+                    occurred_at=when is None,
+                    contact_email=resource_type in _PEOPLE and not (found and found.email),
+                    campaign_id=wants_campaign and campaign_id is None,
+                ),
             )
         ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ingest.events import Delivery, Event
+from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import NormalizationError
 from ingest.kinds import KIND_TABLES, lookup
 from ingest.providers.base import (
@@ -33,6 +33,7 @@ from ingest.providers.base import (
     canonical_digest,
     contact,
     load_object,
+    missing,
     obj,
     parse_time,
     text,
@@ -82,25 +83,52 @@ def resources(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return [payload]
 
 
+# Resources that are not people: their email_address, name or phone is a rep's, a company's or
+# nobody's, never the contact's.
+_NOT_PEOPLE = frozenset({"account", "cadence", "step", "user", "bulk_job", "success"})
+# Resources that name the person they are about, so a missing contact_email is a fallback.
+_ABOUT_A_PERSON = frozenset({"person", "email", "meeting"})
+# Resources that belong to a cadence, so a missing campaign_id is a fallback.
+_IN_A_CADENCE = frozenset({"cadence", "cadence_membership"})
+# Embedded objects that may be the full person the resource is about (REST shapes embed only
+# {"id", "_href"}; those give nothing here and the person stays unknown).
+_EMBEDDED_PEOPLE = ("person", "recipient", "prospect")
+
+
 def _campaign_id(resource_type: str, resource: dict[str, Any]) -> str | None:
     if resource_type == "cadence":
         return as_id(resource.get("id"))
-    # REST shape: "cadence": {"id": 5, "_href": ...}; some payloads flatten it to cadence_id.
+    # REST shape: "cadence": {"id": 5, "_href": ...} (null when there is none); some payloads
+    # flatten it to cadence_id.
     return as_id(obj(resource.get("cadence")).get("id")) or as_id(resource.get("cadence_id"))
 
 
-def _contact(resource_type: str, resource: dict[str, Any]) -> Any:
-    if resource_type == "person":
-        name = text(resource.get("display_name")) or " ".join(
-            p for p in (text(resource.get("first_name")), text(resource.get("last_name"))) if p
-        )
-        return contact(
-            email=resource.get("email_address"),
-            name=name,
-            phone=text(resource.get("phone")) or resource.get("mobile_phone"),
-        )
-    # Emails name their recipient, the person the event is about.
-    return contact(email=resource.get("email_address") or resource.get("recipient_email_address"))
+def _full_name(resource: dict[str, Any]) -> str | None:
+    return text(resource.get("display_name")) or text(" ".join(
+        p for p in (text(resource.get("first_name")), text(resource.get("last_name"))) if p))
+
+
+def _phone(resource: dict[str, Any]) -> str | None:
+    return (text(resource.get("phone")) or text(resource.get("mobile_phone"))
+            or text(resource.get("home_phone")))
+
+
+def _contact(resource_type: str, resource: dict[str, Any]) -> Contact | None:
+    """Whichever field this resource type names its person with: people have email_address,
+    emails recipient_email_address and recipient_name, meetings recipient_email, calls the
+    dialled number in ``to``; some resources embed the whole person."""
+    if resource_type in _NOT_PEOPLE:
+        return None
+    embedded = next((obj(resource.get(k)) for k in _EMBEDDED_PEOPLE
+                     if text(obj(resource.get(k)).get("email_address"))), {})
+    email = (text(resource.get("email_address")) or text(resource.get("recipient_email_address"))
+             or text(resource.get("recipient_email")) or text(embedded.get("email_address")))
+    name = (text(resource.get("recipient_name")) or _full_name(resource)
+            or (_full_name(embedded) if embedded else None))
+    phone = (_phone(resource)
+             or (text(resource.get("to")) if resource_type in ("call", "call_data_record") else None)
+             or _phone(embedded))
+    return contact(email=email, name=name, phone=phone)
 
 
 class SalesloftProvider(SignedProvider):
@@ -140,22 +168,32 @@ class SalesloftProvider(SignedProvider):
             kind = _BOUNCED
         elif event_type == "cadence_membership_updated":
             kind = _MEMBERSHIP_STATE_KINDS.get(text(resource.get("current_state")) or "", kind)
+        # A creation happened when the resource was created (a later updated_at is another
+        # change); anything else when it was last updated.
+        created, updated = parse_time(resource.get("created_at")), parse_time(
+            resource.get("updated_at"))
+        when = (created or updated) if action == "created" else (updated or created)
+        found = _contact(resource_type, resource)
+        campaign_id = _campaign_id(resource_type, resource)
         return Event(
             provider=self.name,
             dedup_key=dedup_key,
             event_type=event_type,
             kind=kind,
-            occurred_at=parse_time(resource.get("updated_at"))
-            or parse_time(resource.get("created_at"))
-            or delivery.received_at,
+            occurred_at=when or delivery.received_at,
             received_at=delivery.received_at,
             resource_type=resource_type,
             resource_id=resource_id,
             action=action,
             workspace_id=None,
-            contact=_contact(resource_type, resource),
-            campaign_id=_campaign_id(resource_type, resource),
+            contact=found,
+            campaign_id=campaign_id,
             data=resource,
             previous=None,
             delivery_id=delivery.id,
+            fallbacks=missing(
+                occurred_at=when is None,
+                contact_email=resource_type in _ABOUT_A_PERSON and not (found and found.email),
+                campaign_id=resource_type in _IN_A_CADENCE and campaign_id is None,
+            ),
         )

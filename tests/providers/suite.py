@@ -43,6 +43,8 @@ class ProviderSuite:
     documented_kinds: ClassVar[dict[str, str]]
     # the other provider whose valid credential scheme is tried against this one
     other_provider: ClassVar[str] = "outreach"
+    # stored samples whose rows the provider's module asserts in a test of its own (arrays, ...)
+    samples_tested_elsewhere: ClassVar[tuple[str, ...]] = ()
 
     # -- what each provider module supplies ------------------------------------------------
 
@@ -66,6 +68,12 @@ class ProviderSuite:
 
     def raw(self, name: str) -> bytes:
         return (SAMPLES / self.provider / name).read_bytes()
+
+    def sample_headers(self, name: str) -> dict[str, str]:
+        """The request headers captured with a sample (``<name>.headers.json``), if any:
+        live deliveries carry headers (tenant, event name) the normalizer reads."""
+        path = (SAMPLES / self.provider / name).with_suffix(".headers.json")
+        return orjson.loads(path.read_bytes()) if path.is_file() else {}
 
     @property
     def first_sample(self) -> str:
@@ -92,12 +100,21 @@ class ProviderSuite:
             missing = EXPECTED_COLUMNS - expected.keys()
             assert not missing, f"{name}: expectation lacks {sorted(missing)}"
 
+    def test_every_stored_sample_is_expected_and_has_a_source(self) -> None:
+        stored = {p.name for p in (SAMPLES / self.provider).glob("*.raw")}
+        unexpected = stored - set(self.expected) - set(self.samples_tested_elsewhere)
+        assert not unexpected, f"samples nobody asserts: {sorted(unexpected)}"
+        sources = (SAMPLES / "SOURCES.md").read_text()
+        for name in stored:
+            assert f"{self.provider}/{name}" in sources, f"{name} is not in SOURCES.md"
+
     def test_valid_delivery_becomes_one_correct_row(self, acceptor: Any, runtime: Any,
                                                     database_url: str) -> None:
         before = datetime.now(timezone.utc)
         for name in sorted(self.expected):
             body = self.raw(name)
-            response = self.post(acceptor, body, self.sign(body, SECRETS[self.provider][0]))
+            headers = {**self.sign(body, SECRETS[self.provider][0]), **self.sample_headers(name)}
+            response = self.post(acceptor, body, headers)
             assert response.status_code == 200, (name, response.text)
             assert response.json() == {"status": "accepted"}
         drain(runtime)
@@ -123,6 +140,10 @@ class ProviderSuite:
             for secret in SECRETS[self.provider]:
                 assert secret not in stored_headers
             assert "authorization" not in delivery[0]["headers"]
+            kept = load_providers()[self.provider].kept_headers
+            for header, value in self.sample_headers(name).items():
+                if header.lower() in kept:
+                    assert delivery[0]["headers"].get(header.lower()) == value, (name, header)
 
     def _assert_nothing_enqueued(self, runtime: Any) -> None:
         assert runtime.ingest_queue.count == 0

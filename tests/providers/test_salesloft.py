@@ -69,6 +69,10 @@ def _membership(member_id: int, person_id: int, updated_at: str) -> dict[str, An
                        "id": person_id}}
 
 
+def _raw(name: str) -> Any:
+    return orjson.loads((SAMPLES / "salesloft" / name).read_bytes())
+
+
 class TestSalesloft(ProviderSuite):
     provider = "salesloft"
     other_provider = "outreach"
@@ -108,7 +112,86 @@ class TestSalesloft(ProviderSuite):
                 (SAMPLES / "salesloft/email_updated_bounced_wrapper.raw").read_bytes())["data"],
             "previous": None,
         },
+        # -- captured from live accounts (tests/samples/SOURCES.md) --------------------------
+        "task_created_bare.raw": {
+            # A creation is dated by created_at; the person is only referenced, so no contact.
+            "dedup_key": "task_created|721356732|2026-01-22T06:22:45.587713+00:00",
+            "event_type": "task_created",
+            "kind": "task.created",
+            "resource_type": "task",
+            "resource_id": "721356732",
+            "action": "created",
+            "occurred_at": "2026-01-22T06:22:45.587713Z",  # sent as -05:00
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "contact_phone": None,
+            "campaign_id": None,
+            "data": _raw("task_created_bare.raw"),
+            "previous": None,
+        },
+        "task_updated_bare.raw": {
+            "dedup_key": "task_updated|721356732|2026-01-22T07:31:27.782586+00:00",
+            "event_type": "task_updated",
+            "kind": "task.updated",
+            "resource_type": "task",
+            "resource_id": "721356732",
+            "action": "updated",
+            "occurred_at": "2026-01-22T07:31:27.782586Z",  # updated_at, not created_at
+            "workspace_id": None,
+            "contact_email": None,
+            "campaign_id": None,
+            "data": _raw("task_updated_bare.raw"),
+            "previous": None,
+        },
+        "task_updated_example.raw": {
+            "dedup_key": "task_updated|693873531|2025-11-20T12:21:16.193200+00:00",
+            "event_type": "task_updated",
+            "kind": "task.updated",
+            "resource_type": "task",
+            "resource_id": "693873531",
+            "action": "updated",
+            "occurred_at": "2025-11-20T12:21:16.1932Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "campaign_id": None,
+            "data": _raw("task_updated_example.raw"),
+            "previous": None,
+        },
+        "account_deleted_bare.raw": {
+            # An account is not a person: its "name" (Puma) and "phone" are not a contact's.
+            "dedup_key": "account_deleted|48371772|2026-01-22T07:45:21.340083+00:00",
+            "event_type": "account_deleted",
+            "kind": "account.deleted",
+            "resource_type": "account",
+            "resource_id": "48371772",
+            "action": "deleted",
+            "occurred_at": "2026-01-22T07:45:21.340083Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "contact_phone": None,
+            "campaign_id": None,
+            "data": _raw("account_deleted_bare.raw"),
+            "previous": None,
+        },
+        "account_updated_bare.raw": {
+            "dedup_key": "account_updated|75464484|2026-01-29T23:20:20.346346+00:00",
+            "event_type": "account_updated",
+            "kind": "account.updated",
+            "resource_type": "account",
+            "resource_id": "75464484",
+            "action": "updated",
+            "occurred_at": "2026-01-29T23:20:20.346346Z",
+            "workspace_id": None,
+            "contact_email": None,
+            "contact_name": None,
+            "campaign_id": None,
+            "data": _raw("account_updated_bare.raw"),
+            "previous": None,
+        },
     }
+    samples_tested_elsewhere = ("cadence_membership_created_array.raw",)
 
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         try:
@@ -223,3 +306,75 @@ class TestSalesloft(ProviderSuite):
 
     def test_unknown_event_name_is_kept_as_unknown(self) -> None:
         assert self._kinds("opportunity_stage_changed", {"id": 3}) == ["unknown"]
+
+
+# -- live shapes, field by field ----------------------------------------------------------------
+# Hand-made resources in the REST shapes Salesloft's webhooks mirror; no live capture of a
+# meeting, call or embedded person was found (tests/samples/SOURCES.md).
+
+def _one(event_type: str, resource: dict[str, Any]) -> Any:
+    delivery = Delivery(id="00000000-0000-4000-8000-0000000000bb", provider="salesloft",
+                        received_at=datetime(2026, 6, 4, 6, 0, tzinfo=timezone.utc),
+                        headers={"x-salesloft-event": event_type},
+                        body=orjson.dumps(resource).decode())
+    (event,) = load_providers()["salesloft"].events(delivery)
+    return event
+
+
+BASE = {"id": 77, "created_at": "2026-06-04T05:00:00.000000Z",
+        "updated_at": "2026-06-04T05:30:00.000000Z"}
+
+
+def test_meeting_booked_names_its_attendee() -> None:
+    event = _one("meeting_booked", {**BASE, "recipient_email": "ada@example.com",
+                                    "recipient_name": "Ada Lovelace", "title": "Intro call",
+                                    "cadence": {"_href": "https://api.salesloft.com/v2/cadences/5",
+                                                "id": 5},
+                                    "person": {"_href": "https://api.salesloft.com/v2/people/1",
+                                               "id": 1}})
+    assert (event.contact.email, event.contact.name) == ("ada@example.com", "Ada Lovelace")
+    assert event.campaign_id == "5"
+    assert event.fallbacks == ()
+
+
+def test_an_email_names_its_recipient() -> None:
+    event = _one("email_updated", {**BASE, "recipient_email_address": "ben@example.org",
+                                   "recipient_name": "Ben Okafor", "cadence": None})
+    assert (event.contact.email, event.contact.name) == ("ben@example.org", "Ben Okafor")
+    assert event.campaign_id is None  # "cadence": null
+
+
+def test_an_embedded_person_gives_the_contact() -> None:
+    person = {"id": 1, "email_address": "cy@example.com", "first_name": "Cy",
+              "last_name": "Young", "home_phone": "+1 555 0100"}
+    event = _one("cadence_membership_updated", {**BASE, "person": person,
+                                                "cadence": {"id": 12}, "current_state": "active"})
+    assert event.contact.to_dict() == {"email": "cy@example.com", "name": "Cy Young",
+                                       "phone": "+1 555 0100"}
+    assert event.campaign_id == "12"
+
+
+def test_phone_from_phone_mobile_home_or_a_calls_number() -> None:
+    assert _one("person_updated", {**BASE, "mobile_phone": "+1 2"}).contact.phone == "+1 2"
+    assert _one("person_updated", {**BASE, "home_phone": "+1 3"}).contact.phone == "+1 3"
+    call = _one("call_created", {**BASE, "to": "+44 20 7946 0000", "duration": 31})
+    assert call.contact.phone == "+44 20 7946 0000"
+    # An account's phone is the company's, not a contact's; a user is a rep, not a contact.
+    assert _one("account_updated", {**BASE, "phone": "+1 4", "name": "Acme"}).contact is None
+    assert _one("user_updated", {**BASE, "email_address": "rep@acme.example"}).contact is None
+
+
+def test_creations_are_dated_by_created_at_and_updates_by_updated_at() -> None:
+    assert _one("person_created", BASE).occurred_at == datetime(2026, 6, 4, 5, tzinfo=timezone.utc)
+    assert _one("person_updated", BASE).occurred_at == datetime(2026, 6, 4, 5, 30,
+                                                               tzinfo=timezone.utc)
+    undated = _one("person_updated", {"id": 77, "email_address": "a@b.example"})
+    assert undated.occurred_at == undated.received_at
+    assert undated.fallbacks == ("occurred_at",)
+
+
+def test_missing_fields_a_resource_type_should_carry_are_fallbacks() -> None:
+    assert _one("meeting_booked", BASE).fallbacks == ("contact_email",)
+    assert _one("cadence_membership_created", {**BASE, "cadence": None}).fallbacks == (
+        "campaign_id",)
+    assert _one("task_created", BASE).fallbacks == ()  # a task need not name either
