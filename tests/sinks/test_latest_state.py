@@ -33,13 +33,14 @@ T0 = datetime(2026, 6, 4, 5, 0, tzinfo=timezone.utc)
 
 def prospect(pid: int, seconds: int, title: str, *, event: str = "prospect.updated",
              before: str | None = None) -> dict[str, Any]:
-    """An Outreach delivery envelope (payload version 2) as the acceptor writes it."""
+    """An Outreach delivery envelope (payload version 2) as the acceptor writes it, delivered
+    as soon as it happened (a delete is dated by its delivery)."""
     at = (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
     payload: dict[str, Any] = {
         "data": {"type": "prospect", "id": pid,
                  "attributes": {"title": title, "updatedAt": at,
                                 "emails": [f"p{pid}@example.com"]}},
-        "meta": {"eventName": event, "deliveredAt": datetime.now(timezone.utc).isoformat()},
+        "meta": {"eventName": event, "deliveredAt": at},
     }
     if before is not None:
         payload["beforeUpdate"] = {"type": "prospect", "id": pid,
