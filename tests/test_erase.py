@@ -249,3 +249,51 @@ def test_erase_one_record_by_resource(runtime: Runtime, settings: Settings,
     assert not rows(database_url, "SELECT 1 FROM webhook_records WHERE resource_id = %s",
                     event["resource_id"])
     assert job_args(runtime, runtime.names.job_id("batch", "q")) == [[keep]]
+
+
+def test_a_running_job_is_waited_for_and_what_it_stored_is_erased(
+        runtime: Runtime, settings: Settings, database_url: str, namespace: str) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from tests.helpers import wait_until
+
+    rt = runtime
+    jane, bob = outboundry_delivery(email=JANE), outboundry_delivery(email=BOB)
+    queue = rt.sink_queue("postgres")
+    job = make_job(queue, constants.DELIVER,
+                   ("postgres", event_jobs(rt, jane, bob), [jane, bob]),
+                   rt.names.job_id("deliver-postgres", "running"), None, "deliver(postgres)")
+    queue.enqueue_job(job)
+    env = dict(os.environ, **{k: v for k, v in settings.raw.items()
+                              if k in ("REDIS_URL", "DATABASE_URL") or k.startswith("INGEST_")})
+    # The sink's insert waits behind this lock: the job stays started until it is released.
+    lock = psycopg.connect(database_url)
+    lock.execute("LOCK TABLE webhook_events IN EXCLUSIVE MODE")
+    worker = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker", "--burst",
+                               "--queue", "sink-postgres"], env=env)
+    reports: list[Any] = []
+    try:
+        wait_until(lambda: job.id in queue.started_job_registry.get_job_ids(), 60,
+                   "the worker to start the job")
+        eraser = threading.Thread(
+            target=lambda: reports.append(erase(settings, EmailSubject(JANE), wait=60)))
+        eraser.start()
+        wait_until(lambda: JANE.lower() not in _texts(
+            rt.redis.hget(job.key, "data") or b"")[-1].lower(), 30, "the job to be rewritten")
+        lock.rollback()  # the worker now stores what it holds in memory: Jane included
+        eraser.join(timeout=90)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        lock.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    (report,) = reports
+    assert report.counts["rq jobs still running"] == 0
+    assert report.counts["webhook_events"] == 1  # stored by the running job, then erased
+    assert db_mentions(database_url, JANE) == {t: 0 for t in (*TABLES, "webhook_erasures")}
+    assert [r["contact_email"] for r in rows(database_url, "SELECT * FROM webhook_events")] \
+        == [BOB]
+    assert redis_mentions(rt, namespace, JANE) == []
