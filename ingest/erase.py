@@ -444,17 +444,22 @@ def _erase_postgres(url: str, subject: Subject, report: ErasureReport) -> None:
 
 
 def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: float = 60.0,
-          step: Callable[[str], None] | None = None) -> ErasureReport:
+          step: Callable[[str], None] | None = None, suppress: bool = False) -> ErasureReport:
     """Erase ``subject`` everywhere (see the module docstring); ``step(place)`` is told
-    where it is looking."""
+    where it is looking. ``suppress`` (an email subject only) first lists it so workers drop
+    its future events (workers.suppression)."""
     from ingest.redis_conn import worker_redis
+    from workers import suppression
 
     report = ErasureReport(dry_run=dry_run)
     tell = step or (lambda _place: None)
-    tell("spool")
-    _erase_spool(settings.spool_dir, subject, report)
     redis = worker_redis(settings.require_redis())
     try:
+        if suppress and not dry_run:
+            # Before looking anywhere: what arrives during the erase is dropped, not stored.
+            suppression.add(redis, settings.names, subject.sha256)
+        tell("spool")
+        _erase_spool(settings.spool_dir, subject, report)
         tell("RQ jobs")
         running = _erase_jobs(settings, redis, subject, report)
         tell("Slack outbox")
@@ -489,7 +494,7 @@ def _is_started(redis: Any, settings: Settings, job_id: str) -> bool:
 # -- the command ------------------------------------------------------------------------------
 
 
-def _print_report(report: ErasureReport, subject: Subject) -> None:
+def _print_report(report: ErasureReport, subject: Subject, suppressed: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -507,6 +512,9 @@ def _print_report(report: ErasureReport, subject: Subject) -> None:
         console.print("[yellow]Spool segments in use by a running acceptor were not read. "
                       "They reach Redis once it takes deliveries again; run this erase again "
                       "then (or stop the acceptor first).[/yellow]")
+    if suppressed:
+        console.print("Workers now drop this contact's future events "
+                      "(lift with --unsuppress).")
     if report.counts["rq jobs still running"]:
         console.print("[yellow]Jobs holding the subject were still running; run this erase "
                       "again once they end (or pass a longer --wait).[/yellow]")
@@ -523,6 +531,22 @@ def cmd_erase(args: argparse.Namespace) -> int:
         print(f"ingest erase: {exc}", file=sys.stderr)
         return 2
     settings = Settings.from_env()
+    if (args.suppress or args.unsuppress) and not args.email:
+        print("ingest erase: --suppress and --unsuppress take --email", file=sys.stderr)
+        return 2
+    if args.unsuppress:
+        from ingest.redis_conn import worker_redis
+        from workers import suppression
+
+        redis = worker_redis(settings.require_redis())
+        try:
+            listed = suppression.remove(redis, settings.names, subject.sha256)
+        finally:
+            redis.close()
+        print(f"subject {subject.sha256}: " + (
+            "suppression lifted; its future events are stored again" if listed
+            else "was not suppressed"))
+        return 0
     if not args.dry_run and not args.yes:
         if not sys.stdin.isatty():
             print("ingest erase: refusing to erase without confirmation: stdin is not a "
@@ -535,8 +559,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with console.status("erasing") as status:
         report = erase(settings, subject, dry_run=args.dry_run, wait=args.wait,
-                       step=lambda place: status.update(f"erasing: {place}"))
-    _print_report(report, subject)
+                       step=lambda place: status.update(f"erasing: {place}"),
+                       suppress=args.suppress)
+    _print_report(report, subject, suppressed=args.suppress and not args.dry_run)
     return 0
 
 
@@ -550,6 +575,11 @@ def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
                        help="one record, e.g. outreach:prospect:123")
     p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--suppress", action="store_true",
+                   help="also drop this contact's future events (a hash of the address is "
+                        "listed in Redis)")
+    p.add_argument("--unsuppress", action="store_true",
+                   help="only lift an earlier --suppress; erase nothing")
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for running jobs that hold the subject "
                         "(default: %(default)s)")

@@ -73,6 +73,13 @@ LAG_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
 
+# -- personal data ----------------------------------------------------------------------------
+SUPPRESSED = Counter(
+    "ingest_suppressed_events",
+    "Events dropped because their contact was erased with --suppress, by provider.",
+    ["provider"],
+)
+
 
 def render() -> tuple[bytes, str]:
     """The metrics text of this process (or of all processes, in multiprocess mode)."""

@@ -297,3 +297,41 @@ def test_a_running_job_is_waited_for_and_what_it_stored_is_erased(
     assert [r["contact_email"] for r in rows(database_url, "SELECT * FROM webhook_events")] \
         == [BOB]
     assert redis_mentions(rt, namespace, JANE) == []
+
+
+def test_suppress_drops_the_contacts_future_events_until_lifted(
+        runtime: Runtime, settings: Settings, database_url: str, namespace: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import REGISTRY
+
+    def suppressed() -> float:
+        return REGISTRY.get_sample_value("ingest_suppressed_events_total",
+                                         {"provider": "outboundry"}) or 0.0
+
+    report = erase(settings, EmailSubject(JANE), suppress=True)
+    assert report.counts["webhook_events"] == 0
+    before = suppressed()
+    enqueue_batch(runtime.ingest_queue, [outboundry_delivery(email=JANE.upper()),
+                                         outboundry_delivery(email=BOB)],
+                  runtime.names.job_id("batch", "later"))
+    drain(runtime)
+    assert [r["contact_email"] for r in rows(database_url, "SELECT * FROM webhook_events")] \
+        == [BOB]
+    assert not rows(database_url, "SELECT 1 FROM webhook_deliveries WHERE strpos(lower("
+                                  "convert_from(body, 'UTF8')), %s) > 0", JANE.lower())
+    assert suppressed() == before + 1
+    # The list holds the hash, never the address.
+    assert runtime.redis.smembers(runtime.names.key("suppressed")) == {
+        hashlib.sha256(JANE.lower().encode()).hexdigest().encode()}
+    assert runtime.redis.sismember(runtime.names.key("suppressed"),
+                                   hashlib.sha256(JANE.lower().encode()).hexdigest())
+
+    for key, value in settings.raw.items():
+        if key in ("REDIS_URL", "DATABASE_URL") or key.startswith("INGEST_"):
+            monkeypatch.setenv(key, value)
+    assert main(["erase", "--email", JANE, "--unsuppress"]) == 0
+    enqueue_batch(runtime.ingest_queue, [outboundry_delivery(email=JANE)],
+                  runtime.names.job_id("batch", "lifted"))
+    drain(runtime)
+    assert {r["contact_email"] for r in rows(database_url, "SELECT * FROM webhook_events")} \
+        == {BOB, JANE}
