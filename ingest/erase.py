@@ -176,6 +176,7 @@ def parse_resource(value: str) -> ResourceSubject:
 class ErasureReport:
     counts: Counter[str] = field(default_factory=Counter)
     dry_run: bool = False
+    not_searched: list[str] = field(default_factory=list)  # places this run could not reach
 
     def as_dict(self) -> dict[str, int]:
         return {place: self.counts[place] for place in PLACES}
@@ -481,6 +482,8 @@ def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: flo
     if settings.database_url:
         tell("Postgres")
         _erase_postgres(settings.database_url, subject, report)
+    else:
+        report.not_searched.append("Postgres: DATABASE_URL is not set")
     return report
 
 
@@ -508,6 +511,8 @@ def _print_report(report: ErasureReport, subject: Subject, suppressed: bool = Fa
         table.add_row(place, str(report.counts[place]))
     console.print(table)
     console.print(f"subject sha256: {subject.sha256}")
+    for place in report.not_searched:
+        console.print(f"[yellow]not searched: {place}; set it and run this erase again[/yellow]")
     if report.counts["spool segments in use"]:
         console.print("[yellow]Spool segments in use by a running acceptor were not read. "
                       "They reach Redis once it takes deliveries again; run this erase again "
