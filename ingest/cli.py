@@ -259,6 +259,24 @@ def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
 _EXTRA_COMMANDS.append(_add_replay)
 
 
+def _add_erase(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.erase import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_erase)
+
+
+def _add_retention(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.retention import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_retention)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -156,10 +156,22 @@ def _supervise(queues: list[str], burst: bool) -> int:
     return exit_code
 
 
+def _schedule_retention(rt: Runtime) -> None:
+    """The daily retention run (ingest.retention), once per deployment: any worker may ask."""
+    from ingest.retention import schedule
+
+    try:
+        schedule(rt)
+    except RedisError as exc:  # the next worker start, or the next run, schedules it
+        log.warning("could not schedule the daily retention run: %s", exc)
+
+
 def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> int:
     rt = Runtime(settings)  # validates sinks and connects before taking any job
     install_runtime(rt)
     names = queues or rt.queue_names()
+    if rt.names.ingest_queue in names:
+        _schedule_retention(rt)
     if len(names) == 1:
         return _single(rt, names[0], burst)
     if burst:
