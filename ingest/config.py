@@ -78,6 +78,7 @@ class Settings:
     spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
     dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
     abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER
+    startup_wait: float = constants.DEFAULT_STARTUP_WAIT
     log_format: str = "json"
     # Every raw value, for sink plugins that read their own prefix (see section()).
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -163,6 +164,7 @@ class Settings:
             dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
             abandoned_after=integer("INGEST_ABANDONED_AFTER",
                                     constants.DEFAULT_ABANDONED_AFTER, minimum=3),
+            startup_wait=number("INGEST_STARTUP_WAIT", constants.DEFAULT_STARTUP_WAIT),
             log_format=log_format,
             raw=raw,
             sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},
