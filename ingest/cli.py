@@ -73,6 +73,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ingest worker: {exc}", file=sys.stderr)
         return 2
+    # Before the metrics endpoint opens: a worker still waiting for Redis is not healthy yet.
+    from ingest.startup import wait_for_redis
+
+    wait_for_redis(settings.require_redis(), settings.startup_wait)
     # Mirrors run_worker: several queues without --burst means one child process per queue.
     supervising = not args.burst and len(queues or range(1 + len(settings.sinks))) > 1
     # Before anything imports ingest.metrics: multiprocess mode must clean its directory first.
