@@ -99,6 +99,7 @@ class Settings:
     spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
     dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
     abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER
+    startup_wait: float = constants.DEFAULT_STARTUP_WAIT
     log_format: str = "json"
     # Days kept, by received_at, of webhook_deliveries and of webhook_events; None: forever.
     retention_days: int | None = None
@@ -187,6 +188,7 @@ class Settings:
             dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
             abandoned_after=integer("INGEST_ABANDONED_AFTER",
                                     constants.DEFAULT_ABANDONED_AFTER, minimum=3),
+            startup_wait=number("INGEST_STARTUP_WAIT", constants.DEFAULT_STARTUP_WAIT),
             log_format=log_format,
             retention_days=_days(integer, get, "INGEST_RETENTION_DAYS"),
             events_retention_days=_days(integer, get, "INGEST_EVENTS_RETENTION_DAYS"),
