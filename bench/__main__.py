@@ -535,7 +535,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="write py-spy profiles (raw collapsed stacks) here")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write raw results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--lifecycle", action="store_true",
+                        help="only the large-table and retention measurements (bench.lifecycle)")
+    parser.add_argument("--lifecycle-rows", type=int, default=10_000_000,
+                        help="rows in webhook_events for --lifecycle (default %(default)s)")
+    parser.add_argument("--retention-rows", type=int, default=1_000_000,
+                        help="expired rows --lifecycle's retention run removes per table")
     args = parser.parse_args(argv)
+    if args.lifecycle:
+        return _lifecycle(args)
 
     description = machine()
     log(description)
@@ -576,6 +584,23 @@ def main(argv: list[str] | None = None) -> int:
     correct = all(ctx.results[k]["lost"] == 0 and ctx.results[k]["doubled"] == 0
                   for k in ("acceptor", "e2e1", "e2e2", "drain1", "drain2"))
     return 0 if correct else 1
+
+
+def _lifecycle(args: argparse.Namespace) -> int:
+    from bench import lifecycle
+
+    log(machine())
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    try:
+        with servers(tmp) as (_redis_url, _redis_pid, db_url):
+            results = lifecycle.run(db_url, args.lifecycle_rows, args.retention_rows,
+                                    args.duration)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(lifecycle.render(results))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0 if results["retention_ok"] and results["expired_left"] == 0 else 1
 
 
 if __name__ == "__main__":

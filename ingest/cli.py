@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from ingest import constants
 from ingest.config import Settings
-from ingest.exceptions import ConfigError, PluginError
+from ingest.exceptions import ConfigError, PluginError, StartupError
 
 __all__ = ["main"]
 
@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _setup_logging(settings)
+    _report_redis_at_start(settings)
     app = create_app(settings)
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
     host = args.host or settings.raw.get("INGEST_HOST") or "0.0.0.0"
@@ -46,6 +47,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 http="httptools", loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def _report_redis_at_start(settings: Settings) -> None:
+    """The acceptor starts without Redis (deliveries go to the spool until it answers), so it
+    does not wait for it; it says so once, at start, instead of leaving that to be guessed."""
+    from ingest.startup import redis_problem, server_address
+
+    url = settings.require_redis()
+    problem = redis_problem(url)
+    if problem is not None:
+        logging.getLogger("ingest.cli").warning(
+            "Redis at %s does not answer yet (%s): accepting deliveries into the spool (%s) "
+            "until it does, and /readyz answers 503 meanwhile. Check that Redis runs and that "
+            "REDIS_URL names it.", server_address(url), problem, settings.spool_dir)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -58,6 +73,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ingest worker: {exc}", file=sys.stderr)
         return 2
+    # Before the metrics endpoint opens: a worker still waiting for Redis is not healthy yet.
+    from ingest.startup import wait_for_redis
+
+    wait_for_redis(settings.require_redis(), settings.startup_wait)
     # Mirrors run_worker: several queues without --burst means one child process per queue.
     supervising = not args.burst and len(queues or range(1 + len(settings.sinks))) > 1
     # Before anything imports ingest.metrics: multiprocess mode must clean its directory first.
@@ -94,10 +113,15 @@ def _queue_name(settings: Settings, queue: str) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from sinks.postgres import migrate
+    from sinks.postgres import MigrationError, migrate
 
     settings = _settings()
-    applied = migrate(settings.require_database())
+    _setup_logging(settings)
+    try:
+        applied = migrate(settings.require_database(), wait=settings.startup_wait)
+    except MigrationError as exc:
+        print(f"ingest migrate: {exc}", file=sys.stderr)
+        return 1
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 
@@ -259,6 +283,24 @@ def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
 _EXTRA_COMMANDS.append(_add_replay)
 
 
+def _add_erase(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.erase import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_erase)
+
+
+def _add_retention(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.retention import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_retention)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -266,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PluginError) as exc:
         print(f"ingest {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"ingest {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

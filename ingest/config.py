@@ -80,6 +80,11 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise ConfigError("INGEST_CONFIG", f"{path} is not valid TOML: {exc}") from None
 
 
+def _days(integer: Any, get: Any, name: str) -> int | None:
+    """A retention in whole days (at least 1); unset keeps forever."""
+    return integer(name, 0, minimum=1) if get(name) is not None else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting the product reads. Build it with :meth:`from_env`."""
@@ -94,7 +99,11 @@ class Settings:
     spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
     dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
     abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER
+    startup_wait: float = constants.DEFAULT_STARTUP_WAIT
     log_format: str = "json"
+    # Days kept, by received_at, of webhook_deliveries and of webhook_events; None: forever.
+    retention_days: int | None = None
+    events_retention_days: int | None = None
     # Every raw value, for sink plugins that read their own prefix (see section()).
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
     sink_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
@@ -179,7 +188,10 @@ class Settings:
             dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
             abandoned_after=integer("INGEST_ABANDONED_AFTER",
                                     constants.DEFAULT_ABANDONED_AFTER, minimum=3),
+            startup_wait=number("INGEST_STARTUP_WAIT", constants.DEFAULT_STARTUP_WAIT),
             log_format=log_format,
+            retention_days=_days(integer, get, "INGEST_RETENTION_DAYS"),
+            events_retention_days=_days(integer, get, "INGEST_EVENTS_RETENTION_DAYS"),
             raw=raw,
             sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},
         )

@@ -57,6 +57,13 @@ DEFAULT_ABANDONED_AFTER = 45
 WORKER_TTL = 60
 # Longest pause (seconds) between a worker's attempts to reach Redis again during an outage.
 WORKER_RECONNECT_MAX = 5.0
+# Default seconds a starting process (`ingest migrate`, `ingest worker`) waits for Redis or
+# Postgres to answer before it gives up (INGEST_STARTUP_WAIT): covers a server still starting.
+DEFAULT_STARTUP_WAIT = 60.0
+# Longest pause (seconds) between two attempts to reach a server while starting up.
+STARTUP_RETRY_MAX = 2.0
+# Seconds between two "still waiting" log lines while a starting process waits for a server.
+STARTUP_LOG_EVERY = 10.0
 
 # Spool (ingest.spool): a segment is sealed once it grows past this many bytes (16 MiB).
 SPOOL_SEGMENT_BYTES = 16 * 1024 * 1024

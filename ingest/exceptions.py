@@ -5,6 +5,8 @@
     IngestError
     ├── ConfigError            start-up refuses to run; the message names the variable
     ├── PluginError            a provider or sink plugin failed to load; names the plugin
+    ├── StartupError           Redis or Postgres did not answer a starting process in time
+    │                          (INGEST_STARTUP_WAIT), or refused it; says what to check
     ├── SignatureError         acceptor answers 401; nothing is enqueued
     ├── PayloadError           acceptor answers 400 (body is not a JSON object)
     ├── NormalizationError     worker: this one delivery fails alone (no dedup key could be
@@ -33,6 +35,7 @@ __all__ = [
     "PluginError",
     "SignatureError",
     "SinkError",
+    "StartupError",
     "TransientSinkError",
 ]
 
@@ -55,6 +58,11 @@ class PluginError(IngestError):
     def __init__(self, plugin: str, message: str) -> None:
         self.plugin = plugin
         super().__init__(f"plugin {plugin!r}: {message}")
+
+
+class StartupError(IngestError):
+    """A server a starting process needs did not answer in time, or refused it. The message
+    names the server and the setting to check; the command exits with status 1."""
 
 
 class SignatureError(IngestError):

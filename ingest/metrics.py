@@ -93,6 +93,13 @@ def count_fallbacks(events: Iterable[Event]) -> None:
             if name in FALLBACK_FIELDS:
                 NORMALIZATION_FALLBACKS.labels(event.provider, name).inc()
 
+# -- personal data ----------------------------------------------------------------------------
+SUPPRESSED = Counter(
+    "ingest_suppressed_events",
+    "Events dropped because their contact was erased with --suppress, by provider.",
+    ["provider"],
+)
+
 
 def render() -> tuple[bytes, str]:
     """The metrics text of this process (or of all processes, in multiprocess mode)."""

@@ -24,7 +24,7 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 
-__all__ = ["PostgresSink", "connect", "migrate"]
+__all__ = ["MigrationError", "PostgresSink", "connect", "migrate"]
 
 log = logging.getLogger("sinks.postgres")
 
@@ -69,14 +69,32 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, **kwargs)
 
 
-def migrate(url: str) -> list[str]:
-    """Apply every migration not applied yet, under an advisory lock. Returns what ran."""
+class MigrationError(Exception):
+    """The database cannot take the schema as it is; the message says how to fix it."""
+
+
+def migrate(url: str, wait: float = 0.0) -> list[str]:
+    """Apply every migration not applied yet, under an advisory lock. Returns what ran.
+
+    ``wait`` > 0: a server that does not answer yet is tried again for that many seconds
+    (``ingest.startup``) before :class:`ingest.startup.StartupError` is raised. A database
+    whose encoding is not UTF8 raises :class:`MigrationError` before anything is written.
+    """
     files = sorted(
         (f for f in resources.files("sinks.migrations").iterdir() if f.name.endswith(".sql")),
         key=lambda f: f.name,
     )
     applied: list[str] = []
-    with connect(url, autocommit=True) as conn:
+    if wait > 0:
+        from ingest.startup import wait_for_postgres
+
+        conn = wait_for_postgres(url, lambda: connect(url, autocommit=True), wait)
+    else:
+        conn = connect(url, autocommit=True)
+    with conn:
+        _require_utf8(conn)
+        # Several `ingest migrate` may start at once (one per container, or per host): the
+        # lock makes them run one after the other, and the later ones find nothing to do.
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute(
@@ -95,6 +113,24 @@ def migrate(url: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied
+
+
+def _require_utf8(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a database that cannot hold every name and message as sent.
+
+    Events carry names and message text in any language. A LATIN1 (or other one-byte)
+    database refuses many of them; a SQL_ASCII one stores bytes unchecked and hands text back
+    as bytes, so even the names of applied migrations would never match again.
+    """
+    encoding = conn.info.parameter_status("server_encoding") or "unknown"
+    if encoding.upper() in ("UTF8", "UTF-8"):
+        return
+    name = conn.info.dbname
+    raise MigrationError(
+        f"database {name!r} has encoding {encoding}; webhook-ingest needs UTF8 (names and "
+        f"message text come in every language). Create the database as UTF8, e.g. "
+        f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0 (with data already "
+        f"in it: pg_dump it, create it again as UTF8, pg_restore), then run `ingest migrate`.")
 
 
 def _json(value: Any) -> bytes:

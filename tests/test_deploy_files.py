@@ -23,7 +23,7 @@ import yaml
 
 from ingest.cli import _parser, _queue_name
 from ingest.config import Settings
-from ingest.constants import SINK_ENTRY_POINT_GROUP
+from ingest.constants import JOB_TIMEOUT, SINK_ENTRY_POINT_GROUP
 from ingest.providers import load_providers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,23 @@ def services() -> dict[str, dict[str, Any]]:
     return compose()["services"]
 
 
+# The one image every app service runs (its entrypoint is `ingest`).
+APP_IMAGE = "webhook-ingest:local"
+
+
 def app_services() -> dict[str, dict[str, Any]]:
-    """Services running our image (its entrypoint is `ingest`)."""
-    return {name: s for name, s in services().items()
-            if "build" in s or str(s.get("image", "")).startswith("webhook-ingest")}
+    """Services running our image."""
+    return {name: s for name, s in services().items() if s.get("image") == APP_IMAGE}
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration ("315s", "1m30s", "2h", or a number of seconds) in seconds."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    unit = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * unit[u] for n, u in parts)
 
 
 def procfile() -> dict[str, str]:
@@ -174,10 +187,20 @@ def test_redis_persists_every_accepted_delivery_and_never_evicts() -> None:
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must be on a volume"
 
 
-def test_postgres_keeps_its_data_and_reports_health() -> None:
+def test_postgres_keeps_its_data_and_reports_health_over_tcp() -> None:
     postgres = services()["postgres"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
-    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    check = " ".join(postgres["healthcheck"]["test"])
+    assert "pg_isready" in check
+    # The image's first start runs a socket-only server while it creates the database: only a
+    # check over TCP tells when the others can connect.
+    assert re.search(r"-h\s+127\.0\.0\.1\b", check), check
+    assert "-U ingest" in check and "-d ingest" in check
+    env = postgres["environment"]
+    assert env["POSTGRES_USER"] == "ingest" and env["POSTGRES_DB"] == "ingest"
+    assert "--encoding=UTF8" in env["POSTGRES_INITDB_ARGS"], "ingest migrate needs UTF8"
+    url = services()["migrate"]["environment"]["DATABASE_URL"]
+    assert url.startswith("postgresql://ingest:") and url.endswith("@postgres:5432/ingest")
 
 
 def test_acceptor_healthcheck_is_readiness_and_its_spool_is_a_volume() -> None:
@@ -196,6 +219,76 @@ def test_workers_scale_nothing_ties_them_to_one_instance() -> None:
         for key in ("container_name", "ports", "hostname"):
             assert key not in service, f"{name} has {key}: `--scale {name}=4` would clash"
         assert service["environment"]["INGEST_METRICS_PORT"], f"{name} serves no metrics"
+
+
+def test_one_image_is_built_once_and_every_app_service_runs_it() -> None:
+    apps = app_services()
+    assert {"migrate", "acceptor", "worker", "sink-postgres"} <= apps.keys()
+    builders = [name for name, s in apps.items() if "build" in s]
+    assert builders == ["migrate"], f"exactly one service builds {APP_IMAGE}: {builders}"
+    assert services()["migrate"]["build"] == "."
+    # Every other app service waits for migrate, so any `up` builds the image first.
+    for name, service in apps.items():
+        if name != "migrate":
+            assert "migrate" in service["depends_on"], name
+    for name, service in services().items():
+        if "build" in service and name != "migrate":
+            assert service["image"] != APP_IMAGE, name
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    built_here = {s["image"] for s in services().values() if "build" in s}
+    for name, service in services().items():
+        image = str(service["image"])
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag, f"{name}: image {image!r} has no tag"
+        if image in built_here:
+            assert tag != "latest", f"{name}: a built image gets a tag of its own"
+            continue
+        assert tag != "latest" and re.match(r"\d", tag), \
+            f"{name}: {image!r} is not pinned to a version"
+    froms = re.findall(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    froms += re.findall(r"^FROM\s+(\S+)", (ROOT / "deploy/rq-dashboard/Dockerfile").read_text(),
+                        re.M)
+    for image in froms:
+        assert re.search(r":\d", image), f"FROM {image}: not pinned to a version"
+
+
+def test_dashboard_packages_are_pinned_and_match_the_workers_rq() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lines = [ln.split("#")[0].strip()
+             for ln in (ROOT / "deploy/rq-dashboard/requirements.txt").read_text().splitlines()]
+    pins = {}
+    for line in filter(None, lines):
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{line}: not an exact version"
+        pins[req.name.lower()] = spec.version
+    assert "rq-dashboard" in pins
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ours = next(Requirement(d) for d in project["dependencies"] if Requirement(d).name == "rq")
+    assert pins["rq"] in ours.specifier, "the dashboard must read what our workers write"
+
+
+def test_every_healthcheck_has_a_start_period() -> None:
+    checked = {name: s["healthcheck"] for name, s in services().items() if "healthcheck" in s}
+    assert {"redis", "postgres", "acceptor", "worker", "sink-postgres", "rq-dashboard"} <= \
+        checked.keys()
+    for name, check in checked.items():
+        assert seconds(check["start_period"]) > 0, name
+        # The first check runs one interval after start: that is the earliest "healthy".
+        assert seconds(check["interval"]) <= 10, name
+
+
+def test_a_stopping_worker_has_time_to_finish_its_job() -> None:
+    for name, service in app_services().items():
+        assert service.get("init") is True, f"{name}: PID 1 would ignore SIGTERM while waiting"
+        if parse(service["command"], name).command == "worker":
+            grace = seconds(service["stop_grace_period"])
+            assert grace > JOB_TIMEOUT, f"{name}: a job may run {JOB_TIMEOUT} s, grace {grace} s"
 
 
 def test_dashboard_is_optional_and_local_only() -> None:

@@ -31,7 +31,7 @@ from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
 from sinks.base import matches_any
-from workers import dedup, records
+from workers import dedup, records, suppression
 from workers.runtime import Runtime, current_runtime
 
 __all__ = ["deliver", "process_batch"]
@@ -130,7 +130,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             produced[event.provider] += 1
             candidates.setdefault(event.id, event)
 
-    events = list(candidates.values())
+    events = suppression.drop_suppressed(rt.redis, rt.names, list(candidates.values()), produced)
     fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
     fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     for event in fresh:

@@ -11,7 +11,9 @@ matters when a job is a whole batch) with the scheduler on (retries with backoff
 SIGTERM lets the job in hand finish; a second SIGTERM or SIGKILL does not, and then the
 watchdog (workers.watchdog) retries the job within about a minute.
 
-A worker waits out a Redis outage: RQ itself quits its loop on some Redis errors (a timeout,
+At start, a worker waits up to INGEST_STARTUP_WAIT seconds for Redis to answer, then gives up
+with a message saying what to check (ingest.startup). Once running, a worker waits out a Redis
+outage: RQ itself quits its loop on some Redis errors (a timeout,
 or an error outside the blocking dequeue), so :func:`_single` then waits until Redis answers
 and starts a fresh worker on the same queue. Only a signal (or ``--burst``) ends it.
 """
@@ -32,6 +34,7 @@ from rq.serializers import JSONSerializer
 
 from ingest import constants
 from ingest.config import Settings
+from ingest.startup import wait_for_redis
 from workers.runtime import Runtime, install_runtime
 from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
 
@@ -156,10 +159,26 @@ def _supervise(queues: list[str], burst: bool) -> int:
     return exit_code
 
 
+def _schedule_retention(rt: Runtime) -> None:
+    """The daily retention run (ingest.retention), once per deployment: any worker may ask."""
+    from ingest.retention import schedule
+
+    try:
+        schedule(rt)
+    except RedisError as exc:  # the next worker start, or the next run, schedules it
+        log.warning("could not schedule the daily retention run: %s", exc)
+
+
 def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> int:
     rt = Runtime(settings)  # validates sinks and connects before taking any job
+    # Redis may still be starting (a host's boot, `docker compose up`): wait for it, bounded
+    # and logged, rather than die with a traceback. Once running, a worker waits out any
+    # outage without a bound (_work below).
+    wait_for_redis(settings.require_redis(), settings.startup_wait)
     install_runtime(rt)
     names = queues or rt.queue_names()
+    if rt.names.ingest_queue in names:
+        _schedule_retention(rt)
     if len(names) == 1:
         return _single(rt, names[0], burst)
     if burst:

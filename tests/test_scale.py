@@ -1,0 +1,126 @@
+"""The queries docs/operations.md suggests use indexes on a table large enough to matter,
+and migrating a filled database keeps every row."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from sinks.postgres import migrate
+from tests.helpers import with_database
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+ROWS = 200_000
+
+
+def suggested_queries() -> list[str]:
+    text = DOCS.read_text()
+    section = text.split("### Queries that stay fast", 1)[1]
+    block = re.search(r"```sql\n(.*?)```", section, re.S)
+    assert block, "the section lists its queries in a sql block"
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("--")]
+
+
+def fill(conn: psycopg.Connection[Any], count: int) -> None:
+    """Events spread over 50 kinds, 20,000 contacts and 50,000 records, a year of times."""
+    conn.execute(
+        "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, resource_type, "
+        "resource_id, occurred_at, received_at, contact_email, data) "
+        "SELECT gen_random_uuid(), (ARRAY['outreach','salesloft'])[1 + g %% 2], 'k' || g, 'x', "
+        "CASE WHEN g %% 50 = 0 THEN 'email.replied' ELSE 'kind.' || (g %% 50) END, 'prospect', "
+        "(g %% 50000)::text, now() - (g %% 525600) * interval '1 minute', "
+        "now() - (g %% 525600) * interval '1 minute', "
+        "CASE WHEN g %% 3 = 0 THEN NULL ELSE 'Person' || (g %% 20000) || '@Example.com' END, "
+        "'{}' FROM generate_series(1, %s) g", [count])
+    conn.execute(
+        "INSERT INTO webhook_records (provider, resource_type, resource_id, occurred_at, kind, "
+        "event_id, data) SELECT 'outreach', 'prospect', g::text, now(), 'k', gen_random_uuid(), "
+        "'{}' FROM generate_series(1, %s) g", [count // 4])
+    conn.execute("ANALYZE webhook_events")
+    conn.execute("ANALYZE webhook_records")
+
+
+def explain(conn: psycopg.Connection[Any], query: str) -> dict[str, Any]:
+    row = conn.execute("EXPLAIN (FORMAT JSON) " + query).fetchone()
+    assert row is not None
+    return dict(row[0][0]["Plan"])
+
+
+def scans(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
+    out = [(plan["Node Type"], plan.get("Index Name") or plan.get("Relation Name"))]
+    for child in plan.get("Plans", ()):
+        out += scans(child)
+    return out
+
+
+def test_the_suggested_queries_use_indexes(database_url: str) -> None:
+    queries = suggested_queries()
+    assert len(queries) == 4
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        fill(conn, ROWS)
+        for query in queries:
+            plan = explain(conn, query)
+            nodes = scans(plan)
+            assert not [n for n in nodes if n[0] == "Seq Scan"], (query, nodes)
+            assert any("Index" in kind for kind, _ in nodes), (query, nodes)
+
+
+def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        fill(conn, ROWS)
+        conn.execute(
+            "INSERT INTO webhook_deliveries (id, provider, received_at, body) "
+            "SELECT gen_random_uuid(), 'outreach', now() - g * interval '1 minute', '' "
+            "FROM generate_series(1, %s) g", [ROWS])
+        conn.execute("ANALYZE webhook_deliveries")
+        for query, index in (
+            ("SELECT id FROM webhook_deliveries WHERE received_at < now() - interval '130 days' "
+             "LIMIT 5000", "webhook_deliveries_received"),
+            ("SELECT id FROM webhook_events WHERE received_at < now() - interval '360 days' "
+             "LIMIT 5000", "webhook_events_received"),
+            ("SELECT id FROM webhook_events e "
+             "WHERE lower(e.contact_email) = 'person7@example.com'",
+             "webhook_events_contact_email"),
+        ):
+            plan = explain(conn, query)
+            assert index in [name for _, name in scans(plan)], (query, plan)
+
+
+@pytest.fixture
+def old_database(postgres_server: str) -> Any:
+    """A database at the schema before migration 0005."""
+    import uuid
+
+    name = "wi_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(postgres_server, name)
+    yield url
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrating_a_filled_database_keeps_every_row(old_database: str) -> None:
+    from importlib import resources
+
+    files = sorted(f for f in resources.files("sinks.migrations").iterdir()
+                   if f.name.endswith(".sql") and f.name < "0005")
+    with psycopg.connect(old_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE webhook_ingest_migrations (name text PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for f in files:
+            conn.execute(f.read_text())
+            conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)", [f.name])
+        fill(conn, 5000)
+        before = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
+                              "FROM webhook_events t").fetchone()
+    assert migrate(old_database) == ["0005_personal_data.sql"]
+    with psycopg.connect(old_database) as conn:
+        after = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
+                             "FROM webhook_events t").fetchone()
+        assert after == before
+        assert conn.execute("SELECT count(*) FROM webhook_erasures").fetchone() == (0,)
