@@ -12,34 +12,62 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any, ClassVar
 
 import orjson
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 
-__all__ = ["MigrationError", "PostgresSink", "connect", "migrate"]
+__all__ = [
+    "NORMALIZED_COLUMNS",
+    "ArchiveQuery",
+    "MigrationError",
+    "PostgresSink",
+    "archived_deliveries",
+    "connect",
+    "count_archived",
+    "migrate",
+    "normalized_values",
+    "stored_differences",
+]
 
 log = logging.getLogger("sinks.postgres")
 
 # Serializes concurrent `ingest migrate` runs (docker-compose may start several).
 _MIGRATION_LOCK = 7_201_514_101
 
-_INSERT_EVENT = """
-INSERT INTO webhook_events (
-    id, provider, dedup_key, event_type, kind, resource_type, resource_id, action,
-    occurred_at, received_at, workspace_id, contact_email, contact_name, contact_phone,
-    campaign_id, data, previous, delivery_id, stale, changes)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+# The columns of webhook_events that normalization decides: what a replay compares with today's
+# normalizers and, when they differ, updates in place (received_at, delivery_id, stored_at and
+# stale keep their original values).
+NORMALIZED_COLUMNS = (
+    "event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
+    "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
+    "data", "previous", "changes",
+)
+_EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS, "received_at",
+                  "delivery_id", "stale")
+# jsonb columns; "data" is always written (an empty object at least), the others may be NULL.
+_JSONB = frozenset({"data", "previous", "changes"})
+
+_INSERT_EVENT = f"""
+INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
+VALUES ({", ".join(["%s"] * len(_EVENT_COLUMNS))})
 ON CONFLICT (provider, dedup_key) DO NOTHING
 RETURNING delivery_id
 """
+
+_UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
+                      + ", ".join(f"{c} = %({c})s" for c in NORMALIZED_COLUMNS)
+                      + " WHERE id = %(id)s")
 
 _INSERT_DELIVERY = """
 INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
@@ -142,17 +170,113 @@ def _json(value: Any) -> bytes:
         return json.dumps(value).encode()
 
 
-def _event_row(e: Event) -> tuple[Any, ...]:
+def normalized_values(e: Event) -> dict[str, Any]:
+    """The event's normalized columns of webhook_events, as Python values (jsonb decoded)."""
     c = e.contact
-    return (
-        e.id, e.provider, e.dedup_key, e.event_type, e.kind, e.resource_type, e.resource_id,
-        e.action, e.occurred_at, e.received_at, e.workspace_id,
-        c.email if c else None, c.name if c else None, c.phone if c else None,
-        e.campaign_id, Jsonb(e.data, dumps=_json),
-        Jsonb(e.previous, dumps=_json) if e.previous is not None else None,
-        e.delivery_id, e.stale,
-        Jsonb(e.changes, dumps=_json) if e.changes is not None else None,
-    )
+    return {
+        "event_type": e.event_type, "kind": e.kind, "resource_type": e.resource_type,
+        "resource_id": e.resource_id, "action": e.action, "occurred_at": e.occurred_at,
+        "workspace_id": e.workspace_id, "contact_email": c.email if c else None,
+        "contact_name": c.name if c else None, "contact_phone": c.phone if c else None,
+        "campaign_id": e.campaign_id, "data": e.data, "previous": e.previous,
+        "changes": e.changes,
+    }
+
+
+def _adapt(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as psycopg parameters: jsonb columns wrapped (written with orjson)."""
+    for column in _JSONB:
+        value = values[column]
+        if value is not None or column == "data":
+            values[column] = Jsonb(value, dumps=_json)
+    return values
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    values = _adapt(dict(normalized_values(e), id=e.id, provider=e.provider,
+                         dedup_key=e.dedup_key, received_at=e.received_at,
+                         delivery_id=e.delivery_id, stale=e.stale))
+    return tuple(values[c] for c in _EVENT_COLUMNS)
+
+
+# -- the archive, for ingest replay ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveQuery:
+    """Which archived deliveries to read: by provider, receive time, or the dedup key of an
+    event one of them produced."""
+
+    provider: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    dedup_key: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.provider:
+            clauses.append("d.provider = %s")
+            params.append(self.provider)
+        if self.since:
+            clauses.append("d.received_at >= %s")
+            params.append(self.since)
+        if self.until:
+            clauses.append("d.received_at < %s")
+            params.append(self.until)
+        if self.dedup_key:
+            clauses.append("d.id IN (SELECT delivery_id FROM webhook_events WHERE dedup_key = %s)")
+            params.append(self.dedup_key)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def count_archived(conn: psycopg.Connection[Any], query: ArchiveQuery) -> int:
+    where, params = query.where()
+    found = conn.execute(f"SELECT count(*) FROM webhook_deliveries d{where}", params).fetchone()
+    return int(found[0]) if found else 0
+
+
+def archived_deliveries(conn: psycopg.Connection[Any], query: ArchiveQuery,
+                        batch: int) -> Iterator[list[Delivery]]:
+    """The selected archive rows, oldest first, ``batch`` at a time (keyset pagination: no
+    long transaction, no OFFSET rescans)."""
+    where, params = query.where()
+    last: tuple[datetime, str] | None = None
+    while True:
+        page_where, page_params = where, list(params)
+        if last is not None:
+            page_where += (" AND " if where else " WHERE ") + "(d.received_at, d.id) > (%s, %s)"
+            page_params += [last[0], last[1]]
+        found = conn.execute(
+            "SELECT d.id, d.provider, d.received_at, d.headers, d.body FROM webhook_deliveries d"
+            f"{page_where} ORDER BY d.received_at, d.id LIMIT {int(batch)}", page_params).fetchall()
+        if not found:
+            return
+        last = (found[-1][2], str(found[-1][0]))
+        yield [Delivery(id=str(r[0]), provider=r[1], received_at=r[2], headers=dict(r[3] or {}),
+                        body=bytes(r[4]).decode("utf-8")) for r in found]
+
+
+def stored_differences(conn: psycopg.Connection[Any], events: Sequence[Event],
+                       ) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """For each event already in webhook_events, by id: the normalized columns whose stored
+    value differs from the event's, as (stored, event's). Empty: unchanged. Events not stored
+    yet are absent."""
+    if not events:
+        return {}
+    found = conn.cursor(row_factory=dict_row).execute(
+        "SELECT id, " + ", ".join(NORMALIZED_COLUMNS) + " FROM webhook_events "
+        "WHERE id = ANY(%s::uuid[])", [[e.id for e in events]]).fetchall()
+    stored = {str(r["id"]): r for r in found}
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for e in events:
+        row = stored.get(e.id)
+        if row is None:
+            continue
+        today = normalized_values(e)
+        # Timestamps compare as instants (aware datetimes), jsonb columns as decoded JSON.
+        out[e.id] = {c: (row[c], today[c]) for c in NORMALIZED_COLUMNS if row[c] != today[c]}
+    return out
 
 
 def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
@@ -219,6 +343,22 @@ class PostgresSink:
             raise TransientSinkError(f"schema missing, run `ingest migrate`: {exc}") from exc
         except psycopg.DataError as exc:
             raise PermanentSinkError(f"Postgres refused the data: {exc}") from exc
+
+    def update(self, events: Sequence[Event]) -> None:
+        """Rewrite the normalized columns of events already stored (``ingest replay``, after a
+        normalizer changed), in one transaction. Events not stored yet are left to ``send``."""
+        if not events:
+            return
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_UPDATE_NORMALIZED,
+                                [_adapt(dict(normalized_values(e), id=e.id)) for e in events])
+        except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+            self.close()
+            raise TransientSinkError(f"Postgres unavailable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise PermanentSinkError(f"Postgres refused the update: {exc}") from exc
 
     def close(self) -> None:
         if self._conn is not None:

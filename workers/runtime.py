@@ -49,9 +49,7 @@ class Runtime:
 
     def close(self) -> None:
         for enabled in self.sinks.values():
-            close = getattr(enabled.sink, "close", None)
-            if callable(close):
-                close()
+            enabled.close()
         self.redis.close()
 
 
