@@ -114,12 +114,12 @@ def list_failures(redis: Redis, settings: Settings, sink: str | None = None) -> 
 
 def retry_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
     """Re-queue every failed job selected; each gets its retry schedule back, fresh."""
-    from workers.jobs import _deliver_retry
+    from ingest.rq_jobs import deliver_retry
 
     count = 0
     for _, registry, job in list(_failed(redis, settings, sink)):
         if job.func_name == constants.DELIVER:
-            retry = _deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
+            retry = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
             job.retry_intervals, job.retries_left = retry.intervals, retry.max
         elif job.retry_intervals:
             job.retries_left = len(job.retry_intervals)

@@ -16,20 +16,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from rq import Queue, Retry, get_current_job
+from rq import get_current_job
 
 from ingest import constants, metrics
-from ingest.enqueue import enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
+from ingest.rq_jobs import deliver_retry, enqueue_new
 from sinks.base import matches_any
 from workers import dedup, records, suppression
 from workers.runtime import Runtime, current_runtime
@@ -37,19 +36,6 @@ from workers.runtime import Runtime, current_runtime
 __all__ = ["deliver", "process_batch"]
 
 log = logging.getLogger("workers.jobs")
-
-
-def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
-                    retry: Retry | None, description: str) -> bool:
-    """Enqueue unless a job with this id exists. True when this call created it."""
-    return enqueue_unique(queue, make_job(queue, func, args, job_id, retry, description))
-
-
-def _deliver_retry() -> Retry:
-    # Jitter spreads the retries of many jobs that failed together (a receiver outage).
-    intervals = [max(1, int(i * random.uniform(0.75, 1.25)))
-                 for i in constants.DELIVER_RETRY_INTERVALS]
-    return Retry(max=len(intervals), interval=intervals)
 
 
 def _stretch_next_retry(job: Any, retry_after: float) -> None:
@@ -84,9 +70,9 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
             used = {e.delivery_id for e in chosen}
             raw = [d.to_dict() for i, d in deliveries.items() if i in used]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
-        created += _enqueue_unique(
+        created += enqueue_new(
             rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
-            job_id, _deliver_retry(), f"deliver({name}, {len(chosen)} events)",
+            job_id, deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
     return created
 
@@ -121,7 +107,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             poisoned += 1  # counted in POISON when its own job fails, not twice
             log.warning("setting aside a delivery that cannot be processed: %s", exc,
                         extra={"provider": delivery.provider, "delivery_id": delivery.id})
-            _enqueue_unique(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
+            enqueue_new(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
                             rt.names.job_id("alone", delivery.id), None,
                             f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
@@ -185,10 +171,10 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
             raw_by_id = {d["id"]: d for d in deliveries or ()}
             for e in failed:
                 raw = [raw_by_id[e.delivery_id]] if e.delivery_id in raw_by_id else None
-                _enqueue_unique(
+                enqueue_new(
                     rt.sink_queue(sink_name), constants.DELIVER, (sink_name, [by_id[e.id]], raw),
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
-                    _deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
+                    deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
                 )
             for e in failed:
                 log.warning("sink refused an event; it gets a job of its own: %s", exc,
