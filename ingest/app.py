@@ -150,10 +150,17 @@ def _too_deep(body: bytes, parsed: dict[str, Any]) -> bool:
     return _nests_deeper(parsed, constants.MAX_JSON_DEPTH)
 
 
+# Words that mark a header as a credential, whatever a provider declares it keeps: the archive
+# and the job arguments must not hold one (Outreach's cleanup token, for one).
+_CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization", "api-key",
+                     "apikey", "cookie")
+
+
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
     return {
         k: v for k, v in headers.items()
         if k in provider.kept_headers and k not in CREDENTIAL_HEADERS
+        and not any(word in k for word in _CREDENTIAL_WORDS)
     }
 
 
