@@ -126,13 +126,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _mask_url(url: str | None) -> str:
     if not url:
         return "(not set)"
-    from urllib.parse import urlsplit, urlunsplit
+    from ingest.redaction import mask_dsn
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    # The password may be in the user info or a query parameter (?password=...).
+    return mask_dsn(url)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
