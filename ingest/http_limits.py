@@ -53,7 +53,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
         if self._in_head:
             self._head_bytes += len(data)
-            self._tail = (self._tail + data)[-3:]
+            # The last bytes seen, to find an end of head split across two reads.
+            self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
         super().data_received(data)
 
     _tail = b""
