@@ -2,9 +2,9 @@
 
 ``process_batch(envelopes)``: one job per acceptor flush. Normalizes every delivery, drops
 duplicates (workers.dedup), and enqueues one ``deliver`` job per sink whose filter matches.
-A delivery that cannot be normalized is set aside as a batch of its own, which then fails alone
-with the reason (and can be retried with ``ingest dlq retry`` after a fix); the rest of the
-batch goes on.
+A delivery that cannot be read, normalized or serialized is set aside as a batch of its own,
+which then fails alone, at once (no retries), with a readable reason (and can be retried with
+``ingest dlq retry`` after a fix); the rest of the batch goes on.
 
 ``deliver(sink, events, deliveries)``: hands events to one sink. Transient errors are retried
 by RQ with backoff and jitter. A permanent error on several events splits them into one job
@@ -25,11 +25,13 @@ from typing import Any
 
 from rq import Queue, Retry, get_current_job
 
-from ingest import constants, metrics
+from ingest import constants, metrics, safejson
 from ingest.enqueue import enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
+from ingest.redaction import reason
+from workers.labels import event_type_label, kind_label, label
 from sinks.base import matches_any
 from workers import dedup, records, suppression
 from workers.runtime import Runtime, current_runtime
@@ -101,28 +103,35 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     produced: Counter[str] = Counter()  # events per provider, copies included
 
     for envelope in envelopes:
-        delivery = Delivery.from_dict(envelope)
-        provider = rt.providers.get(delivery.provider)
+        # Everything that depends on one delivery's content happens inside this try: whatever
+        # it raises (RecursionError included) fails that delivery alone.
         try:
+            delivery = Delivery.from_dict(envelope)
+            provider = rt.providers.get(delivery.provider)
             if provider is None:
                 raise NormalizationError(f"no provider {delivery.provider!r} is installed")
             events = provider.events(delivery)
+            for event in events:
+                # What the deliver jobs will carry: an event no serializer can write must fail
+                # here, alone, not later in the enqueue of the whole batch.
+                safejson.dumps(event.to_job())
         except Exception as exc:
+            why = _poison_reason(exc)
+            ids = _envelope_ids(envelope)
             if len(envelopes) == 1:
                 # Alone in its batch: fail here, with the reason, into the failed registry.
                 # Parsing is deterministic, so RQ's retries could not help: skip them.
                 if job is not None:
                     job.retries_left = 0
-                metrics.POISON.labels(delivery.provider).inc()
+                metrics.POISON.labels(label(ids["provider"])).inc()
                 log.error("delivery cannot be processed; it goes to the failed registry: %s",
-                          exc, extra={"provider": delivery.provider, "delivery_id": delivery.id,
-                                      "job_id": owner})
-                raise
+                          why, extra={**ids, "job_id": owner})
+                raise NormalizationError(why) from None
             poisoned += 1  # counted in POISON when its own job fails, not twice
-            log.warning("setting aside a delivery that cannot be processed: %s", exc,
-                        extra={"provider": delivery.provider, "delivery_id": delivery.id})
+            log.warning("setting aside a delivery that cannot be processed: %s", why,
+                        extra=ids)
             _enqueue_unique(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
-                            rt.names.job_id("alone", delivery.id), None,
+                            rt.names.job_id("alone", _alone_token(envelope)), None,
                             f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
         deliveries[delivery.id] = delivery
@@ -135,13 +144,15 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     for event in fresh:
         produced[event.provider] -= 1
-        metrics.EVENTS.labels(event.provider, event.kind).inc()
+        provider_label = label(event.provider)
+        metrics.EVENTS.labels(provider_label, kind_label(event.kind)).inc()
         if event.kind == UNKNOWN:
-            metrics.UNKNOWN_EVENTS.labels(event.provider, event.event_type).inc()
+            metrics.UNKNOWN_EVENTS.labels(
+                provider_label, event_type_label(rt, provider_label, event.event_type)).inc()
     metrics.count_fallbacks(fresh)
     for provider_name, count in produced.items():
         if count:
-            metrics.DUPLICATES.labels(provider_name).inc(count)
+            metrics.DUPLICATES.labels(label(provider_name)).inc(count)
     duplicates = sum(produced.values())
 
     if fresh:
@@ -160,6 +171,35 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             "poisoned": poisoned}
 
 
+# Errors of the data itself, raised by a sink that did not sort them out: permanent.
+_DATA_ERRORS = (safejson.Unserializable, RecursionError, UnicodeError)
+
+
+def _poison_reason(exc: BaseException) -> str:
+    """The reason a delivery failed: one readable line, redacted, naming the error's type
+    unless it is our own."""
+    text = reason(exc)
+    if isinstance(exc, NormalizationError):
+        return text or "delivery cannot be normalized"
+    return reason(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _envelope_ids(envelope: Any) -> dict[str, Any]:
+    """Log fields of an envelope that may not even be well-formed."""
+    get = envelope.get if isinstance(envelope, dict) else (lambda _key: None)
+    return {"provider": label(str(get("provider") or "unknown")),
+            "delivery_id": label(str(get("id") or "unknown"))}
+
+
+def _alone_token(envelope: Any) -> str:
+    """The set-aside job's id part: the delivery id when it is a plain id, else a digest."""
+    delivery_id = envelope.get("id") if isinstance(envelope, dict) else None
+    if isinstance(delivery_id, str) and delivery_id.replace("-", "").isalnum() \
+            and len(delivery_id) <= 64:
+        return delivery_id
+    return hashlib.sha256(repr(envelope)[:100_000].encode("utf-8", "replace")).hexdigest()[:32]
+
+
 def deliver(sink_name: str, events: list[dict[str, Any]],
             deliveries: list[dict[str, Any]] | None = None) -> dict[str, int]:
     rt = current_runtime()
@@ -171,11 +211,16 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         return {"delivered": 0, "stale": len(events)}
     started = time.perf_counter()
     try:
-        if getattr(enabled.sink, "needs_raw", False):
-            by_delivery = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
-            enabled.sink.send(evs, deliveries=by_delivery)  # type: ignore[call-arg]
-        else:
-            enabled.sink.send(evs)
+        try:
+            if getattr(enabled.sink, "needs_raw", False):
+                by_delivery = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
+                enabled.sink.send(evs, deliveries=by_delivery)  # type: ignore[call-arg]
+            else:
+                enabled.sink.send(evs)
+        except _DATA_ERRORS as exc:
+            # The events themselves cannot be written (a sink that let it through): retrying
+            # cannot help. Which event? Split: each then fails or succeeds alone.
+            raise PermanentSinkError(reason(f"{type(exc).__name__}: {exc}")) from None
     except PermanentSinkError as exc:
         failed_ids = set(getattr(exc, "event_ids", None) or [e.id for e in evs])
         failed = [e for e in evs if e.id in failed_ids]
@@ -188,10 +233,11 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
                 _enqueue_unique(
                     rt.sink_queue(sink_name), constants.DELIVER, (sink_name, [by_id[e.id]], raw),
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
-                    _deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
+                    _deliver_retry(),
+                    f"deliver({sink_name}, 1 event, split after: {reason(exc, limit=200)})",
                 )
             for e in failed:
-                log.warning("sink refused an event; it gets a job of its own: %s", exc,
+                log.warning("sink refused an event; it gets a job of its own: %s", reason(exc),
                             extra=_event_extra(sink_name, e))
             metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
             metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
@@ -200,9 +246,13 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         if job is not None:
             job.retries_left = 0  # retrying cannot help; go straight to the failed registry
         metrics.SINK_EVENTS.labels(sink_name, "failed").inc(len(evs))
+        why = reason(exc) or type(exc).__name__
         for e in evs:
-            log.error("sink refused the event; it goes to the failed registry: %s", exc,
+            metrics.POISON.labels(label(e.provider)).inc()
+            log.error("sink refused the event; it goes to the failed registry: %s", why,
                       extra=_event_extra(sink_name, e))
+        if why != str(exc):
+            raise PermanentSinkError(why, event_ids=getattr(exc, "event_ids", None)) from None
         raise
     except Exception as exc:
         job = get_current_job()
@@ -210,7 +260,8 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         if not final and isinstance(exc, TransientSinkError) and exc.retry_after:
             _stretch_next_retry(job, exc.retry_after)
         metrics.SINK_EVENTS.labels(sink_name, "failed" if final else "retried").inc(len(evs))
-        log.warning("sink failed (%s): %s", "no retries left" if final else "will retry", exc,
+        log.warning("sink failed (%s): %s", "no retries left" if final else "will retry",
+                    reason(exc) or type(exc).__name__,
                     extra={"sink": sink_name, "count": len(evs),
                            "job_id": job.id if job is not None else None})
         raise
