@@ -3,8 +3,12 @@
 For each ``POST /webhooks/{provider}``, in order: 404 for a provider that is unknown or has no
 secret configured; 413 as soon as the streamed body passes the limit (never read whole); 408
 when a sender trickles its body past ``INGEST_BODY_TIMEOUT``; 401 when the signature or token
-does not match any configured secret; 400 when the body is not a JSON object; otherwise the
-delivery is made durable (Redis, or the local spool) and only then answered 200.
+does not match any configured secret; 400 when the body is not a JSON object or nests deeper
+than ``MAX_JSON_DEPTH`` (64) levels; otherwise the delivery is made durable (Redis, or the
+local spool) and only then answered 200. Request heads past ``MAX_HEADER_BYTES`` or
+``MAX_HEADER_COUNT`` are answered 431 by the server protocol (:mod:`ingest.http_limits`)
+before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
+its ``Location`` would repeat a query string, which may hold a token).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ingest import metrics
+from ingest import constants, metrics
 from ingest.config import Settings
 from ingest.durable import Durable, NotDurable
 from ingest.enqueue import BatchEnqueuer
@@ -125,10 +129,38 @@ class _DeliveryIds:
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) has containers nested more than ``limit`` deep."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _too_deep(body: bytes, parsed: dict[str, Any]) -> bool:
+    # Counting brackets runs at C speed and settles nearly every delivery: a body with at most
+    # MAX_JSON_DEPTH of them cannot nest deeper. Only the rest are walked.
+    if body.count(b"{") + body.count(b"[") <= constants.MAX_JSON_DEPTH:
+        return False
+    return _nests_deeper(parsed, constants.MAX_JSON_DEPTH)
+
+
+# Words that mark a header as a credential, whatever a provider declares it keeps: the archive
+# and the job arguments must not hold one (Outreach's cleanup token, for one).
+_CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization", "api-key",
+                     "apikey", "cookie")
+
+
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
     return {
         k: v for k, v in headers.items()
         if k in provider.kept_headers and k not in CREDENTIAL_HEADERS
+        and not any(word in k for word in _CREDENTIAL_WORDS)
     }
 
 
@@ -238,6 +270,9 @@ class Acceptor:
         if not isinstance(parsed, dict):
             self._count(name, "bad_request")
             raise _Refusal(400, "body must be a JSON object")
+        if _too_deep(body, parsed):
+            self._count(name, "bad_request")
+            raise _Refusal(400, f"body nests deeper than {constants.MAX_JSON_DEPTH} levels")
 
         delivery_id = self._ids.next()
         envelope: dict[str, Any] = {
@@ -306,5 +341,7 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
         ],
         lifespan=lifespan,
     )
+    # A redirect to the slashed or unslashed path would repeat the query string (a token).
+    app.router.redirect_slashes = False
     app.state.acceptor = acceptor
     return app

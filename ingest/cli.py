@@ -36,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ingest.app import create_app
+    from ingest.http_limits import LimitedHttpToolsProtocol
 
     settings = _settings()
     _setup_logging(settings)
@@ -44,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
     host = args.host or settings.raw.get("INGEST_HOST") or "0.0.0.0"
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                http="httptools", loop="uvloop", timeout_keep_alive=5,
+                http=LimitedHttpToolsProtocol, loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)
     return 0
 
@@ -149,13 +150,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _mask_url(url: str | None) -> str:
     if not url:
         return "(not set)"
-    from urllib.parse import urlsplit, urlunsplit
+    from ingest.redaction import mask_dsn
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    # The password may be in the user info or a query parameter (?password=...).
+    return mask_dsn(url)
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -162,6 +162,12 @@ class Settings:
         secrets: dict[str, tuple[Secret, ...]] = {}
         for pname, provider in load_providers().items():
             values = parse_list(get(provider.secret_setting))
+            for value in values:
+                if len(value) < constants.MIN_SECRET_CHARS:
+                    # A short secret is guessable and too short to be masked in logs.
+                    raise ConfigError(provider.secret_setting,
+                                      f"each secret must be at least {constants.MIN_SECRET_CHARS}"
+                                      f" characters long; one has {len(value)}")
             if values:
                 secrets[pname] = tuple(Secret(v) for v in values)
 

@@ -15,6 +15,14 @@ SINK_ENTRY_POINT_GROUP = "webhook_ingest.sinks"
 
 # Default largest request body the acceptor reads (1 MiB); larger ones get 413 while streaming.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# Shortest provider secret or token accepted at start-up (characters): shorter is guessable.
+MIN_SECRET_CHARS = 16
+# Deepest JSON nesting (arrays and objects) a delivery body may have; deeper gets 400.
+MAX_JSON_DEPTH = 64
+# Largest total size of one request's head (request line and headers, bytes); more gets 431.
+MAX_HEADER_BYTES = 32 * 1024
+# Most header fields one request may carry; more gets 431.
+MAX_HEADER_COUNT = 100
 # Seconds a sender has to finish sending its body; slower ones get 408 (slow-loris guard).
 DEFAULT_BODY_TIMEOUT = 10.0
 # Seconds a finished event's dedup record lives in Redis (7 days): redelivery window.

@@ -1,8 +1,12 @@
 """Logging: one JSON object per line in production, readable lines in ``ingest dev``.
 
-Lines about a delivery carry ``delivery_id`` and ``provider`` (pass them in ``extra``). No
-credential ever reaches a log line: nothing here logs headers, and :class:`RedactFilter`
-replaces every configured secret that might still appear in a message with ``****``.
+Lines about a delivery carry ``delivery_id`` and ``provider`` (pass them in ``extra``). Only
+the fields in ``ALLOWED_FIELDS`` (ids, provider, kind, queue, timings, reasons) are written:
+anything else a library passes in ``extra`` (RQ passes a failed job's arguments, i.e. bodies
+and contacts) is dropped. No credential reaches a log line: :class:`RedactFilter` masks every
+configured secret, URL path, query string and authorization credential. Every line is bounded
+(``MAX_MESSAGE_CHARS``, ``MAX_FIELD_CHARS``, ``MAX_EXC_CHARS``), and the formatters never
+raise, whatever the record holds.
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ from typing import Any
 import orjson
 
 from ingest.exceptions import ConfigError
+from ingest.redaction import clean_line, redact_text
 
-__all__ = ["JsonFormatter", "RedactFilter", "TextFormatter", "log_level", "setup_logging"]
+__all__ = ["ALLOWED_FIELDS", "JsonFormatter", "RedactFilter", "TextFormatter", "log_level", "setup_logging"]
 
-# LogRecord attributes that are not "extra" fields.
-_STANDARD = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
-    | {"color_message"}  # uvicorn's copy of the message with terminal colour codes
-)
+# The extra fields a line may carry; any other is dropped (it may hold a body or a contact).
+ALLOWED_FIELDS = frozenset({
+    "provider", "delivery_id", "event_id", "job_id", "sink", "queue", "kind", "event_type",
+    "count", "seconds", "reason", "result", "status", "port", "attempt", "worker", "outcome",
+})
+# Longest message written (characters); the rest is cut with an ellipsis.
+MAX_MESSAGE_CHARS = 2000
+# Longest value of one extra field (characters).
+MAX_FIELD_CHARS = 200
+# Longest traceback written (characters): its start and its end, where the error is.
+MAX_EXC_CHARS = 8000
 # Extra fields shown in text mode, in this order.
 _TEXT_FIELDS = ("provider", "delivery_id", "event_id", "sink", "queue", "job_id", "count")
 # Loggers of webhook-ingest itself: the only ones INGEST_LOG_LEVEL=debug opens up.
@@ -33,21 +44,69 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        text = record.getMessage()
+    except Exception:  # bad arguments for the format: say so, never raise from logging
+        text = f"{_safe_str(record.msg)} (unformattable arguments)"
+    # One line: a message may end in a multi-line traceback (RQ's); exc carries that.
+    return _cut(" | ".join(clean_line(ln, MAX_MESSAGE_CHARS)
+                           for ln in _safe_str(text)[: 4 * MAX_MESSAGE_CHARS].splitlines()
+                           if ln.strip()), MAX_MESSAGE_CHARS)
+
+
+def _safe_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    try:
+        return str(value).encode("utf-8", "replace").decode("utf-8")
+    except Exception:  # a hostile __str__, or nesting past the recursion limit
+        return f"<{type(value).__name__}>"
+
+
+def _field(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return clean_line(_safe_str(value)[: 4 * MAX_FIELD_CHARS], MAX_FIELD_CHARS)
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The allowed extra fields of ``record``, each bounded and on one line."""
+    return {k: _field(v) for k, v in record.__dict__.items() if k in ALLOWED_FIELDS}
+
+
+def _exc(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    if not (record.exc_info or record.exc_text):
+        return None
+    try:
+        # RedactFilter leaves the redacted traceback in exc_text: use it, never re-format.
+        text = record.exc_text or formatter.formatException(record.exc_info or (None,) * 3)
+    except Exception:
+        text = "(traceback could not be formatted)"
+    text = _safe_str(text)
+    if len(text) > MAX_EXC_CHARS:
+        half = MAX_EXC_CHARS // 2
+        text = f"{text[:half]}\n… ({len(text) - MAX_EXC_CHARS} characters cut) …\n{text[-half:]}"
+    return text.replace("\x00", "")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info or record.exc_text:
-            # RedactFilter leaves the redacted traceback in exc_text: use it, never re-format.
-            out["exc"] = record.exc_text or self.formatException(record.exc_info or (None,) * 3)
-        return orjson.dumps(out, default=str).decode()
+        out.update(fields(record))
+        exc = _exc(self, record)
+        if exc is not None:
+            out["exc"] = exc
+        return orjson.dumps(out).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -55,39 +114,46 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = [f"{k}={record.__dict__[k]}" for k in _TEXT_FIELDS if k in record.__dict__]
-        return f"{line} [{' '.join(extras)}]" if extras else line
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = f"{record.asctime} {record.levelname:<7} {record.name}: {_message(record)}"
+        allowed = fields(record)
+        extras = [f"{k}={allowed[k]}" for k in _TEXT_FIELDS if k in allowed]
+        line = f"{line} [{' '.join(extras)}]" if extras else line
+        exc = _exc(self, record)
+        return f"{line}\n{exc}" if exc else line
 
 
 class RedactFilter(logging.Filter):
-    """Replaces any configured secret in a formatted message (defence in depth)."""
+    """Masks configured secrets, URL paths, query strings and credentials in a record's
+    message, traceback and fields (defence in depth: no line is meant to hold them)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        # Short values would redact innocent text; real secrets are long.
+        # Short values would redact innocent text; real secrets are long (tokens >= 16).
         self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "****")
-        return text
+        return redact_text(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        message = record.getMessage()
-        redacted = self.redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = _safe_str(record.msg) + " (unformattable arguments)"
+        message = _safe_str(message)[: 4 * MAX_MESSAGE_CHARS]
+        record.msg, record.args = self.redact(message), None
         # A traceback can quote a URL or a header value too (RQ logs every failed job's).
         if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            try:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            except Exception:
+                record.exc_text = "(traceback could not be formatted)"
         if record.exc_text:
-            record.exc_text = self.redact(record.exc_text)
-        for key, value in list(record.__dict__.items()):
-            if key not in _STANDARD and isinstance(value, str):
-                setattr(record, key, self.redact(value))
+            record.exc_text = self.redact(_safe_str(record.exc_text)[: 4 * MAX_EXC_CHARS])
+        for key in ALLOWED_FIELDS & record.__dict__.keys():
+            value = record.__dict__[key]
+            if isinstance(value, str):
+                setattr(record, key, self.redact(value[: 4 * MAX_FIELD_CHARS]))
         return True
 
 

@@ -61,7 +61,8 @@ DUPLICATES = Counter(
 )
 POISON = Counter(
     "ingest_poison_deliveries",
-    "Deliveries that could not be normalized, by provider; each is in the failed registry.",
+    "Deliveries that could not be normalized, and events a sink refused for good (data it "
+    "cannot store or send), by provider; each is in the failed registry.",
     ["provider"],
 )
 SINK_EVENTS = Counter(

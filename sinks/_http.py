@@ -3,7 +3,9 @@ Retry-After, and one reused client per worker process.
 
 Sink URLs are secrets in practice (Slack's is a bearer capability; a CRM URL may carry a
 token in its path, query or user info), so errors name a target only by scheme and host,
-never by its full URL, and a redirect's ``Location`` is shown the same way.
+never by its full URL, and a redirect's ``Location`` is shown the same way. What a receiver
+answers is quoted only through :func:`ingest.redaction.reason`: one line, with every URL path,
+query string, credential and configured secret masked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ingest import constants
+from ingest import constants, redaction
 from ingest.exceptions import ConfigError
 
 __all__ = ["ProcessClient", "check_url", "parse_retry_after", "parse_timeout", "safe_target",
@@ -93,13 +95,14 @@ def short_body(response: httpx.Response, limit: int = 200, redact: tuple[str, ..
     Any of ``redact`` (configured secrets, header values) is masked, in case a receiver
     echoes a request back."""
     try:
-        text = response.text
+        text = response.text[: 20 * limit]
     except Exception:  # undecodable bytes: the status is the information
         return ""
     text = " ".join(text.split())
     for secret in sorted((s for s in redact if len(s) >= 4), key=len, reverse=True):
         text = text.replace(secret, "****")
-    return text[:limit] + ("…" if len(text) > limit else "")
+    # A receiver's error page may quote the request: its path, query, headers, signature.
+    return redaction.reason(text, limit=limit)
 
 
 class ProcessClient:

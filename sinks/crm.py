@@ -30,10 +30,11 @@ from typing import Any, ClassVar
 import httpx
 import orjson
 
-from ingest import constants
+from ingest import constants, safejson
 from ingest.config import Settings, parse_list
 from ingest.events import Event
 from ingest.exceptions import ConfigError, PermanentSinkError, TransientSinkError
+from ingest.redaction import reason
 from sinks._http import (
     ProcessClient,
     check_url,
@@ -177,23 +178,26 @@ class CrmSink:
                                  event_ids=list(refused))
 
     def _post(self, event: Event) -> None:
-        body = event.to_json()
+        try:
+            body = safejson.dumps(event.to_dict())
+        except safejson.Unserializable as exc:
+            raise PermanentSinkError(f"event {event.id} {exc}", event_ids=[event.id]) from None
         headers = self.request_headers(event.id, body, int(time.time()))
         try:
             response = self._client.get().post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
             # The exception text is the library's, not ours: keep only its type and the
             # first line of its message, which for transport errors never holds the URL.
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            for secret in self._redact:
-                detail = detail.replace(secret, "****")
+            detail = reason(exc, self._redact, limit=200)
             raise TransientSinkError(
                 f"CRM at {self.target} unreachable: {type(exc).__name__} {detail}".rstrip()
             ) from None
         status = response.status_code
         if 200 <= status < 300:
             return
-        said = f"CRM at {self.target} answered {status} {response.reason_phrase}".rstrip()
+        # The reason phrase is the receiver's own text, like its body: quoted only redacted.
+        phrase = reason(response.reason_phrase, self._redact, limit=60)
+        said = f"CRM at {self.target} answered {status} {phrase}".rstrip()
         if status >= 500 or status in _RETRYABLE_4XX:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             hint = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""

@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from redis import Redis
 
+from ingest import safejson
 from ingest.events import Event
 
 __all__ = ["Outbox"]
@@ -148,10 +149,12 @@ class Outbox:
     # -- a job's side ----------------------------------------------------------------------
 
     def park(self, events: Sequence[Event]) -> int:
-        """Queue events not posted yet (clearing an earlier refusal). Returns how many."""
+        """Queue events not posted yet (clearing an earlier refusal). Returns how many.
+        Raises :class:`ingest.safejson.Unserializable` (parking nothing) when an event cannot
+        be written: the caller parks the others without it."""
         args: list[Any] = [self.prefix, self.done_ttl]
         for event in events:
-            args += [event.id, orjson.dumps(event.to_job())]
+            args += [event.id, safejson.dumps(event.to_job())]
         return int(self._park(keys=self._keys, args=args))
 
     def status(self, ids: Sequence[str]) -> tuple[set[str], dict[str, str]]:

@@ -1,16 +1,23 @@
 """The Postgres sink: the raw archive and one row per event, in one transaction per batch.
 
-Events go in first with ``ON CONFLICT (provider, dedup_key) DO NOTHING RETURNING
-delivery_id``; only deliveries that produced a new row are archived, in the same transaction.
-Sending the same batch twice changes nothing. ``delivery_id`` has no foreign key (see
-migrations/0002): this module is what keeps every stored event's delivery in the archive.
+Events go in first with ``ON CONFLICT DO NOTHING RETURNING delivery_id`` (one row per provider
+and dedup key: a unique index on a digest of the key, migrations/0003, so a key of any length
+fits); only deliveries that produced a new row are archived, in the same transaction.
+Sending the same batch twice changes nothing.
+
+Data the database refuses (SQLSTATE classes 22, data exceptions such as a NUL byte in text,
+and 54, limits such as an index row too large), or that cannot be written as JSON, is a
+permanent error of the event that carries it, never "Postgres unavailable": a batch with such
+an event is written again event by event, and the error names only the events at fault, so
+the deliver job dead-letters them alone and the rest of the batch is stored.
+``delivery_id`` has no foreign key (see migrations/0002): this module is what keeps every
+stored event's delivery in the archive.
 In the same transaction, ``webhook_records`` takes the newest state of each record the events
 are about (see ``_UPSERT_RECORD``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +30,11 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from ingest import safejson
 from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
+from ingest.redaction import reason
 
 __all__ = [
     "NORMALIZED_COLUMNS",
@@ -61,7 +70,7 @@ _JSONB = frozenset({"data", "previous", "changes"})
 _INSERT_EVENT = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
 VALUES ({", ".join(["%s"] * len(_EVENT_COLUMNS))})
-ON CONFLICT (provider, dedup_key) DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING delivery_id
 """
 
@@ -161,20 +170,28 @@ def _require_utf8(conn: psycopg.Connection[Any]) -> None:
         f"in it: pg_dump it, create it again as UTF8, pg_restore), then run `ingest migrate`.")
 
 
+# SQLSTATE classes of errors in the data itself: data exceptions and program limits.
+_DATA_CLASSES = ("22", "54")
+# Longest kind stored as is (characters); a longer one is no kind of our vocabulary (the
+# provider's own name stays whole in event_type) and would only bloat the kind index.
+_MAX_KIND_CHARS = 100
+
+
 def _json(value: Any) -> bytes:
     """The jsonb columns, written with orjson (several times faster than the standard
     library, which psycopg uses by default); what orjson refuses, the standard library writes."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value).encode()
+    return safejson.dumps(value)
+
+
+def _stored_kind(e: Event) -> str:
+    return e.kind if len(e.kind) <= _MAX_KIND_CHARS else "unknown"
 
 
 def normalized_values(e: Event) -> dict[str, Any]:
     """The event's normalized columns of webhook_events, as Python values (jsonb decoded)."""
     c = e.contact
     return {
-        "event_type": e.event_type, "kind": e.kind, "resource_type": e.resource_type,
+        "event_type": e.event_type, "kind": _stored_kind(e), "resource_type": e.resource_type,
         "resource_id": e.resource_id, "action": e.action, "occurred_at": e.occurred_at,
         "workspace_id": e.workspace_id, "contact_email": c.email if c else None,
         "contact_name": c.name if c else None, "contact_phone": c.phone if c else None,
@@ -287,7 +304,8 @@ def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
                    key=lambda pair: (pair[0], pair[1].occurred_at, pair[1].id))
     if about:
         cur.executemany(_UPSERT_RECORD, [
-            (*record, e.occurred_at, e.kind, e.id, Jsonb(e.data, dumps=_json), e.deletes)
+            (*record, e.occurred_at, _stored_kind(e), e.id, Jsonb(e.data, dumps=_json),
+             e.deletes)
             for record, e in about
         ])
 
@@ -314,6 +332,27 @@ class PostgresSink:
 
     def send(self, events: Sequence[Event],
              deliveries: Mapping[str, Delivery] | None = None) -> None:
+        try:
+            self._send(events, deliveries)
+        except PermanentSinkError as exc:
+            if len(events) <= 1 or exc.event_ids:
+                raise
+            # Which event is at fault? Each in a transaction of its own: the others are stored.
+            refused: dict[str, str] = {}
+            for event in events:
+                try:
+                    self._send([event], deliveries)
+                except PermanentSinkError as one:
+                    refused[event.id] = str(one)
+            if refused:
+                first = next(iter(refused.values()))
+                raise PermanentSinkError(
+                    first if len(refused) == 1 else
+                    f"{len(refused)} of {len(events)} events refused; first: {first}",
+                    event_ids=list(refused)) from None
+
+    def _send(self, events: Sequence[Event],
+              deliveries: Mapping[str, Delivery] | None = None) -> None:
         deliveries = deliveries or {}
         try:
             conn = self._connection()
@@ -336,13 +375,22 @@ class PostgresSink:
                     for d in (deliveries[i] for i in sorted(new_deliveries))
                 ])
                 _upsert_records(cur, events)
-        except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
-            self.close()
-            raise TransientSinkError(f"Postgres unavailable: {exc}") from exc
-        except psycopg.errors.UndefinedTable as exc:
-            raise TransientSinkError(f"schema missing, run `ingest migrate`: {exc}") from exc
-        except psycopg.DataError as exc:
-            raise PermanentSinkError(f"Postgres refused the data: {exc}") from exc
+        except (safejson.Unserializable, RecursionError) as exc:
+            raise PermanentSinkError(f"event data cannot be stored: {reason(exc)}") from None
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.DataError) or (exc.sqlstate or "")[:2] in _DATA_CLASSES:
+                # Before OperationalError: class 54 (an index row too large) is one of them,
+                # and it is about this data, not about the database being away.
+                raise PermanentSinkError(
+                    f"Postgres refused the data (SQLSTATE {exc.sqlstate}): {reason(exc)}"
+                ) from None
+            if isinstance(exc, (psycopg.OperationalError, psycopg.errors.AdminShutdown)):
+                self.close()
+                raise TransientSinkError(f"Postgres unavailable: {reason(exc)}") from exc
+            if isinstance(exc, psycopg.errors.UndefinedTable):
+                raise TransientSinkError(
+                    f"schema missing, run `ingest migrate`: {reason(exc)}") from exc
+            raise
 
     def update(self, events: Sequence[Event]) -> None:
         """Rewrite the normalized columns of events already stored (``ingest replay``, after a

@@ -5,14 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ingest import safejson
 from ingest.config import Settings, parse_bool, parse_list
 from ingest.constants import SINK_ENTRY_POINT_GROUP
 from ingest.events import Delivery, Event
 from ingest.exceptions import ConfigError, PermanentSinkError, PluginError
 from ingest.plugins import load_group
+from ingest.redaction import reason
 from sinks.base import ClosingSink, RawSink, Sink, UpdatingSink, matches_any
 
 __all__ = ["EnabledSink", "build_sinks", "load_sink_classes"]
+
+# Errors of the data itself, raised by a sink that did not sort them out: permanent.
+_DATA_ERRORS = (safejson.Unserializable, RecursionError, UnicodeError)
 
 
 def load_sink_classes() -> dict[str, Any]:
@@ -54,17 +59,28 @@ class EnabledSink:
         """True when the event's kind matches ``<NAME>_EVENTS``."""
         return matches_any(event.kind, self.events)
 
+    def deliveries_for(self, events: Sequence[Event], deliveries: Mapping[str, Delivery] | None,
+                       ) -> dict[str, Delivery] | None:
+        """The raw deliveries ``events`` came from, when the sink wants them; else None."""
+        if not self.needs_raw:
+            return None
+        used = {e.delivery_id for e in events}
+        return {i: d for i, d in (deliveries or {}).items() if i in used}
+
     def send(self, events: Sequence[Event],
              deliveries: Mapping[str, Delivery] | None = None) -> None:
         """Hand ``events`` to the sink; ``deliveries`` (by id) go along only when it wants them,
-        only those the events came from."""
+        only those the events came from. Data no sink could write (unserializable, too deeply
+        nested, not text) is a :class:`PermanentSinkError`: retrying cannot help."""
         try:
-            if self.needs_raw and isinstance(self.sink, RawSink):
-                used = {e.delivery_id for e in events}
-                self.sink.send(events, deliveries={i: d for i, d in (deliveries or {}).items()
-                                                   if i in used})
-            else:
-                self.sink.send(events)
+            try:
+                if self.needs_raw and isinstance(self.sink, RawSink):
+                    self.sink.send(events, deliveries=self.deliveries_for(events, deliveries))
+                else:
+                    self.sink.send(events)
+            except _DATA_ERRORS as exc:
+                # A sink that let it through; which event? The caller splits the batch.
+                raise PermanentSinkError(reason(f"{type(exc).__name__}: {exc}")) from None
         except PermanentSinkError as exc:
             if not exc.event_ids:
                 exc.event_ids = [e.id for e in events]

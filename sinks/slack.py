@@ -36,11 +36,12 @@ from typing import Any, ClassVar
 import httpx
 from redis import Redis
 
-from ingest import constants
+from ingest import constants, safejson
 from ingest.config import Settings
 from ingest.constants import Names
 from ingest.events import Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
+from ingest.redaction import reason
 from sinks._http import ProcessClient, check_url, parse_retry_after, parse_timeout, short_body
 from sinks.outbox import Outbox
 
@@ -238,7 +239,7 @@ def render_digest(events: Sequence[Event]) -> dict[str, Any]:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": chunk}})
     if len(blocks) > 50:  # Block Kit's limit; SLACK_DIGEST_MAX keeps far below it
         raise ValueError(f"a digest of {len(events)} events needs {len(blocks)} blocks")
-    return {"text": _clip(f"{len(events)} new events: {summary}", 3000), "blocks": blocks}
+    return {"text": _clip(_esc(f"{len(events)} new events: {summary}"), 3000), "blocks": blocks}
 
 
 # -- the sink -------------------------------------------------------------------------------
@@ -298,7 +299,15 @@ class SlackSink:
     def send(self, events: Sequence[Event]) -> None:
         box = self.outbox()
         ids = [e.id for e in events]
-        box.park(events)
+        # An event no serializer can write fails alone; the others are parked without it.
+        unwritable: dict[str, str] = {}
+        for event in events:
+            try:
+                safejson.dumps(event.to_job())
+            except safejson.Unserializable as exc:
+                unwritable[event.id] = f"event {event.id} {exc}"
+        box.park([e for e in events if e.id not in unwritable])
+        ids = [i for i in ids if i not in unwritable]
         deadline = time.monotonic() + self.max_wait
         while True:
             sent, failed = box.status(ids)
@@ -326,9 +335,10 @@ class SlackSink:
             if not self._post_next(box):
                 box.release_slot()  # ours are in flight with another worker: look again soon
                 time.sleep(_POLL)
+        failed = {**unwritable, **failed}
         if failed:
-            reason = next(iter(failed.values()))
-            raise PermanentSinkError(reason, event_ids=list(failed))
+            first = next(iter(failed.values()))
+            raise PermanentSinkError(first, event_ids=list(failed))
 
     def _backlog(self) -> int:
         """Slack deliver jobs queued behind the running one (all workers share the queue)."""
@@ -345,6 +355,17 @@ class SlackSink:
         ids = [e.id for e in claimed]
         try:
             payload = render_event(claimed[0]) if len(claimed) == 1 else render_digest(claimed)
+        except Exception as exc:
+            # The events' own content cannot be rendered: retrying cannot help. Which one?
+            # Each goes alone next; one alone fails with the reason. Nothing was posted.
+            if len(ids) > 1:
+                box.isolate(ids)
+            else:
+                box.fail(ids, reason(f"cannot render the Slack message: "
+                                     f"{type(exc).__name__}: {exc}"))
+            box.release_slot()
+            return True
+        try:
             self._post(payload)
         except _RateLimited as exc:
             box.give_back(ids)
@@ -376,7 +397,7 @@ class SlackSink:
         status = response.status_code
         if 200 <= status < 300:
             return
-        answer = short_body(response, limit=100, redact=(self.url,))
+        answer = short_body(response, limit=100, redact=(self.url,))  # no webhook path
         said = f"Slack answered {status}" + (f" {answer}" if answer else "")
         if status == 429:
             raise _RateLimited(parse_retry_after(response.headers.get("retry-after")) or 1.0)

@@ -85,7 +85,10 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
+        from ingest.http_limits import LimitedHttpToolsProtocol
+
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
+                                http=LimitedHttpToolsProtocol,
                                 access_log=False, loop="asyncio", lifespan="on",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)

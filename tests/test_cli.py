@@ -96,3 +96,14 @@ def test_healthz_of_a_real_serve_process(make_env: Callable[..., dict[str, str]]
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_check_masks_a_database_password_given_in_the_query_string(
+        make_env: Callable[..., dict[str, str]], database_url: str) -> None:
+    url = database_url.replace("://", "://someone:pw-in-userinfo-1@", 1) \
+        if "@" not in database_url else database_url
+    result = ingest("check", env=make_env(f"{url}?password=pw-in-query-123&sslmode=prefer"))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "pw-in-query-123" not in output and "pw-in-userinfo-1" not in output
+    assert "password=****" in output and "sslmode=prefer" in output

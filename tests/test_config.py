@@ -11,8 +11,8 @@ from ingest.exceptions import ConfigError
 
 
 def test_secret_lists_are_comma_separated_for_rotation() -> None:
-    settings = Settings.from_env({"OUTREACH_WEBHOOK_SECRETS": " old-secret-1 , new-secret-2 ,"})
-    assert settings.secrets_for("outreach") == ("old-secret-1", "new-secret-2")
+    settings = Settings.from_env({"OUTREACH_WEBHOOK_SECRETS": " old-secret-0000001 , new-secret-0000002 ,"})
+    assert settings.secrets_for("outreach") == ("old-secret-0000001", "new-secret-0000002")
     assert settings.secrets_for("outcaller") == ()  # not configured: disabled
 
 
@@ -80,3 +80,10 @@ def test_postgres_sink_requires_database_url() -> None:
     with pytest.raises(ConfigError) as info:
         build_sinks(Settings.from_env({"INGEST_SINKS": "postgres"}))
     assert info.value.variable == "DATABASE_URL"
+
+
+def test_a_short_secret_stops_start_up_naming_its_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"OUTREACH_WEBHOOK_SECRETS": "long-enough-secret-01,short-1"})
+    assert "OUTREACH_WEBHOOK_SECRETS" in str(info.value) and "16" in str(info.value)
+    assert "short-1" not in str(info.value)

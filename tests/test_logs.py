@@ -80,3 +80,70 @@ def test_info_is_the_default_and_a_bad_level_names_the_variable() -> None:
     assert log_level(Settings.from_env({})) == logging.INFO
     with pytest.raises(ConfigError, match="INGEST_LOG_LEVEL"):
         log_level(Settings.from_env({"INGEST_LOG_LEVEL": "verbose"}))
+
+
+class _Hostile:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def _nested(depth: int) -> object:
+    value: object = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_job_arguments_bodies_and_contacts_never_reach_a_line(
+        capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    """RQ logs a failed job's arguments in ``extra``; only allowed fields are written."""
+    setup_logging(fmt, [SECRET])
+    body = '{"data": {"email": "ada@example.com", "name": "Ada Lovelace"}}'
+    logging.getLogger("rq.worker").error(
+        "job failed", extra={"func": "workers.jobs.process_batch", "arguments": [[{"body": body}]],
+                             "kwargs": {"contact": "ada@example.com"}, "job_id": "j-1",
+                             "queue": "ingest"})
+    output = "\n".join(lines(capsys))
+    assert "ada@example.com" not in output and "Lovelace" not in output
+    assert "j-1" in output and "ingest" in output
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_formatter_survives_odd_records_and_bounds_every_line(
+        capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    setup_logging(fmt, [SECRET])
+    log = logging.getLogger("workers.jobs")
+    log.warning("deep %s", _nested(5000), extra={"reason": _nested(5000)})
+    log.warning("nul \x00 byte", extra={"provider": "out\x00reach", "kind": "x" * 100_000})
+    log.warning("hostile %s", _Hostile(), extra={"reason": _Hostile()})
+    log.warning("bad format %d", "not a number")
+    log.warning("huge " + "y" * 1_000_000 + " surrogate \ud800")
+    log.warning("multi\nline\r\nmessage", extra={"event_type": "\u2028call.x"})
+    try:
+        raise RecursionError("x" * 100_000)
+    except RecursionError:
+        log.exception("recursion")
+    out = lines(capsys)
+    if fmt == "json":
+        records = [orjson.loads(ln) for ln in out]  # every line is one valid object
+        assert len(records) == 7
+        assert all(len(ln) < 12_000 for ln in out)
+        assert "\x00" not in "".join(r["message"] + str(r.get("provider")) for r in records)
+        assert records[5]["message"] == "multi | line | message"
+    else:
+        assert len([ln for ln in out if "workers.jobs" in ln]) == 7
+        assert all(len(ln) < 12_000 for ln in out) and "\x00" not in "".join(out)
+
+
+def test_urls_queries_and_credentials_are_masked_in_lines(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("json", [SECRET])
+    logging.getLogger("sinks.crm").warning(
+        "CRM said: Cannot POST https://crm.example/hooks/abc?apikey=k-123456 with "
+        "Authorization: Bearer abcdef123456 and /services/T1/B2/slackpath")
+    [line] = lines(capsys)
+    message = orjson.loads(line)["message"]
+    for leaked in ("k-123456", "abcdef123456", "slackpath", "/hooks/abc"):
+        assert leaked not in message
+    assert "https://crm.example/…" in message

@@ -2,9 +2,9 @@
 
 ``process_batch(envelopes)``: one job per acceptor flush. Normalizes every delivery, drops
 duplicates (workers.dedup), and enqueues one ``deliver`` job per sink whose filter matches.
-A delivery that cannot be normalized is set aside as a batch of its own, which then fails alone
-with the reason (and can be retried with ``ingest dlq retry`` after a fix); the rest of the
-batch goes on.
+A delivery that cannot be read, normalized or serialized is set aside as a batch of its own,
+which then fails alone, at once (no retries), with a readable reason (and can be retried with
+``ingest dlq retry`` after a fix); the rest of the batch goes on.
 
 ``deliver(sink, events, deliveries)``: hands events to one sink. Transient errors are retried
 by RQ with backoff and jitter. A permanent error on several events splits them into one job
@@ -24,13 +24,15 @@ from typing import Any
 
 from rq import get_current_job
 
-from ingest import constants, metrics
+from ingest import constants, metrics, safejson
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
+from ingest.redaction import reason
 from ingest.rq_jobs import deliver_retry, enqueue_new
-from sinks.base import matches_any
+from workers.labels import event_type_label, kind_label, label
 from workers import dedup, records, suppression
+from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
 
 __all__ = ["deliver", "process_batch"]
@@ -61,14 +63,11 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
     """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op."""
     created = 0
     for name, enabled in rt.sinks.items():
-        chosen = [e for e in events if matches_any(e.kind, enabled.events)]
-        chosen = records.for_sink(enabled, chosen)
+        chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
         if not chosen:
             continue
-        raw = None
-        if getattr(enabled.sink, "needs_raw", False):
-            used = {e.delivery_id for e in chosen}
-            raw = [d.to_dict() for i, d in deliveries.items() if i in used]
+        wanted = enabled.deliveries_for(chosen, deliveries)
+        raw = None if wanted is None else [d.to_dict() for d in wanted.values()]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
         created += enqueue_new(
             rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
@@ -87,29 +86,33 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     produced: Counter[str] = Counter()  # events per provider, copies included
 
     for envelope in envelopes:
-        delivery = Delivery.from_dict(envelope)
-        provider = rt.providers.get(delivery.provider)
+        # Everything that depends on one delivery's content happens inside this try: whatever
+        # it raises (RecursionError included) fails that delivery alone.
         try:
-            if provider is None:
-                raise NormalizationError(f"no provider {delivery.provider!r} is installed")
-            events = provider.events(delivery)
+            delivery = Delivery.from_dict(envelope)
+            events = normalize(rt.providers, delivery)
+            for event in events:
+                # What the deliver jobs will carry: an event no serializer can write must fail
+                # here, alone, not later in the enqueue of the whole batch.
+                safejson.dumps(event.to_job())
         except Exception as exc:
+            why = _poison_reason(exc)
+            ids = _envelope_ids(envelope)
             if len(envelopes) == 1:
                 # Alone in its batch: fail here, with the reason, into the failed registry.
                 # Parsing is deterministic, so RQ's retries could not help: skip them.
                 if job is not None:
                     job.retries_left = 0
-                metrics.POISON.labels(delivery.provider).inc()
+                metrics.POISON.labels(label(ids["provider"])).inc()
                 log.error("delivery cannot be processed; it goes to the failed registry: %s",
-                          exc, extra={"provider": delivery.provider, "delivery_id": delivery.id,
-                                      "job_id": owner})
-                raise
+                          why, extra={**ids, "job_id": owner})
+                raise NormalizationError(why) from None
             poisoned += 1  # counted in POISON when its own job fails, not twice
-            log.warning("setting aside a delivery that cannot be processed: %s", exc,
-                        extra={"provider": delivery.provider, "delivery_id": delivery.id})
+            log.warning("setting aside a delivery that cannot be processed: %s", why,
+                        extra=ids)
             enqueue_new(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
-                            rt.names.job_id("alone", delivery.id), None,
-                            f"process_batch(1 delivery, set aside: {type(exc).__name__})")
+                        rt.names.job_id("alone", _alone_token(envelope)), None,
+                        f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
         deliveries[delivery.id] = delivery
         for event in events:
@@ -121,13 +124,15 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     for event in fresh:
         produced[event.provider] -= 1
-        metrics.EVENTS.labels(event.provider, event.kind).inc()
+        provider_label = label(event.provider)
+        metrics.EVENTS.labels(provider_label, kind_label(event.kind)).inc()
         if event.kind == UNKNOWN:
-            metrics.UNKNOWN_EVENTS.labels(event.provider, event.event_type).inc()
+            metrics.UNKNOWN_EVENTS.labels(
+                provider_label, event_type_label(rt, provider_label, event.event_type)).inc()
     metrics.count_fallbacks(fresh)
     for provider_name, count in produced.items():
         if count:
-            metrics.DUPLICATES.labels(provider_name).inc(count)
+            metrics.DUPLICATES.labels(label(provider_name)).inc(count)
     duplicates = sum(produced.values())
 
     if fresh:
@@ -146,6 +151,31 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             "poisoned": poisoned}
 
 
+def _poison_reason(exc: BaseException) -> str:
+    """The reason a delivery failed: one readable line, redacted, naming the error's type
+    unless it is our own."""
+    text = reason(exc)
+    if isinstance(exc, NormalizationError):
+        return text or "delivery cannot be normalized"
+    return reason(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _envelope_ids(envelope: Any) -> dict[str, Any]:
+    """Log fields of an envelope that may not even be well-formed."""
+    get = envelope.get if isinstance(envelope, dict) else (lambda _key: None)
+    return {"provider": label(str(get("provider") or "unknown")),
+            "delivery_id": label(str(get("id") or "unknown"))}
+
+
+def _alone_token(envelope: Any) -> str:
+    """The set-aside job's id part: the delivery id when it is a plain id, else a digest."""
+    delivery_id = envelope.get("id") if isinstance(envelope, dict) else None
+    if isinstance(delivery_id, str) and delivery_id.replace("-", "").isalnum() \
+            and len(delivery_id) <= 64:
+        return delivery_id
+    return hashlib.sha256(repr(envelope)[:100_000].encode("utf-8", "replace")).hexdigest()[:32]
+
+
 def deliver(sink_name: str, events: list[dict[str, Any]],
             deliveries: list[dict[str, Any]] | None = None) -> dict[str, int]:
     rt = current_runtime()
@@ -157,13 +187,12 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         return {"delivered": 0, "stale": len(events)}
     started = time.perf_counter()
     try:
-        if getattr(enabled.sink, "needs_raw", False):
-            by_delivery = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
-            enabled.sink.send(evs, deliveries=by_delivery)  # type: ignore[call-arg]
-        else:
-            enabled.sink.send(evs)
+        # The events themselves cannot be written (a PermanentSinkError naming them): a batch
+        # of several is split, each then fails or succeeds alone.
+        enabled.send(evs, {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
+                     if enabled.needs_raw else None)
     except PermanentSinkError as exc:
-        failed_ids = set(getattr(exc, "event_ids", None) or [e.id for e in evs])
+        failed_ids = set(exc.event_ids or ())
         failed = [e for e in evs if e.id in failed_ids]
         if len(evs) > 1 and failed:
             # Give each failed event its own job: it fails alone, the rest are done.
@@ -174,10 +203,11 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
                 enqueue_new(
                     rt.sink_queue(sink_name), constants.DELIVER, (sink_name, [by_id[e.id]], raw),
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
-                    deliver_retry(), f"deliver({sink_name}, 1 event, split after: {exc})",
+                    deliver_retry(),
+                    f"deliver({sink_name}, 1 event, split after: {reason(exc, limit=200)})",
                 )
             for e in failed:
-                log.warning("sink refused an event; it gets a job of its own: %s", exc,
+                log.warning("sink refused an event; it gets a job of its own: %s", reason(exc),
                             extra=_event_extra(sink_name, e))
             metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
             metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
@@ -186,9 +216,13 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         if job is not None:
             job.retries_left = 0  # retrying cannot help; go straight to the failed registry
         metrics.SINK_EVENTS.labels(sink_name, "failed").inc(len(evs))
+        why = reason(exc) or type(exc).__name__
         for e in evs:
-            log.error("sink refused the event; it goes to the failed registry: %s", exc,
+            metrics.POISON.labels(label(e.provider)).inc()
+            log.error("sink refused the event; it goes to the failed registry: %s", why,
                       extra=_event_extra(sink_name, e))
+        if why != str(exc):
+            raise PermanentSinkError(why, event_ids=exc.event_ids) from None
         raise
     except Exception as exc:
         job = get_current_job()
@@ -196,7 +230,8 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         if not final and isinstance(exc, TransientSinkError) and exc.retry_after:
             _stretch_next_retry(job, exc.retry_after)
         metrics.SINK_EVENTS.labels(sink_name, "failed" if final else "retried").inc(len(evs))
-        log.warning("sink failed (%s): %s", "no retries left" if final else "will retry", exc,
+        log.warning("sink failed (%s): %s", "no retries left" if final else "will retry",
+                    reason(exc) or type(exc).__name__,
                     extra={"sink": sink_name, "count": len(evs),
                            "job_id": job.id if job is not None else None})
         raise

@@ -13,9 +13,10 @@ Live deliveries write relationships bare, without the JSON:API ``data`` level
 some updates; both shapes are read.
 
 Headers: ``Outreach-Webhook-Signature`` (HMAC-SHA256 hex of the body keyed by the webhook's
-secret). Kept with the archived delivery: ``outreach-webhook-cleanup-token`` (it lets the user
-deregister the webhook even after API access is revoked), ``outreach-org-id`` (the Outreach
-organization, our ``workspace_id``), ``outreach-webhook-id`` and ``outreach-webhook-event-id``.
+secret). Kept with the archived delivery: ``outreach-org-id`` (the Outreach organization, our
+``workspace_id``), ``outreach-webhook-id`` and ``outreach-webhook-event-id``. Never kept:
+``outreach-webhook-cleanup-token``, a credential (it deregisters the webhook even after API
+access is revoked).
 
 Dedup key: event name + resource type + id + ``attributes.updatedAt``; without ``updatedAt``, a
 digest of ``data`` (never of ``meta``: ``deliveredAt`` changes between attempts). A destroyed
@@ -156,8 +157,7 @@ class OutreachProvider(SignedProvider):
     signature_header: ClassVar[str] = "outreach-webhook-signature"
     digestmod: ClassVar[str] = "sha256"
     kept_headers: ClassVar[frozenset[str]] = frozenset({
-        "outreach-webhook-cleanup-token", ORG_HEADER, "outreach-webhook-id",
-        "outreach-webhook-event-id",
+        ORG_HEADER, "outreach-webhook-id", "outreach-webhook-event-id",
     })
     retries_network_errors: ClassVar[bool] = True
 

@@ -187,13 +187,14 @@ class TestOutreach(ProviderSuite):
         drain(runtime)
         assert len(self.events_in(database_url)) == 1
 
-    def test_cleanup_token_is_kept_with_the_delivery(self, acceptor: Any, runtime: Any,
-                                                     database_url: str) -> None:
+    def test_cleanup_token_is_not_kept_with_the_delivery(self, acceptor: Any, runtime: Any,
+                                                         database_url: str) -> None:
+        # A credential: the archive keeps no token, though sign() sends one.
         body = self.raw("prospect_updated_v2.raw")
         assert self.post(acceptor, body, self.sign(body, SECRETS["outreach"][1])).status_code == 200
         drain(runtime)
         (delivery,) = rows(database_url, "SELECT headers FROM webhook_deliveries")
-        assert delivery["headers"] == {"outreach-webhook-cleanup-token": "cleanup-token-4f9a"}
+        assert delivery["headers"] == {}
 
 
 # -- live shapes, field by field ----------------------------------------------------------------
@@ -311,7 +312,6 @@ def test_the_tenant_is_the_outreach_org_id_header_and_it_is_kept(
     drain(runtime)
     (delivery,) = rows(database_url, "SELECT headers FROM webhook_deliveries")
     assert delivery["headers"] == {
-        "outreach-webhook-cleanup-token": "cleanup-token-4f9a",
         "outreach-org-id": ORG,
         "outreach-webhook-id": "7",
         "outreach-webhook-event-id": "675fed88-3728-49d6-95b7-99f395fdcb26",

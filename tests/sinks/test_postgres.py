@@ -53,3 +53,72 @@ def test_through_workers_postgres_gets_every_event_whatever_the_other_sinks_filt
     stored = rows(database_url, "SELECT id::text, kind FROM webhook_events")
     assert sorted(r["id"] for r in stored) == sorted(event_ids(*envelopes))
     assert sorted(r["kind"] for r in stored) == ["email.opened", "linkedin.invite_sent"]
+
+
+def _outboundry_events(database_url: str, n: int) -> tuple[list, dict]:
+    envelopes = [outboundry_delivery(name=f"Person {i}") for i in range(n)]
+    deliveries = {e["id"]: Delivery.from_dict(e) for e in envelopes}
+    events = [ev for d in deliveries.values() for ev in load_providers()["outboundry"].events(d)]
+    return events, deliveries
+
+
+@pytest.mark.parametrize("fault", ["index_row_too_large", "nul_in_text", "nul_in_json"])
+def test_one_event_the_database_refuses_fails_alone_and_permanently(
+        database_url: str, fault: str) -> None:
+    import dataclasses
+
+    from ingest.exceptions import PermanentSinkError
+
+    events, deliveries = _outboundry_events(database_url, 4)
+    bad = events[1]
+    if fault == "index_row_too_large":
+        # An index an operator added: past a btree entry's 2.7 KB, and incompressible, as a
+        # hostile value would be (SQLSTATE 54000, a "program limit", not an outage).
+        import os
+
+        import psycopg
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("CREATE INDEX ON webhook_events (event_type)")
+        bad = dataclasses.replace(bad, event_type=os.urandom(4000).hex())
+    elif fault == "nul_in_text":
+        bad = dataclasses.replace(bad, event_type="email.opened\x00")
+    else:
+        bad = dataclasses.replace(bad, data={"x": "a\x00b"})
+    events[1] = bad
+    sink = PostgresSink(database_url)
+    try:
+        with pytest.raises(PermanentSinkError) as info:
+            sink.send(events, deliveries=deliveries)
+    finally:
+        sink.close()
+    assert info.value.event_ids == [bad.id]
+    assert "unavailable" not in str(info.value) and "SQLSTATE" in str(info.value)
+    assert "\n" not in str(info.value)
+    stored = {r["id"] for r in rows(database_url, "SELECT id::text FROM webhook_events")}
+    assert stored == {e.id for e in events} - {bad.id}
+
+
+def test_a_long_dedup_key_is_stored_once(database_url: str) -> None:
+    import dataclasses
+
+    events, deliveries = _outboundry_events(database_url, 1)
+    long = dataclasses.replace(events[0], dedup_key="k" * 10_000)
+    sink = PostgresSink(database_url)
+    try:
+        sink.send([long], deliveries=deliveries)
+        sink.send([long], deliveries=deliveries)
+    finally:
+        sink.close()
+    assert len(rows(database_url, "SELECT id FROM webhook_events")) == 1
+
+
+def test_the_digest_index_keeps_provider_and_dedup_key_unique(database_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        insert = ("INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
+                  "occurred_at, received_at, data) VALUES (gen_random_uuid(), 'p', 'same', "
+                  "'t', 'unknown', now(), now(), '{}')")
+        conn.execute(insert)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert)
