@@ -259,6 +259,15 @@ def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
 _EXTRA_COMMANDS.append(_add_replay)
 
 
+def _add_status(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.status import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

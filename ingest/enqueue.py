@@ -56,6 +56,7 @@ from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
 from rq.utils import now
 
 from ingest import constants, metrics
+from ingest.activity import note_accepted
 
 __all__ = ["BatchEnqueuer", "FastJSONSerializer", "enqueue_batch", "enqueue_unique", "make_job"]
 
@@ -250,8 +251,11 @@ class BatchEnqueuer:
             for queue_key, started_key in self._watched:
                 pipe.llen(queue_key)
                 pipe.zcard(started_key)
+            # Last accepted per provider (ingest.activity), in the same round trip.
+            note_accepted(pipe, self.names, envelopes)
 
         counts = await self._writer.write(_batch_job(self.queue, envelopes, job_id), busy_reads)
+        counts = counts[:2 * len(self._watched)]
         return sum(counts[0::2]), sum(counts[1::2])
 
     def _adapt(self, waiting: int, running: int) -> None:
