@@ -59,7 +59,7 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_silence_after(raw: str | None) -> dict[str, float | None]:
     """``INGEST_SILENCE_AFTER`` (``outreach=6h,salesloft=6h,*=24h``) as seconds per provider;
-    ``*`` is every other provider, and ``off`` (None) stops watching one."""
+    ``*`` is every other provider (24 h unless given), and ``off`` (None) stops watching."""
     if raw is None:
         return {"*": float(constants.DEFAULT_SILENCE_AFTER)}
     out: dict[str, float | None] = {}
@@ -80,6 +80,7 @@ def parse_silence_after(raw: str | None) -> dict[str, float | None]:
                               f"{value!r} for {name!r} is not a positive duration with a unit "
                               "s, m, h or d (e.g. 90m), or off")
         out[name] = float(number) * unit
+    out.setdefault("*", float(constants.DEFAULT_SILENCE_AFTER))
     return out
 
 

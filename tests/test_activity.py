@@ -162,3 +162,122 @@ def test_refusal_is_answered_when_redis_is_unreachable(
         wait_until(lambda: (value(scrape(s.url), "ingest_activity_write_errors_total",
                                   outcome="error") or 0) >= 3, 10, "the failed writes counted")
         assert value(scrape(s.url), "ingest_activity_redis_up") == 0
+
+
+def _status(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+            env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    code, out = run_cli(monkeypatch, capsys, env, "status", "--json")
+    return code, dict(orjson.loads(out))
+
+
+def _provider(status: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in status["providers"] if p["name"] == name)
+
+
+def test_a_provider_that_stops_sending_is_flagged_silent_then_clears(
+        make_env: Callable[..., dict[str, str]], database_url: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    env = make_env(database_url, INGEST_SILENCE_AFTER="outreach=3s")
+    with serve(create_app(Settings.from_env(env))) as s:
+        assert httpx.post(f"{s.url}/webhooks/outreach", content=BODY,
+                          headers=signed(BODY)).status_code == 200
+        samples = scrape(s.url)
+        assert value(samples, "ingest_provider_silent", provider="outreach") == 0
+        accepted = value(samples, "ingest_last_accepted_timestamp_seconds", provider="outreach")
+        assert accepted is not None and abs(accepted - time.time()) < 3600
+        # Only outreach is watched this closely; the others fall under the 24 h default.
+        assert value(samples, "ingest_provider_silent", provider="salesloft") == 0
+
+        wait_until(lambda: value(scrape(s.url), "ingest_provider_silent",
+                                 provider="outreach") == 1, 60, "outreach flagged silent")
+        code, status = _status(monkeypatch, capsys, env)
+        assert code == 1
+        assert _provider(status, "outreach")["silent"] is True
+        assert _provider(status, "outreach")["accepted_last_hour"] == 1
+        assert any("outreach is silent" in line for line in status["attention"])
+        assert not _provider(status, "salesloft")["silent"]
+
+        assert httpx.post(f"{s.url}/webhooks/outreach", content=BODY,
+                          headers=signed(BODY)).status_code == 200
+        wait_until(lambda: value(scrape(s.url), "ingest_provider_silent",
+                                 provider="outreach") == 0, 60, "outreach no longer silent")
+        _, status = _status(monkeypatch, capsys, env)
+        assert _provider(status, "outreach")["silent"] is False
+        assert not any("silent" in line for line in status["attention"])
+
+
+def test_stopped_workers_make_the_oldest_job_age_and_status_fail(
+        make_env: Callable[..., dict[str, str]], database_url: str, redis_server: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import wait_for_queue_workers
+
+    env = make_env(database_url)
+    settings = Settings.from_env(env)
+    ingest_queue = settings.names.ingest_queue
+    worker = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"],
+                              env={"PATH": os.environ.get("PATH", ""), **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with serve(create_app(settings)) as s:
+            wait_for_queue_workers(redis_server, [ingest_queue,
+                                                  settings.names.sink_queue("postgres")])
+            for _ in range(3):
+                assert httpx.post(f"{s.url}/webhooks/outreach", content=BODY,
+                                  headers=signed(BODY)).status_code == 200
+
+            def healthy() -> bool:
+                code, status = _status(monkeypatch, capsys, env)
+                return code == 0 and all(q["queued"] == 0 for q in status["queues"])
+
+            wait_until(healthy, 60, "the workers to drain the queues, status exit 0")
+            assert value(scrape(s.url), "ingest_queue_oldest_seconds", queue=ingest_queue) == 0
+            assert value(scrape(s.url), "ingest_queue_workers", queue=ingest_queue) == 1
+
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+            assert httpx.post(f"{s.url}/webhooks/outreach", content=BODY,
+                              headers=signed(BODY)).status_code == 200
+            samples = scrape(s.url)
+            assert value(samples, "ingest_queue_jobs", queue=ingest_queue, state="queued") == 1
+            first = value(samples, "ingest_queue_oldest_seconds", queue=ingest_queue)
+            assert first is not None
+            wait_until(lambda: (value(scrape(s.url), "ingest_queue_oldest_seconds",
+                                      queue=ingest_queue) or 0) > first + 1, 30,
+                       "the oldest queued job to age")
+            code, status = _status(monkeypatch, capsys, env)
+            assert code == 1
+            assert status["workers"][ingest_queue] == 0
+            assert any(f"no worker serves queue {ingest_queue}" in line
+                       for line in status["attention"])
+            assert set(status) == {"providers", "sinks", "queues", "spool_depth", "workers",
+                                   "attention"}
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+
+
+@pytest.mark.parametrize("raw", ["outreach", "outreach=6", "outreach=6w", "outreach=-1h",
+                                 "nosuch=6h", "outreach=6h,outreach=1h", "=6h", "outreach=h"])
+def test_malformed_silence_after_stops_start_up_naming_the_variable(
+        make_env: Callable[..., dict[str, str]], raw: str) -> None:
+    from ingest.exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(make_env(INGEST_SILENCE_AFTER=raw))
+    assert err.value.variable == "INGEST_SILENCE_AFTER"
+
+
+def test_silence_after_durations(make_env: Callable[..., dict[str, str]]) -> None:
+    settings = Settings.from_env(make_env(
+        INGEST_SILENCE_AFTER="outreach=90m, salesloft=1.5d,mailstand=off,*=30s"))
+    assert settings.silence_threshold("outreach") == 5400
+    assert settings.silence_threshold("salesloft") == 1.5 * 86400
+    assert settings.silence_threshold("mailstand") is None
+    assert settings.silence_threshold("outcaller") == 30
+    assert Settings.from_env(make_env()).silence_threshold("outreach") == 24 * 3600
