@@ -69,6 +69,14 @@ def _single(rt: Runtime, queue: str, burst: bool) -> int:
             scheduler.shutdown()
 
 
+def _rq_level(rt: Runtime) -> str:
+    """RQ's own logger level: info, or quieter when INGEST_LOG_LEVEL asks (RQ sets it itself
+    at every work loop, so setup_logging cannot)."""
+    from ingest.logs import log_level
+
+    return logging.getLevelName(max(logging.INFO, log_level(rt.settings)))
+
+
 def _work(rt: Runtime, queue: str, burst: bool) -> int:
     while True:
         worker = IngestWorker(
@@ -88,7 +96,7 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
         try:
             # The scheduler of a long-running worker is the process-wide one above: it outlives
             # the worker objects this loop replaces after a Redis outage.
-            worker.work(burst=burst, with_scheduler=burst, logging_level="INFO")
+            worker.work(burst=burst, with_scheduler=burst, logging_level=_rq_level(rt))
             reason = "RQ ended its work loop"
         except (RedisError, OSError) as exc:
             reason = f"Redis error: {exc!r}"
