@@ -254,7 +254,7 @@ def read_state(redis: Redis, settings: Settings) -> State:
         state.queues.append(q)
         if head:
             heads.append((q, head))
-        worker_keys.append((q, sorted(workers)[:constants.REFUSAL_LOG_LENGTH]))
+        worker_keys.append((q, sorted(workers)[:constants.SCRAPE_MAX_WORKERS]))
     if heads or worker_keys:
         pipe = redis.pipeline(transaction=False)
         for _, head in heads:

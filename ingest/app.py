@@ -163,7 +163,7 @@ class Acceptor:
         self._enqueuer = enqueuer if isinstance(enqueuer, BatchEnqueuer) else None
         # Refusal bookkeeping (ingest.activity): counted at once, recorded in the background.
         self.refusals = RefusalLog(
-            self._enqueuer._writer.redis if self._enqueuer is not None else None, settings.names)
+            self._enqueuer.async_redis if self._enqueuer is not None else None, settings.names)
         redis = getattr(durable, "redis", None)
         self.collectors = [ActivityCollector(redis, settings)] if redis is not None else []
 

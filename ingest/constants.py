@@ -93,6 +93,8 @@ ACTIVITY_MINUTE_TTL = 2 * 3600
 REFUSAL_WRITE_DEADLINE = 0.5
 # Most refusal writes in flight per acceptor; a flood of bad requests beyond it is counted only.
 REFUSAL_WRITES_IN_FLIGHT = 64
+# Most worker entries per queue a scrape checks for liveness (bounds the Redis work per scrape).
+SCRAPE_MAX_WORKERS = 100
 # `ingest status`: an oldest queued job older than this (seconds) needs attention.
 STATUS_OLDEST_LIMIT = 300
 

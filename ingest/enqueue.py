@@ -194,6 +194,11 @@ class BatchEnqueuer:
         self._senders_pruned = 0.0
         self._full: asyncio.Event | None = None  # set while a hold may end early
 
+    @property
+    def async_redis(self) -> AsyncRedis:
+        """The event loop's own Redis client (also for the acceptor's refusal records)."""
+        return self._writer.redis
+
     def watch(self, queue_names: Iterable[str]) -> None:
         """Also count the jobs of these queues (the sinks' queues) as keeping workers busy."""
         for name in queue_names:

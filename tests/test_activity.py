@@ -281,3 +281,37 @@ def test_silence_after_durations(make_env: Callable[..., dict[str, str]]) -> Non
     assert settings.silence_threshold("mailstand") is None
     assert settings.silence_threshold("outcaller") == 30
     assert Settings.from_env(make_env()).silence_threshold("outreach") == 24 * 3600
+
+
+def test_deliveries_drained_from_the_spool_count_as_accepted_when_received(
+        tmp_path: Any, redis_server: str, namespace: str) -> None:
+    import asyncio
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from redis import Redis
+    from rq import Queue
+
+    from ingest.constants import Names
+    from ingest.spool import Spool
+
+    received = datetime.now(timezone.utc) - timedelta(hours=2)
+    envelopes = [{"id": str(uuid.uuid4()), "provider": "outcaller",
+                  "received_at": (received + timedelta(seconds=i)).isoformat(),
+                  "headers": {}, "body": "{}"} for i in range(3)]
+    spool = Spool(tmp_path / "spool")
+
+    async def append() -> None:
+        await spool.start()
+        await asyncio.gather(*(spool.append(e) for e in envelopes))
+        await spool.stop()
+
+    asyncio.run(append())
+    names = Names(namespace)
+    redis = Redis.from_url(redis_server)
+    try:
+        assert spool.drain(Queue(names.ingest_queue, connection=redis), names) == 3
+        last = float(redis.hget(names.key("activity:accepted"), "outcaller"))
+    finally:
+        redis.close()
+    assert last == pytest.approx((received + timedelta(seconds=2)).timestamp(), abs=0.01)
