@@ -145,6 +145,10 @@ class _OneTripWriter:
             info = await self.redis.info("server")
             self._server_version = cast(tuple[int, int, int], tuple(
                 int(part) for part in str(info["redis_version"]).split(".")[:3]))
+            # Loaded up front: a NoScriptError re-runs the whole pipeline, and the activity counts
+            # in it (ingest.activity) would count that batch twice. After a Redis restart it
+            # can still happen once, for one batch's per-minute count.
+            await self.redis.script_load(UNIQUE_ENQUEUE_SCRIPT)
         job.redis_server_version = self._server_version
         job.origin = queue.name
         job.enqueued_at = now()
