@@ -59,8 +59,9 @@ def _iso(at: float | None) -> str | None:
 
 
 def _last_failure(redis: Any, queue: str) -> str | None:
-    from rq.job import Job
     from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
 
     from workers.dlq import _reason
 
@@ -68,7 +69,8 @@ def _last_failure(redis: Any, queue: str) -> str | None:
     if not newest:
         return None
     try:
-        return _reason(Job.fetch(newest[0].decode(), connection=redis))
+        return _reason(Job.fetch(newest[0].decode(), connection=redis,
+                                 serializer=JSONSerializer))
     except NoSuchJobError:
         return None
 

@@ -315,3 +315,42 @@ def test_deliveries_drained_from_the_spool_count_as_accepted_when_received(
     finally:
         redis.close()
     assert last == pytest.approx((received + timedelta(seconds=2)).timestamp(), abs=0.01)
+
+
+def refuse_permanently() -> None:
+    """A job that fails the way a sink's 4xx does (run by a real RQ worker below)."""
+    from ingest.exceptions import PermanentSinkError
+
+    raise PermanentSinkError("CRM answered 422: field owner_id is required")
+
+
+def test_dead_letters_show_in_metrics_and_status_with_the_last_reason(
+        make_env: Callable[..., dict[str, str]], database_url: str, redis_server: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from redis import Redis
+    from rq import Queue, SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    env = make_env(database_url)
+    settings = Settings.from_env(env)
+    redis = Redis.from_url(redis_server)
+    try:
+        queue = Queue(settings.names.sink_queue("postgres"), connection=redis,
+                      serializer=JSONSerializer)
+        queue.enqueue("tests.test_activity.refuse_permanently")
+        SimpleWorker([queue], connection=redis, serializer=JSONSerializer).work(
+            burst=True, with_scheduler=False, logging_level="WARNING")
+        assert queue.failed_job_registry.count == 1
+    finally:
+        redis.close()
+    with serve(create_app(settings)) as s:
+        assert value(scrape(s.url), "ingest_dead_letters", sink="postgres") == 1
+        assert value(scrape(s.url), "ingest_queue_jobs", queue=queue.name, state="failed") == 1
+    code, status = _status(monkeypatch, capsys, env)
+    assert code == 1
+    sink = next(x for x in status["sinks"] if x["name"] == "postgres")
+    assert sink["dead_letters"] == 1
+    assert "422" in sink["last_failure"]
+    assert any("dead letters on postgres" in line for line in status["attention"])
+    code, text = run_cli(monkeypatch, capsys, env, "status")
+    assert code == 1 and "dead letters on postgres" in text
