@@ -176,8 +176,9 @@ def _banner(console: Console, base: str, env: dict[str, str], redis_url: str,
     ingest = shlex.quote(str(Path(sys.argv[0]).resolve())) if sys.argv[0].endswith("ingest") \
         else "ingest"
     secret = env["OUTREACH_WEBHOOK_SECRETS"].split(",")[0]
+    # --secret=VALUE: a generated secret may start with "-", which argparse takes for an option.
     line("Send a signed sample from another terminal:")
-    line(f"  {ingest} send outreach --url {base} --secret {shlex.quote(secret)} --count 20")
+    line(f"  {ingest} send outreach --url {base} --secret={shlex.quote(secret)} --count 20")
     line("What needs attention, and the last refused requests:")
     line(f"  REDIS_URL={shlex.quote(redis_url)} {ingest} status")
     line(f"  REDIS_URL={shlex.quote(redis_url)} {ingest} refused")

@@ -60,7 +60,8 @@ def _single(rt: Runtime, queue: str, burst: bool) -> int:
     scheduler: ResilientScheduler | None = None
     if not burst:  # (in burst mode RQ's worker promotes due retries itself, once)
         die_with_parent()  # the forked scheduler must not outlive a worker killed with SIGKILL
-        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer)
+        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer,
+                                       logging_level=_rq_level(rt))
         scheduler.start()  # type: ignore[no-untyped-call]
     try:
         return _work(rt, queue, burst)
