@@ -216,7 +216,7 @@ def _queues(settings: Settings) -> list[tuple[str, str]]:
 
 
 def read_state(redis: Redis, settings: Settings) -> State:
-    """Activity, silence and backlog, in three pipelined round trips whatever the load: counts
+    """Activity, silence and backlog, in two pipelined round trips whatever the load: counts
     are O(1) reads (LLEN, ZCARD, SCARD), the oldest job is the head of each queue."""
     from rq.job import Job
 
