@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ingest import constants, metrics
+from ingest.activity import UNKNOWN, ActivityCollector, RefusalLog, mark_started
 from ingest.config import Settings
 from ingest.durable import Durable, NotDurable
 from ingest.enqueue import BatchEnqueuer
@@ -156,6 +157,15 @@ _CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization"
                      "apikey", "cookie")
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    # Straight from the ASGI scope, decoded as Starlette's Request.headers does.
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _declared(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
     return {
         k: v for k, v in headers.items()
@@ -184,6 +194,11 @@ class Acceptor:
         enqueuer = getattr(durable, "enqueuer", None)
         # Group commit ends a held batch once every sender's connection waits in it.
         self._enqueuer = enqueuer if isinstance(enqueuer, BatchEnqueuer) else None
+        # Refusal bookkeeping (ingest.activity): counted at once, recorded in the background.
+        self.refusals = RefusalLog(
+            self._enqueuer.async_redis if self._enqueuer is not None else None, settings.names)
+        redis = getattr(durable, "redis", None)
+        self.collectors = [ActivityCollector(redis, settings)] if redis is not None else []
 
     def _count(self, provider: str, result: str) -> None:
         # The labelled child, looked up once: labels() takes a lock and builds a key each call.
@@ -229,26 +244,28 @@ class Acceptor:
         provider = self.providers.get(name)
         if provider is None:
             self._count("unknown", "not_found")
+            self.refusals.refused(UNKNOWN, "unknown_provider", scope, _headers(scope), None)
             raise _Refusal(404, f"no provider {name!r} is configured here")
         limit = self.settings.max_body_bytes
-        # Straight from the ASGI scope, decoded as Starlette's Request.headers does.
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope["headers"]}
+        headers = _headers(scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             self._count(name, "too_large")
+            self.refusals.refused(name, "too_large", scope, headers, int(declared))
             raise _Refusal(413, f"body is larger than {limit} bytes", close=True)
         deadline = _BodyDeadline(self.settings.body_timeout)
         try:
             body = await _read_body(receive, limit)
         except _BodyTooLarge:
             self._count(name, "too_large")
+            self.refusals.refused(name, "too_large", scope, headers, _declared(declared))
             raise _Refusal(413, f"body is larger than {limit} bytes", close=True) from None
         except asyncio.CancelledError:
             if not deadline.expired:
                 raise
             deadline.task.uncancel()
             self._count(name, "too_slow")
+            self.refusals.refused(name, "body_timeout", scope, headers, _declared(declared))
             raise _Refusal(408, f"body not received within {self.settings.body_timeout:g} s",
                            close=True) from None
         finally:
@@ -260,6 +277,7 @@ class Acceptor:
             provider.verify(headers, body, self.secrets[name], query)
         except SignatureError as exc:
             self._count(name, "unauthorized")
+            self.refusals.refused(name, exc.reason, scope, headers, len(body))
             log.warning("refused: %s", exc, extra={"provider": name})
             raise _Refusal(401, str(exc)) from None
 
@@ -269,9 +287,11 @@ class Acceptor:
             parsed = None  # also covers nesting past orjson's recursion limit
         if not isinstance(parsed, dict):
             self._count(name, "bad_request")
+            self.refusals.refused(name, "not_json", scope, headers, len(body))
             raise _Refusal(400, "body must be a JSON object")
         if _too_deep(body, parsed):
             self._count(name, "bad_request")
+            self.refusals.refused(name, "not_json", scope, headers, len(body))
             raise _Refusal(400, f"body nests deeper than {constants.MAX_JSON_DEPTH} levels")
 
         delivery_id = self._ids.next()
@@ -312,7 +332,9 @@ class Acceptor:
 
     async def metrics(self, request: Request) -> Response:
         metrics.SPOOL_DEPTH.set(self.durable.spool_depth())
-        payload, content_type = metrics.render()
+        # The collectors read Redis (bounded: a few pipelined round trips): off the event loop.
+        payload, content_type = await asyncio.get_running_loop().run_in_executor(
+            None, metrics.render, self.collectors)
         return Response(payload, media_type=content_type)
 
 
@@ -327,9 +349,12 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await durable.start()
+        if acceptor.refusals.redis is not None:
+            await mark_started(acceptor.refusals.redis, settings.names)
         try:
             yield
         finally:
+            await acceptor.refusals.aclose()
             await durable.stop()
 
     app = Starlette(

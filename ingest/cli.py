@@ -203,7 +203,7 @@ def _dev_secret(state_dir: str, setting: str) -> str | None:
 def cmd_dev(args: argparse.Namespace) -> int:
     from ingest.devserver import run_dev
 
-    return run_dev(port=args.port, state_dir=args.state_dir)
+    return run_dev(port=args.port, state_dir=args.state_dir, verbose=args.verbose)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -253,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--state-dir", default=".ingest-dev",
                    help="where embedded servers keep data and generated secrets")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every worker's start-up lines (RQ's included)")
 
     for extra in _EXTRA_COMMANDS:
         extra(add)
@@ -297,6 +299,15 @@ def _add_retention(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 _EXTRA_COMMANDS.append(_add_retention)
+
+
+def _add_status(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from ingest.status import add_command
+
+    add_command(add)
+
+
+_EXTRA_COMMANDS.append(_add_status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

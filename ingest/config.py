@@ -18,7 +18,7 @@ from typing import Any
 from ingest import constants
 from ingest.exceptions import ConfigError
 
-__all__ = ["Secret", "Settings", "parse_bool", "parse_list"]
+__all__ = ["Secret", "Settings", "parse_bool", "parse_list", "parse_silence_after"]
 
 
 class Secret:
@@ -70,6 +70,36 @@ def parse_bool(raw: str | None, variable: str, default: bool) -> bool:
     raise ConfigError(variable, f"must be true or false, got {raw!r}")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_silence_after(raw: str | None) -> dict[str, float | None]:
+    """``INGEST_SILENCE_AFTER`` (``outreach=6h,salesloft=6h,*=24h``) as seconds per provider;
+    ``*`` is every other provider (24 h unless given), and ``off`` (None) stops watching."""
+    if raw is None:
+        return {"*": float(constants.DEFAULT_SILENCE_AFTER)}
+    out: dict[str, float | None] = {}
+    for item in parse_list(raw):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise ConfigError("INGEST_SILENCE_AFTER",
+                              f"{item!r} is not provider=duration (e.g. outreach=6h,*=24h)")
+        if name in out:
+            raise ConfigError("INGEST_SILENCE_AFTER", f"names {name!r} twice")
+        if value.lower() == "off":
+            out[name] = None
+            continue
+        unit = _DURATION_UNITS.get(value[-1:].lower())
+        number = value[:-1]
+        if unit is None or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
+            raise ConfigError("INGEST_SILENCE_AFTER",
+                              f"{value!r} for {name!r} is not a positive duration with a unit "
+                              "s, m, h or d (e.g. 90m), or off")
+        out[name] = float(number) * unit
+    out.setdefault("*", float(constants.DEFAULT_SILENCE_AFTER))
+    return out
+
+
 def _load_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -104,6 +134,10 @@ class Settings:
     # Days kept, by received_at, of webhook_deliveries and of webhook_events; None: forever.
     retention_days: int | None = None
     events_retention_days: int | None = None
+    # Seconds without an accepted delivery after which a provider counts as silent, by
+    # provider name or "*"; None: not watched (INGEST_SILENCE_AFTER).
+    silence_after: Mapping[str, float | None] = field(
+        default_factory=lambda: {"*": float(constants.DEFAULT_SILENCE_AFTER)})
     # Every raw value, for sink plugins that read their own prefix (see section()).
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
     sink_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
@@ -182,6 +216,13 @@ class Settings:
         if log_format not in ("json", "text"):
             raise ConfigError("INGEST_LOG_FORMAT", "must be json or text")
 
+        silence_after = parse_silence_after(get("INGEST_SILENCE_AFTER"))
+        known = set(load_providers())
+        for sname in silence_after:
+            if sname != "*" and sname not in known:
+                raise ConfigError("INGEST_SILENCE_AFTER",
+                                  f"no provider {sname!r} (have: {', '.join(sorted(known))})")
+
         return cls(
             redis_url=get("REDIS_URL"),
             database_url=get("DATABASE_URL"),
@@ -198,6 +239,7 @@ class Settings:
             log_format=log_format,
             retention_days=_days(integer, get, "INGEST_RETENTION_DAYS"),
             events_retention_days=_days(integer, get, "INGEST_EVENTS_RETENTION_DAYS"),
+            silence_after=silence_after,
             raw=raw,
             sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},
         )
@@ -210,6 +252,12 @@ class Settings:
 
     def secrets_for(self, provider: str) -> tuple[str, ...]:
         return tuple(s.reveal() for s in self.provider_secrets.get(provider, ()))
+
+    def silence_threshold(self, provider: str) -> float | None:
+        """Seconds of no accepted delivery after which ``provider`` is silent; None: never."""
+        if provider in self.silence_after:
+            return self.silence_after[provider]
+        return self.silence_after.get("*")
 
     def require_redis(self) -> str:
         if not self.redis_url:

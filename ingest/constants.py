@@ -85,6 +85,23 @@ SINK_HTTP_TIMEOUT = 10.0
 # Longest Retry-After (seconds) a sink's retry schedule is stretched to; longer hints are capped.
 MAX_RETRY_AFTER = 3600
 
+# Observability (ingest.activity): default INGEST_SILENCE_AFTER for every provider (24 h).
+DEFAULT_SILENCE_AFTER = 24 * 3600
+# Refused requests kept per provider for `ingest refused` (a capped Redis list).
+REFUSAL_LOG_LENGTH = 100
+# Seconds the refusal log and the per-minute activity counts live in Redis (7 days).
+REFUSAL_LOG_TTL = 7 * 24 * 3600
+# Seconds a per-minute activity count lives (long enough for "the last hour").
+ACTIVITY_MINUTE_TTL = 2 * 3600
+# Longest (seconds) a refusal's Redis write may take; it never delays the answer anyway.
+REFUSAL_WRITE_DEADLINE = 0.5
+# Most refusal writes in flight per acceptor; a flood of bad requests beyond it is counted only.
+REFUSAL_WRITES_IN_FLIGHT = 64
+# Most worker entries per queue a scrape checks for liveness (bounds the Redis work per scrape).
+SCRAPE_MAX_WORKERS = 100
+# `ingest status`: an oldest queued job older than this (seconds) needs attention.
+STATUS_OLDEST_LIMIT = 300
+
 # Queue name of the batches the acceptor enqueues.
 INGEST_QUEUE = "ingest"
 # Prefix of each sink's own delivery queue: "sink-postgres", "sink-crm", ...

@@ -22,7 +22,6 @@ from types import FrameType
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 from ingest.config import Settings
 from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -69,7 +68,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0
     raise RuntimeError(f"the acceptor did not answer {url}/healthz within {timeout:.0f} s")
 
 
-def run_dev(port: int = 8000, state_dir: str = ".ingest-dev") -> int:
+def run_dev(port: int = 8000, state_dir: str = ".ingest-dev", verbose: bool = False) -> int:
     console = Console(stderr=True)
     settings = Settings.from_env()
     state = Path(state_dir).resolve()
@@ -114,15 +113,22 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev") -> int:
             return 1
 
         base = f"http://127.0.0.1:{port}"
+        # Children in sessions of their own: Ctrl-C reaches only this process, which stops
+        # them in order (workers, acceptor, then Redis and Postgres), never all at once.
         acceptor = subprocess.Popen(
-            [*_ingest_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env)
+            [*_ingest_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
+            start_new_session=True)
         children.append(acceptor)
         try:
             _wait_healthy(base, acceptor)
         except RuntimeError as exc:
             console.print(f"[red]{exc}[/red] (is port {port} taken? try `ingest dev --port 8001`)")
             return 1
-        children.append(subprocess.Popen([*_ingest_command(), "worker"], env=env))
+        worker_env = dict(env)
+        if not verbose and not settings.raw.get("INGEST_LOG_LEVEL"):
+            worker_env["INGEST_LOG_LEVEL"] = "warning"  # RQ's start-up lines, per worker
+        children.append(subprocess.Popen([*_ingest_command(), "worker"], env=worker_env,
+                                         start_new_session=True))
         # Let the workers log their start-up first, so the banner is the last thing on screen.
         time.sleep(2.0)
 
@@ -136,36 +142,44 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev") -> int:
         console.print("stopping...")
         return 0
     finally:
-        for proc in children:
+        # Workers first, then the acceptor, then the servers they use: nobody is left talking
+        # to a Redis or Postgres that is already gone.
+        for proc in reversed(children):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in children:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         for server in reversed(started):
             server.stop()
 
 
 def _banner(console: Console, base: str, env: dict[str, str], redis_url: str,
             database_url: str) -> None:
-    table = Table(title=f"webhook-ingest is running at {base}", show_lines=False)
-    table.add_column("provider")
-    table.add_column("webhook URL")
-    table.add_column("secret setting")
-    table.add_column("value")
+    # Plain lines, never a table: a URL or secret cut or wrapped at 80 columns (or in a file,
+    # where rich assumes 80) cannot be pasted. Each value stands whole on its own line.
+    def line(text: str = "") -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+    line(f"webhook-ingest is running at {base}")
     for name, provider in sorted(load_providers().items()):
-        table.add_row(name, f"{base}/webhooks/{name}", provider.secret_setting,
-                      env[provider.secret_setting])
-    console.print(table)
-    console.print(f"Redis:    {redis_url}")
-    console.print(f"Postgres: {database_url}")
-    console.print(f"  psql {shlex.quote(database_url)} -c 'select kind, contact_email from webhook_events'")
+        line()
+        line(f"{name}:")
+        line(f"  {base}/webhooks/{name}")
+        line(f"  {provider.secret_setting}={env[provider.secret_setting]}")
+    line()
+    line(f"Redis:    {redis_url}")
+    line(f"Postgres: {database_url}")
+    line(f"  psql {shlex.quote(database_url)} -c 'select kind, contact_email from webhook_events'")
     ingest = shlex.quote(str(Path(sys.argv[0]).resolve())) if sys.argv[0].endswith("ingest") \
         else "ingest"
     secret = env["OUTREACH_WEBHOOK_SECRETS"].split(",")[0]
-    console.print("Send a signed sample from another terminal:")
-    console.print(f"  {ingest} send outreach --url {base} --secret {shlex.quote(secret)} --count 20",
-                  soft_wrap=True, highlight=False)
-    console.print("Ctrl-C stops everything.")
+    # --secret=VALUE: a generated secret may start with "-", which argparse takes for an option.
+    line("Send a signed sample from another terminal:")
+    line(f"  {ingest} send outreach --url {base} --secret={shlex.quote(secret)} --count 20")
+    line("What needs attention, and the last refused requests:")
+    line(f"  REDIS_URL={shlex.quote(redis_url)} {ingest} status")
+    line(f"  REDIS_URL={shlex.quote(redis_url)} {ingest} refused")
+    line("Ctrl-C stops everything.")

@@ -54,6 +54,7 @@ from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
 from rq.utils import now
 
 from ingest import constants, metrics
+from ingest.activity import note_accepted
 from ingest.rq_jobs import FastJSONSerializer, batch_job
 
 __all__ = ["BatchEnqueuer"]
@@ -91,6 +92,10 @@ class _OneTripWriter:
             info = await self.redis.info("server")
             self._server_version = cast(tuple[int, int, int], tuple(
                 int(part) for part in str(info["redis_version"]).split(".")[:3]))
+            # Loaded up front: a NoScriptError re-runs the whole pipeline, and the activity counts
+            # in it (ingest.activity) would count that batch twice. After a Redis restart it
+            # can still happen once, for one batch's per-minute count.
+            await self.redis.script_load(UNIQUE_ENQUEUE_SCRIPT)
         job.redis_server_version = self._server_version
         job.origin = queue.name
         job.enqueued_at = now()
@@ -139,6 +144,11 @@ class BatchEnqueuer:
         self._senders: dict[Hashable, float] = {}  # connection -> when it last sent
         self._senders_pruned = 0.0
         self._full: asyncio.Event | None = None  # set while a hold may end early
+
+    @property
+    def async_redis(self) -> AsyncRedis:
+        """The event loop's own Redis client (also for the acceptor's refusal records)."""
+        return self._writer.redis
 
     def watch(self, queue_names: Iterable[str]) -> None:
         """Also count the jobs of these queues (the sinks' queues) as keeping workers busy."""
@@ -197,8 +207,11 @@ class BatchEnqueuer:
             for queue_key, started_key in self._watched:
                 pipe.llen(queue_key)
                 pipe.zcard(started_key)
+            # Last accepted per provider (ingest.activity), in the same round trip.
+            note_accepted(pipe, self.names, envelopes)
 
         counts = await self._writer.write(batch_job(self.queue, envelopes, job_id), busy_reads)
+        counts = counts[:2 * len(self._watched)]
         return sum(counts[0::2]), sum(counts[1::2])
 
     def _adapt(self, waiting: int, running: int) -> None:

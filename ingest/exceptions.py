@@ -66,7 +66,19 @@ class StartupError(IngestError):
 
 
 class SignatureError(IngestError):
-    """The delivery's signature or token is missing or wrong (HTTP 401)."""
+    """The delivery's signature or token is missing or wrong (HTTP 401).
+
+    ``reason`` says which, for the refusal counts operators read: ``signature`` (an HMAC that
+    matches no secret), ``token`` (a token that matches none) or ``missing_credential``.
+    """
+
+    REASONS = ("signature", "token", "missing_credential")
+
+    def __init__(self, message: str, reason: str = "signature") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"SignatureError reason {reason!r} is not one of {self.REASONS}")
+        self.reason = reason
+        super().__init__(message)
 
 
 class PayloadError(IngestError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,6 +46,19 @@ SPOOL_DEPTH = Gauge(
     "ingest_spool_depth",
     "Deliveries waiting in the local spool for Redis to come back.",
     multiprocess_mode="livesum",
+)
+
+# -- observability (ingest.activity; the Redis-derived gauges are read at scrape time) -------
+REFUSED = Counter(
+    "ingest_refused",
+    "Requests refused, by provider (unknown for a provider not served) and reason.",
+    ["provider", "reason"],
+)
+ACTIVITY_WRITE_ERRORS = Counter(
+    "ingest_activity_write_errors",
+    "Refusal records not written to Redis (error: Redis failed or was late; dropped: too "
+    "many writes in flight). The refusal itself is still counted and answered.",
+    ["outcome"],
 )
 
 # -- workers --------------------------------------------------------------------------------
@@ -102,10 +116,19 @@ SUPPRESSED = Counter(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The metrics text of this process (or of all processes, in multiprocess mode)."""
+def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
+    """The metrics text of this process (or of all processes, in multiprocess mode), followed
+    by that of the ``extra`` collectors (read at scrape time, e.g. from Redis)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        text = generate_latest(registry)
+    else:
+        text = generate_latest()
+    extra = list(extra)
+    if extra:
+        registry = CollectorRegistry(auto_describe=False)
+        for collector in extra:
+            registry.register(collector)
+        text += generate_latest(registry)
+    return text, CONTENT_TYPE_LATEST

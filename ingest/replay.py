@@ -204,6 +204,7 @@ def _show(value: Any, width: int = 60) -> str:
 
 def _print_report(report: ReplayReport, dry_run: bool, sinks: Sequence[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -222,16 +223,17 @@ def _print_report(report: ReplayReport, dry_run: bool, sinks: Sequence[str]) -> 
         table.add_row(f"{verb} {name}", f"{count}{failed}")
     console.print(table)
     for change in report.changes:
-        console.print(f"[bold]{change.event_id}[/bold] {change.dedup_key}")
+        # Payload text is data, not markup: "[/x]" in a dedup key or a value must print as is.
+        console.print(f"[bold]{change.event_id}[/bold] {escape(change.dedup_key)}")
         for column, (old, new) in change.columns.items():
-            console.print(f"    {column}: {_show(old)} -> {_show(new)}")
+            console.print(f"    {column}: {escape(_show(old))} -> {escape(_show(new))}")
     if report.changed > len(report.changes):
         console.print(f"... and {report.changed - len(report.changes)} more changed events")
     for delivery_id, reason in list(report.not_normalized.items())[:SHOWN]:
-        console.print(f"[red]not normalized[/red] delivery {delivery_id}: {reason}")
+        console.print(f"[red]not normalized[/red] delivery {delivery_id}: {escape(reason)}")
     for name, reasons in report.failed.items():
         for reason in reasons[:SHOWN]:
-            console.print(f"[red]{name} failed[/red]: {reason}")
+            console.print(f"[red]{name} failed[/red]: {escape(reason)}")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -339,6 +339,7 @@ class Spool:
                 for i in range(0, len(records), max_batch):
                     chunk = records[i:i + max_batch]
                     enqueue_batch(queue, chunk, names.job_id("spool", _chunk_digest(chunk)))
+                    _note_drained(queue, names, chunk)
                 if contents.corrupt:
                     target = path.with_suffix(".corrupt")
                     path.rename(target)
@@ -356,6 +357,19 @@ class Spool:
                 log.info("drained %d spooled deliveries into Redis", len(records),
                          extra={"count": len(records)})
         return moved
+
+
+def _note_drained(queue: Queue, names: constants.Names, chunk: list[dict[str, Any]]) -> None:
+    """Last accepted per provider (ingest.activity) for deliveries answered 200 while Redis
+    was away: as of their receipt. Best effort: it never stops the drain."""
+    from ingest.activity import note_accepted, received_at
+
+    try:
+        pipe = queue.connection.pipeline(transaction=False)
+        note_accepted(pipe, names, chunk, at=max(received_at(e) for e in chunk))
+        pipe.execute()
+    except Exception as exc:
+        log.warning("could not record the drained deliveries' activity: %r", exc)
 
 
 def _read_all(fd: int) -> bytes:

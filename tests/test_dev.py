@@ -21,7 +21,7 @@ def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: 
     ingest = Path(sys.executable).parent / "ingest"
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.endswith(("_SECRETS", "_TOKENS"))}
-    env["COLUMNS"] = "200"
+    env["COLUMNS"] = "80"  # a small terminal; the output is a pipe (as a file would be)
     port = free_port()
     proc = subprocess.Popen([str(ingest), "dev", "--port", str(port), "--state-dir",
                              str(tmp_path / "state")], env=env, cwd=tmp_path,
@@ -42,6 +42,18 @@ def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: 
         redis_url = re.search(r"Redis:\s+(\S+)", banner).group(1)
         assert redis_url.startswith("redis://127.0.0.1:")
         command = next(ln.strip() for ln in lines if " send outreach --url " in ln)
+        # Every URL and secret whole, on one line, at 80 columns; no table borders cutting them.
+        kept = dict(line.split(" = ") for line in
+                    (tmp_path / "state" / "secrets.toml").read_text().splitlines())
+        from ingest.providers import load_providers
+
+        for name, provider in load_providers().items():
+            assert f"  http://127.0.0.1:{port}/webhooks/{name}\n" in banner, name
+            secret = kept[provider.secret_setting].strip('"')
+            assert f"  {provider.secret_setting}={secret}\n" in banner, name
+        assert "\u2502" not in banner and "\u2026" not in banner  # no table, nothing cut
+        # RQ's per-worker start-up chatter stays quiet without --verbose.
+        assert "Listening on" not in banner and "started with PID" not in banner, banner
 
         sent = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True,
                               timeout=60)
@@ -61,6 +73,9 @@ def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: 
         reader.join(timeout=5)
         proc.stdout.close()
     assert proc.returncode == 0, "".join(lines[-40:])
+    # Workers stop before Redis and Postgres: nobody reports a connection refused on the way out.
+    after = "".join(lines[next(i for i, ln in enumerate(lines) if "stopping" in ln):])
+    assert "refused" not in after.lower() and "Traceback" not in after, after
     # Everything it started is gone: the embedded Redis no longer answers.
     import socket
 

@@ -124,3 +124,17 @@ def with_sql(database_url: str, sql: str) -> None:
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql)
+
+
+def test_the_report_prints_payload_text_that_looks_like_markup_as_it_is(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from ingest.replay import Change, ReplayReport, _print_report
+
+    report = ReplayReport(deliveries=1, events=1, changed=1)
+    report.changes.append(Change("e1", "prospect.updated|[/x]|1", {"data": ("[/x]", "[bold]b")}))
+    report.not_normalized["d1"] = "NormalizationError: no [/red] here"
+    report.failed["crm"] = ["1 events: receiver said [/x]"]
+    _print_report(report, dry_run=False, sinks=["crm"])  # rich used to raise MarkupError here
+    out = capsys.readouterr().out
+    assert "prospect.updated|[/x]|1" in out and "'[bold]b'" in out
+    assert "no [/red] here" in out and "receiver said [/x]" in out

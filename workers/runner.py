@@ -63,13 +63,22 @@ def _single(rt: Runtime, queue: str, burst: bool) -> int:
     scheduler: ResilientScheduler | None = None
     if not burst:  # (in burst mode RQ's worker promotes due retries itself, once)
         die_with_parent()  # the forked scheduler must not outlive a worker killed with SIGKILL
-        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer)
+        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer,
+                                       logging_level=_rq_level(rt))
         scheduler.start()  # type: ignore[no-untyped-call]
     try:
         return _work(rt, queue, burst)
     finally:
         if scheduler is not None:
             scheduler.shutdown()
+
+
+def _rq_level(rt: Runtime) -> str:
+    """RQ's own logger level: info, or quieter when INGEST_LOG_LEVEL asks (RQ sets it itself
+    at every work loop, so setup_logging cannot)."""
+    from ingest.logs import log_level
+
+    return logging.getLevelName(max(logging.INFO, log_level(rt.settings)))
 
 
 def _work(rt: Runtime, queue: str, burst: bool) -> int:
@@ -91,7 +100,7 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
         try:
             # The scheduler of a long-running worker is the process-wide one above: it outlives
             # the worker objects this loop replaces after a Redis outage.
-            worker.work(burst=burst, with_scheduler=burst, logging_level="INFO")
+            worker.work(burst=burst, with_scheduler=burst, logging_level=_rq_level(rt))
             reason = "RQ ended its work loop"
         except (RedisError, OSError) as exc:
             reason = f"Redis error: {exc!r}"

@@ -128,7 +128,8 @@ class SignedProvider:
         try:
             presented = headers[self.signature_header]
         except KeyError:
-            raise SignatureError(f"missing {self.signature_header} header") from None
+            raise SignatureError(f"missing {self.signature_header} header",
+                                 "missing_credential") from None
         presented = presented.strip().lower()
         expected = (hmac.new(s.encode(), body, self.digestmod).hexdigest() for s in secrets)
         if not _matches_any(presented, expected):
@@ -158,9 +159,10 @@ class TokenProvider:
         if presented is None:
             presented = query.get("token")
         if not presented:
-            raise SignatureError("missing token: send Authorization: Bearer <token> or ?token=")
+            raise SignatureError("missing token: send Authorization: Bearer <token> or ?token=",
+                                 "missing_credential")
         if not _matches_any(presented, secrets):
-            raise SignatureError("token does not match any configured token")
+            raise SignatureError("token does not match any configured token", "token")
 
 
 # -- helpers for events() ------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""``ingest status [--json]`` and ``ingest refused [--provider P] [--json]``.
+
+``status`` is one screen read at 3 a.m.: per provider (enabled, last accepted, accepted and
+refused in the last hour, silent or not), per sink (queued, oldest, retrying, dead letters, the
+last failure's reason), the spool, live workers per queue, and what needs attention. It exits
+1 when anything needs attention, so cron and Nagios-style checks can run it.
+
+Everything comes from Redis (:mod:`ingest.activity`), except the spool depth: a spool fills
+only while its acceptor cannot reach Redis, so no acceptor can publish it there when it
+matters. ``status`` counts the spool in this machine's ``INGEST_SPOOL_DIR`` (run it where the
+acceptor's spool volume is mounted); each acceptor's ``ingest_spool_depth`` gauge covers
+remote ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest import constants
+from ingest.config import Settings
+
+__all__ = ["add_command", "build_status", "local_spool_depth"]
+
+
+def local_spool_depth(directory: Path) -> int:
+    """Deliveries in the spool segments under ``directory`` (read only, no lock taken)."""
+    from ingest.spool import Spool, read_segment
+
+    depth = 0
+    for path in Spool(directory)._segment_paths():
+        try:
+            depth += len(read_segment(path.read_bytes()).records)
+        except OSError:
+            continue  # drained between listing and reading
+    return depth
+
+
+def _ago(now: float, at: float | None) -> str:
+    if at is None:
+        return "never"
+    seconds = max(0.0, now - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _last_failure(redis: Any, queue: str) -> str | None:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from workers.dlq import failure_reason
+
+    newest = redis.zrevrange(f"rq:failed:{queue}", 0, 0)
+    if not newest:
+        return None
+    try:
+        return failure_reason(Job.fetch(newest[0].decode(), connection=redis,
+                                        serializer=JSONSerializer))
+    except NoSuchJobError:
+        return None
+
+
+def build_status(redis: Any, settings: Settings) -> dict[str, Any]:
+    """The status as one JSON-able object (keys: providers, sinks, queues, spool_depth,
+    workers, attention)."""
+    from ingest.activity import read_last_hour, read_state
+    from ingest.providers import load_providers
+
+    state = read_state(redis, settings)
+    hour = read_last_hour(redis, settings.names, state.now)
+    attention: list[str] = []
+    by_name = {p.name: p for p in state.providers}
+    providers = []
+    for name in sorted(load_providers()):
+        p = by_name.get(name)
+        refused = {k.split("|")[2]: v for k, v in hour.items()
+                   if k.startswith(f"refused|{name}|")}
+        entry: dict[str, Any] = {
+            "name": name,
+            "enabled": p is not None,
+            "last_accepted": _iso(p.last_accepted) if p else None,
+            "last_refused": _iso(p.last_refused) if p else None,
+            "accepted_last_hour": hour.get(f"accepted|{name}", 0),
+            "refused_last_hour": refused,
+            "silent": bool(p and p.silent),
+            "silence_after_seconds": p.silence_after if p else None,
+        }
+        providers.append(entry)
+        if p is not None and p.silent:
+            since = _ago(state.now, p.last_accepted) if p.last_accepted else (
+                f"never (watching since {_ago(state.now, state.started)})")
+            attention.append(f"provider {name} is silent: last accepted {since}, limit "
+                             f"{p.silence_after:g} s (INGEST_SILENCE_AFTER)")
+    queues, sinks, workers = [], [], {}
+    for q in state.queues:
+        queues.append({"queue": q.name, "label": q.label, "queued": q.queued,
+                       "started": q.started, "scheduled": q.scheduled, "failed": q.failed,
+                       "oldest_seconds": round(q.oldest_seconds, 1), "workers": q.workers})
+        workers[q.name] = q.workers
+        if q.label != "ingest":
+            sinks.append({"name": q.label, "queued": q.queued,
+                          "oldest_seconds": round(q.oldest_seconds, 1),
+                          "retrying": q.scheduled, "dead_letters": q.failed,
+                          "last_failure": _last_failure(redis, q.name) if q.failed else None})
+        if q.failed:
+            attention.append(f"{q.failed} dead letters on {q.label}: see `ingest dlq list "
+                             f"--sink {q.label}`, then `ingest dlq retry` after the fix")
+        if not q.workers:
+            attention.append(f"no worker serves queue {q.name}: start `ingest worker "
+                             f"--queue {q.label if q.label == 'ingest' else 'sink-' + q.label}`")
+        if q.oldest_seconds > constants.STATUS_OLDEST_LIMIT:
+            attention.append(f"oldest queued job on {q.name} waits {q.oldest_seconds:.0f} s "
+                             f"(over {constants.STATUS_OLDEST_LIMIT} s): workers are behind")
+    spool = local_spool_depth(settings.spool_dir)
+    if spool:
+        attention.append(f"{spool} deliveries wait in the spool at {settings.spool_dir}: the "
+                         "acceptor moves them once it reaches Redis again")
+    return {"providers": providers, "sinks": sinks, "queues": queues, "spool_depth": spool,
+            "workers": workers, "attention": attention}
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    t = Table("provider", "enabled", "last accepted", "1h ok", "1h refused", "silent",
+              title="providers", title_justify="left")
+    for p in status["providers"]:
+        refused = ", ".join(f"{k}={v}" for k, v in sorted(p["refused_last_hour"].items()))
+        t.add_row(p["name"], "yes" if p["enabled"] else "no", p["last_accepted"] or "never",
+                  str(p["accepted_last_hour"]), refused or "0",
+                  "SILENT" if p["silent"] else "-")
+    console.print(t)
+    t = Table("queue", "queued", "oldest s", "running", "retrying", "dead", "workers",
+              title="queues", title_justify="left")
+    for q in status["queues"]:
+        t.add_row(q["queue"], str(q["queued"]), f"{q['oldest_seconds']:g}", str(q["started"]),
+                  str(q["scheduled"]), str(q["failed"]), str(q["workers"]))
+    console.print(t)
+    for s in status["sinks"]:
+        if s["last_failure"]:
+            console.print(f"last failure on {s['name']}: {s['last_failure']}", markup=False)
+    console.print(f"spool depth: {status['spool_depth']}")
+    if status["attention"]:
+        console.print("[bold red]needs attention:[/]")
+        for line in status["attention"]:
+            console.print(f"  - {line}", markup=False)
+    else:
+        console.print("[green]all good[/]")
+
+
+def _redis(settings: Settings) -> Any:
+    from ingest.redis_conn import worker_redis
+
+    return worker_redis(settings.require_redis())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    redis = _redis(settings)
+    try:
+        status = build_status(redis, settings)
+    finally:
+        redis.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_status(status)
+    return 1 if status["attention"] else 0
+
+
+def cmd_refused(args: argparse.Namespace) -> int:
+    from ingest.activity import UNKNOWN, read_refusals
+    from ingest.providers import load_providers
+
+    settings = Settings.from_env()
+    known = sorted(load_providers()) + [UNKNOWN]
+    if args.provider is not None and args.provider not in known:
+        print(f"ingest refused: no provider {args.provider!r} (have: {', '.join(known)})",
+              file=sys.stderr)
+        return 2
+    redis = _redis(settings)
+    try:
+        records = read_refusals(redis, settings.names, [args.provider] if args.provider else known)
+    finally:
+        redis.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(records).decode() + "\n")
+        return 0
+    if not records:
+        print("no refused requests kept (the last 100 per provider are kept for 7 days)")
+        return 0
+    for r in records:
+        when = _iso(float(r.get("time") or 0)) or "?"
+        print(f"{when}  {r['provider']:<10} {r.get('reason', '?'):<18} "
+              f"client={r.get('client') or '-'} length={r.get('content_length')} "
+              f"ua={r.get('user_agent') or '-'} headers={','.join(r.get('headers') or [])}")
+    return 0
+
+
+def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Register ``ingest status`` and ``ingest refused`` (called by ingest.cli)."""
+    p = add("status", cmd_status, "providers, sinks, queues, spool and workers on one screen; "
+                                  "exit 1 when something needs attention")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add("refused", cmd_refused, "the last refused requests, newest first (no credentials)")
+    p.add_argument("--provider", help="only this provider ('unknown': unknown providers)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
