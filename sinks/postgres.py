@@ -64,8 +64,6 @@ NORMALIZED_COLUMNS = (
 )
 _EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS, "received_at",
                   "delivery_id", "stale")
-# jsonb columns; "data" is always written (an empty object at least), the others may be NULL.
-_JSONB = frozenset({"data", "previous", "changes"})
 
 _INSERT_EVENT = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
@@ -187,33 +185,35 @@ def _stored_kind(e: Event) -> str:
     return e.kind if len(e.kind) <= _MAX_KIND_CHARS else "unknown"
 
 
+def _normalized(e: Event, adapt: bool) -> tuple[Any, ...]:
+    """The event's NORMALIZED_COLUMNS, in order; ``adapt``: as psycopg parameters (jsonb
+    wrapped, written with orjson), else as Python values. A tuple: this runs for every
+    stored event."""
+    c = e.contact
+    data: Any = e.data
+    previous: Any = e.previous
+    changes: Any = e.changes
+    if adapt:
+        # "data" is always written (an object at least); the other jsonb columns may be NULL.
+        data = Jsonb(data, dumps=_json)
+        previous = Jsonb(previous, dumps=_json) if previous is not None else None
+        changes = Jsonb(changes, dumps=_json) if changes is not None else None
+    return (
+        e.event_type, _stored_kind(e), e.resource_type, e.resource_id, e.action, e.occurred_at,
+        e.workspace_id, c.email if c else None, c.name if c else None, c.phone if c else None,
+        e.campaign_id, data, previous, changes,
+    )
+
+
 def normalized_values(e: Event) -> dict[str, Any]:
     """The event's normalized columns of webhook_events, as Python values (jsonb decoded)."""
-    c = e.contact
-    return {
-        "event_type": e.event_type, "kind": _stored_kind(e), "resource_type": e.resource_type,
-        "resource_id": e.resource_id, "action": e.action, "occurred_at": e.occurred_at,
-        "workspace_id": e.workspace_id, "contact_email": c.email if c else None,
-        "contact_name": c.name if c else None, "contact_phone": c.phone if c else None,
-        "campaign_id": e.campaign_id, "data": e.data, "previous": e.previous,
-        "changes": e.changes,
-    }
-
-
-def _adapt(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` as psycopg parameters: jsonb columns wrapped (written with orjson)."""
-    for column in _JSONB:
-        value = values[column]
-        if value is not None or column == "data":
-            values[column] = Jsonb(value, dumps=_json)
-    return values
+    return dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
-    values = _adapt(dict(normalized_values(e), id=e.id, provider=e.provider,
-                         dedup_key=e.dedup_key, received_at=e.received_at,
-                         delivery_id=e.delivery_id, stale=e.stale))
-    return tuple(values[c] for c in _EVENT_COLUMNS)
+    """The INSERT parameters, in _EVENT_COLUMNS order."""
+    return (e.id, e.provider, e.dedup_key, *_normalized(e, adapt=True), e.received_at,
+            e.delivery_id, e.stale)
 
 
 # -- the archive, for ingest replay ------------------------------------------------------------
@@ -400,8 +400,9 @@ class PostgresSink:
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(_UPDATE_NORMALIZED,
-                                [_adapt(dict(normalized_values(e), id=e.id)) for e in events])
+                cur.executemany(_UPDATE_NORMALIZED, [
+                    dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=True)), id=e.id)
+                    for e in events])
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
             self.close()
             raise TransientSinkError(f"Postgres unavailable: {exc}") from exc
