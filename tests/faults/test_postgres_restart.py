@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,9 +24,13 @@ pytestmark = pytest.mark.fault
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A Postgres of this test's own (pgserver), which the test stops and starts."""
-    server = EmbeddedPostgres(tmp_path / "pg").start()
+def own_postgres() -> Iterator[EmbeddedPostgres]:
+    """A Postgres of this test's own (pgserver), which the test stops and starts.
+
+    Its data directory is not under pytest's shared temp tree, which another pytest run on the
+    machine may lock down (as tests/conftest.py's session servers avoid too)."""
+    directory = Path(tempfile.mkdtemp(prefix="ingest-test-pg-restart-"))
+    server = EmbeddedPostgres(directory / "pg").start()
     try:
         yield server
     finally:
@@ -33,6 +39,7 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
         with contextlib.suppress(Exception):
             _pg_ctl(server, "-m", "fast", "stop")
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _pg_ctl(server: EmbeddedPostgres, *args: str) -> None:
