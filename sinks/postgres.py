@@ -62,8 +62,9 @@ NORMALIZED_COLUMNS = (
     "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
     "data", "previous", "changes",
 )
-_EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS, "received_at",
-                  "delivery_id", "stale")
+# Every column an insert writes, in the order _event_row gives them (the order of the table).
+_EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "received_at",
+                  *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13])
 
 _INSERT_EVENT = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
@@ -212,8 +213,9 @@ def normalized_values(e: Event) -> dict[str, Any]:
 
 def _event_row(e: Event) -> tuple[Any, ...]:
     """The INSERT parameters, in _EVENT_COLUMNS order."""
-    return (e.id, e.provider, e.dedup_key, *_normalized(e, adapt=True), e.received_at,
-            e.delivery_id, e.stale)
+    n = _normalized(e, adapt=True)
+    return (e.id, e.provider, e.dedup_key, *n[:6], e.received_at, *n[6:13], e.delivery_id,
+            e.stale, n[13])
 
 
 # -- the archive, for ingest replay ------------------------------------------------------------
