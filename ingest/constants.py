@@ -84,17 +84,6 @@ SPOOL_MAX_RECORD_BYTES = 64 * 1024 * 1024
 SINK_HTTP_TIMEOUT = 10.0
 # Longest Retry-After (seconds) a sink's retry schedule is stretched to; longer hints are capped.
 MAX_RETRY_AFTER = 3600
-# Slack: least seconds between two messages to one incoming webhook, shared by all workers.
-SLACK_MIN_INTERVAL = 1.0
-# Slack: when more events than this wait for one webhook, the next message is a digest of them.
-SLACK_DIGEST_AFTER = 3
-# Slack: most events one digest message lists (Block Kit allows 50 blocks of 3000 chars).
-SLACK_DIGEST_MAX = 100
-# Slack: seconds a deliver job waits for its events to be posted (slots, short Retry-After)
-# before it gives up this attempt with a transient error, to be retried by RQ.
-SLACK_MAX_WAIT = 30.0
-# Slack: a 429 Retry-After up to this many seconds is waited out inside the job.
-SLACK_SHORT_RETRY_AFTER = 10.0
 
 # Observability (ingest.activity): default INGEST_SILENCE_AFTER for every provider (24 h).
 DEFAULT_SILENCE_AFTER = 24 * 3600

@@ -30,35 +30,34 @@ A job is written with an explicit id by RQ's unique-enqueue Lua script (check, s
 If the reply to a write is lost and redis-py retries it, the retry finds the job already there
 and counts as success: a lost reply never doubles a job. The spool's drainer writes through
 RQ's own ``enqueue_job(unique=True)`` (``DuplicateJobError``); group commit writes the same
-job, plus its reads, in one pipeline (:class:`_OneTripWriter`).
+job (:func:`ingest.rq_jobs.batch_job`), plus its reads, in one pipeline
+(:class:`_OneTripWriter`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, cast
 
-import orjson
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import NoScriptError
-from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError
+from rq import Queue
 from rq.job import Job
 from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
 from rq.utils import now
 
 from ingest import constants, metrics
 from ingest.activity import note_accepted
+from ingest.rq_jobs import FastJSONSerializer, batch_job
 
-__all__ = ["BatchEnqueuer", "FastJSONSerializer", "enqueue_batch", "enqueue_unique", "make_job"]
+__all__ = ["BatchEnqueuer"]
 
 log = logging.getLogger(__name__)
 
@@ -66,58 +65,6 @@ log = logging.getLogger(__name__)
 _HOLD_STEP = 0.001
 # A connection that sent nothing for this long (seconds) no longer counts as a sender.
 _SENDER_WINDOW = 1.0
-
-
-class FastJSONSerializer:
-    """RQ's JSON serializer, writing with orjson: the same JSON, which any ``JSONSerializer``
-    (every worker) reads, several times faster for the large argument lists of batch jobs.
-    What orjson refuses (an integer past 64 bits from a plugin's parser) is written by the
-    standard library as before."""
-
-    @staticmethod
-    def dumps(obj: Any) -> bytes:
-        try:
-            return orjson.dumps(obj)
-        except TypeError:
-            return json.dumps(obj).encode("utf-8")
-
-    @staticmethod
-    def loads(data: bytes) -> Any:
-        return json.loads(data.decode("utf-8"))  # as JSONSerializer reads (exact big integers)
-
-
-def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
-             retry: Retry | None, description: str) -> Job:
-    """One of our jobs, not yet written: our timeout and TTLs, an explicit id, and a short
-    description (RQ's default is the call with its arguments: every body)."""
-    return queue.create_job(
-        func, args=args, job_id=job_id, retry=retry, description=description,
-        timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
-        failure_ttl=constants.FAILED_JOB_TTL,
-    )
-
-
-def enqueue_unique(queue: Queue, job: Job) -> bool:
-    """Write ``job`` unless a job with its id exists. True when this call wrote it; False
-    when an earlier attempt (whose reply was lost) or another worker already had."""
-    try:
-        queue.enqueue_job(job, unique=True)
-        return True
-    except DuplicateJobError:
-        return False
-
-
-def _batch_job(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> Job:
-    """The process_batch job holding ``envelopes``, not yet written."""
-    return make_job(queue, constants.PROCESS_BATCH, (envelopes,), job_id,
-                    Retry(max=len(constants.BATCH_RETRY_INTERVALS),
-                          interval=list(constants.BATCH_RETRY_INTERVALS)),
-                    f"process_batch({len(envelopes)} deliveries)")
-
-
-def enqueue_batch(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> None:
-    """Write one process_batch job holding ``envelopes``. Idempotent on ``job_id``."""
-    enqueue_unique(queue, _batch_job(queue, envelopes, job_id))
 
 
 class _OneTripWriter:
@@ -263,7 +210,7 @@ class BatchEnqueuer:
             # Last accepted per provider (ingest.activity), in the same round trip.
             note_accepted(pipe, self.names, envelopes)
 
-        counts = await self._writer.write(_batch_job(self.queue, envelopes, job_id), busy_reads)
+        counts = await self._writer.write(batch_job(self.queue, envelopes, job_id), busy_reads)
         counts = counts[:2 * len(self._watched)]
         return sum(counts[0::2]), sum(counts[1::2])
 

@@ -311,7 +311,7 @@ def _erase_jobs(settings: Settings, redis: Any, subject: Subject,
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from ingest.enqueue import FastJSONSerializer
+    from ingest.rq_jobs import FastJSONSerializer
 
     running: set[str] = set()
     for name in _queue_names(settings, redis):

@@ -27,23 +27,23 @@ import argparse
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.config import Settings
 from ingest.events import Delivery, Event
-from ingest.exceptions import ConfigError, SinkError
+from ingest.exceptions import ConfigError, PermanentSinkError, SinkError
+
+if TYPE_CHECKING:
+    from sinks.postgres import ArchiveQuery
+    from sinks.registry import EnabledSink
 
 __all__ = ["ReplayReport", "add_command", "parse_when", "replay"]
 
 # Deliveries normalized and sent per round trip.
 BATCH = 200
-# Normalized columns of webhook_events that replay compares and, when they differ, updates.
-COLUMNS = ("event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
-           "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
-           "data", "previous", "changes")
 # How many changes and failures the summary spells out.
 SHOWN = 20
 
@@ -98,22 +98,11 @@ class Selection:
     kinds: tuple[str, ...] = ()
     dedup_key: str | None = None
 
-    def where(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if self.provider:
-            clauses.append("d.provider = %s")
-            params.append(self.provider)
-        if self.since:
-            clauses.append("d.received_at >= %s")
-            params.append(self.since)
-        if self.until:
-            clauses.append("d.received_at < %s")
-            params.append(self.until)
-        if self.dedup_key:
-            clauses.append("d.id IN (SELECT delivery_id FROM webhook_events WHERE dedup_key = %s)")
-            params.append(self.dedup_key)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+    def archive(self) -> ArchiveQuery:
+        from sinks.postgres import ArchiveQuery
+
+        return ArchiveQuery(provider=self.provider, since=self.since, until=self.until,
+                            dedup_key=self.dedup_key)
 
     def wants(self, event: Event) -> bool:
         from sinks.base import matches_any
@@ -123,58 +112,14 @@ class Selection:
         return not self.kinds or matches_any(event.kind, self.kinds)
 
 
-def _deliveries(conn: Any, selection: Selection) -> Iterator[list[Delivery]]:
-    """The selected archive rows, oldest first, in batches (keyset pagination: no long
-    transaction, no OFFSET rescans)."""
-    where, params = selection.where()
-    last: tuple[datetime, str] | None = None
-    while True:
-        page_where, page_params = where, list(params)
-        if last is not None:
-            page_where += (" AND " if where else " WHERE ") + "(d.received_at, d.id) > (%s, %s)"
-            page_params += [last[0], last[1]]
-        found = conn.execute(
-            "SELECT d.id, d.provider, d.received_at, d.headers, d.body FROM webhook_deliveries d"
-            f"{page_where} ORDER BY d.received_at, d.id LIMIT {BATCH}", page_params).fetchall()
-        if not found:
-            return
-        last = (found[-1][2], str(found[-1][0]))
-        yield [Delivery(id=str(r[0]), provider=r[1], received_at=r[2], headers=dict(r[3] or {}),
-                        body=bytes(r[4]).decode("utf-8")) for r in found]
-
-
-def _row_values(event: Event) -> dict[str, Any]:
-    c = event.contact
-    return {
-        "event_type": event.event_type, "kind": event.kind, "resource_type": event.resource_type,
-        "resource_id": event.resource_id, "action": event.action,
-        "occurred_at": event.occurred_at, "workspace_id": event.workspace_id,
-        "contact_email": c.email if c else None, "contact_name": c.name if c else None,
-        "contact_phone": c.phone if c else None, "campaign_id": event.campaign_id,
-        "data": event.data, "previous": event.previous, "changes": event.changes,
-    }
-
-
-def _differences(stored: Mapping[str, Any], today: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    # Timestamps compare as instants (aware datetimes), jsonb columns as decoded JSON.
-    return {c: (stored[c], today[c]) for c in COLUMNS if stored[c] != today[c]}
-
-
-_UPDATE = ("UPDATE webhook_events SET " + ", ".join(f"{c} = %({c})s" for c in COLUMNS)
-           + " WHERE id = %(id)s")
-
-
 def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] = (),
            dry_run: bool = False, progress: Callable[[int], None] | None = None,
            total: Callable[[int], None] | None = None) -> ReplayReport:
     """Run the replay; ``progress(n)`` is told each time ``n`` more deliveries are done."""
-    import psycopg
-    from psycopg.rows import dict_row
-    from psycopg.types.json import Jsonb
-
     from ingest.providers import load_providers
-    from sinks.postgres import connect
+    from sinks.postgres import archived_deliveries, connect, count_archived, stored_differences
     from sinks.registry import build_sinks
+    from workers.normalize import normalize
 
     enabled = build_sinks(settings)
     chosen = list(sink_names) or list(enabled)
@@ -184,90 +129,69 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                                           f"(enabled: {', '.join(enabled) or 'none'})")
     providers = load_providers()
     report = ReplayReport()
-    with connect(settings.require_database(), autocommit=True) as conn:
-        where, params = selection.where()
-        count = conn.execute(f"SELECT count(*) FROM webhook_deliveries d{where}", params).fetchone()
-        if total is not None:
-            total(int(count[0]) if count else 0)
-        for batch in _deliveries(conn, selection):
-            report.deliveries += len(batch)
-            events: dict[str, Event] = {}
-            for delivery in batch:
-                provider = providers.get(delivery.provider)
-                try:
-                    if provider is None:
-                        raise ValueError(f"no provider {delivery.provider!r} is installed")
-                    produced = provider.events(delivery)
-                except Exception as exc:  # a normalizer may fail on any input: report it
-                    report.not_normalized[delivery.id] = f"{type(exc).__name__}: {exc}"
-                    continue
-                for event in produced:
-                    if selection.wants(event):
-                        events.setdefault(event.id, event)
-            report.events += len(events)
-            stored = {
-                str(r["id"]): r for r in conn.cursor(row_factory=dict_row).execute(
-                    "SELECT id, " + ", ".join(COLUMNS) + " FROM webhook_events "
-                    "WHERE id = ANY(%s::uuid[])", [list(events)]).fetchall()
-            }
-            updates: list[dict[str, Any]] = []
-            for event_id, event in events.items():
-                row = stored.get(event_id)
-                if row is None:
-                    report.new += 1
-                    continue
-                today = _row_values(event)
-                diff = _differences(row, today)
-                if not diff:
-                    report.unchanged += 1
-                    continue
-                report.changed += 1
-                if len(report.changes) < SHOWN:
-                    report.changes.append(Change(event_id, event.dedup_key, diff))
-                previous = Jsonb(event.previous) if event.previous is not None else None
-                values = dict(today, id=event_id, data=Jsonb(event.data), previous=previous,
-                              changes=Jsonb(event.changes) if event.changes is not None else None)
-                updates.append(values)
-            if not dry_run and events:
-                by_delivery = {d.id: d for d in batch}
-                for name in chosen:
-                    _send(enabled[name], list(events.values()), by_delivery, report)
-                if "postgres" in chosen and updates:
+    query = selection.archive()
+    try:
+        with connect(settings.require_database(), autocommit=True) as conn:
+            if total is not None:
+                total(count_archived(conn, query))
+            for batch in archived_deliveries(conn, query, BATCH):
+                report.deliveries += len(batch)
+                events: dict[str, Event] = {}
+                for delivery in batch:
                     try:
-                        with conn.transaction(), conn.cursor() as cur:
-                            cur.executemany(_UPDATE, updates)
-                    except psycopg.Error as exc:
-                        report.failed.setdefault("postgres", []).append(
-                            f"updating changed rows: {exc}")
-            if progress is not None:
-                progress(len(batch))
-    for enabled_sink in enabled.values():
-        close = getattr(enabled_sink.sink, "close", None)
-        if callable(close):
-            close()
+                        produced = normalize(providers, delivery)
+                    except Exception as exc:  # a normalizer may fail on any input: report it
+                        report.not_normalized[delivery.id] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    for event in produced:
+                        if selection.wants(event):
+                            events.setdefault(event.id, event)
+                report.events += len(events)
+                differences = stored_differences(conn, list(events.values()))
+                changed: list[Event] = []
+                for event_id, event in events.items():
+                    diff = differences.get(event_id)
+                    if diff is None:
+                        report.new += 1
+                    elif not diff:
+                        report.unchanged += 1
+                    else:
+                        report.changed += 1
+                        changed.append(event)
+                        if len(report.changes) < SHOWN:
+                            report.changes.append(Change(event_id, event.dedup_key, diff))
+                if not dry_run and events:
+                    by_delivery = {d.id: d for d in batch}
+                    for name in chosen:
+                        _send(enabled[name], list(events.values()), by_delivery, changed, report)
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        for enabled_sink in enabled.values():
+            enabled_sink.close()
     return report
 
 
-def _send(enabled: Any, events: list[Event], deliveries: Mapping[str, Delivery],
-          report: ReplayReport) -> None:
-    from sinks.base import matches_any
-
-    chosen = [e for e in events if matches_any(e.kind, enabled.events)]
-    if not chosen:
-        return
-    sink = enabled.sink
-    try:
-        if getattr(sink, "needs_raw", False):
-            used = {e.delivery_id for e in chosen}
-            sink.send(chosen, deliveries={i: d for i, d in deliveries.items() if i in used})
+def _send(enabled: EnabledSink, events: list[Event], deliveries: dict[str, Delivery],
+          changed: list[Event], report: ReplayReport) -> None:
+    """Hand the events a sink wants to it, and where it keeps events, rewrite the ones stored
+    with an earlier normalization."""
+    chosen = [e for e in events if enabled.wants(e)]
+    if chosen:
+        try:
+            enabled.send(chosen, deliveries)
+        except SinkError as exc:
+            failed = exc.event_ids if isinstance(exc, PermanentSinkError) else None
+            failed_ids = failed or [e.id for e in chosen]
+            report.sent[enabled.name] += len(chosen) - len(failed_ids)
+            report.failed.setdefault(enabled.name, []).append(f"{len(failed_ids)} events: {exc}")
         else:
-            sink.send(chosen)
-    except SinkError as exc:
-        failed_ids = getattr(exc, "event_ids", None) or [e.id for e in chosen]
-        report.sent[enabled.name] += len(chosen) - len(failed_ids)
-        report.failed.setdefault(enabled.name, []).append(f"{len(failed_ids)} events: {exc}")
-        return
-    report.sent[enabled.name] += len(chosen)
+            report.sent[enabled.name] += len(chosen)
+    if changed:
+        try:
+            enabled.update(changed)
+        except SinkError as exc:
+            report.failed.setdefault(enabled.name, []).append(f"updating changed rows: {exc}")
 
 
 # -- the command ------------------------------------------------------------------------------

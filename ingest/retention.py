@@ -112,7 +112,7 @@ def _next_run(now: datetime) -> datetime:
 
 def schedule(runtime: Any, now: datetime | None = None) -> bool:
     """Schedule the next daily run unless a worker already did. True when this call did."""
-    from ingest.enqueue import make_job
+    from ingest.rq_jobs import make_job
 
     settings: Settings = runtime.settings
     if not cutoffs(settings):
@@ -132,7 +132,7 @@ def schedule(runtime: Any, now: datetime | None = None) -> bool:
 
 def run_slice(day: str, part: int) -> dict[str, int]:
     """RQ job: one slice of the day's run; enqueues the next slice, or schedules tomorrow."""
-    from ingest.enqueue import enqueue_unique, make_job
+    from ingest.rq_jobs import enqueue_unique, make_job
     from workers.runtime import current_runtime
 
     rt = current_runtime()

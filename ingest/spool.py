@@ -50,7 +50,7 @@ import orjson
 from rq import Queue
 
 from ingest import constants
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 
 __all__ = ["SegmentContents", "Spool", "encode_record", "read_segment"]
 

@@ -63,14 +63,14 @@ def _last_failure(redis: Any, queue: str) -> str | None:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workers.dlq import _reason
+    from workers.dlq import failure_reason
 
     newest = redis.zrevrange(f"rq:failed:{queue}", 0, 0)
     if not newest:
         return None
     try:
-        return _reason(Job.fetch(newest[0].decode(), connection=redis,
-                                 serializer=JSONSerializer))
+        return failure_reason(Job.fetch(newest[0].decode(), connection=redis,
+                                        serializer=JSONSerializer))
     except NoSuchJobError:
         return None
 

@@ -4,7 +4,10 @@ A sink has a ``name``, is built from configuration by ``from_settings``, and has
 ``send(events)``, which must be idempotent on ``event.id`` (a batch may be sent again after a
 crash or a retry) and must raise :class:`TransientSinkError` when retrying may help or
 :class:`PermanentSinkError` when it cannot. A sink that also wants the raw deliveries the
-events came from sets ``needs_raw = True`` and receives ``deliveries`` (by delivery id).
+events came from sets ``needs_raw = True`` (:class:`RawSink`) and receives ``deliveries`` (by
+delivery id). A sink that keeps rows a replay may correct in place has ``update(events)``
+(:class:`UpdatingSink`). Workers and ``ingest replay`` call every sink through
+:class:`sinks.registry.EnabledSink`, which decides all of this once.
 
 Its settings come from its own prefix: the sink ``crm`` reads ``CRM_*`` variables or the
 ``[sinks.crm]`` TOML table through ``settings.section("crm")``; ``<NAME>_EVENTS`` (globs over
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from ingest.config import Settings
     from ingest.events import Delivery, Event
 
-__all__ = ["Sink", "matches_any"]
+__all__ = ["ClosingSink", "RawSink", "Sink", "UpdatingSink", "matches_any"]
 
 
 @runtime_checkable
@@ -44,12 +47,31 @@ class Sink(Protocol):
     def send(self, events: Sequence[Event]) -> None: ...
 
 
-class RawSink(Sink, Protocol):
+@runtime_checkable
+class RawSink(Protocol):
+    """A sink that receives the raw deliveries its events came from, when ``needs_raw`` is
+    true (the Postgres sink archives them)."""
+
     needs_raw: ClassVar[bool]
 
     def send(
         self, events: Sequence[Event], deliveries: Mapping[str, Delivery] | None = None
     ) -> None: ...
+
+
+@runtime_checkable
+class UpdatingSink(Protocol):
+    """A sink that keeps the events it was sent and can rewrite the ones it already has with
+    today's normalization (``ingest replay``); ``send`` leaves stored events alone."""
+
+    def update(self, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
+class ClosingSink(Protocol):
+    """A sink holding something to release (a connection) when the worker stops."""
+
+    def close(self) -> None: ...
 
 
 def matches_any(kind: str, patterns: Iterable[str]) -> bool:

@@ -19,12 +19,15 @@ are about (see ``_UPSERT_RECORD``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any, ClassVar
 
 import orjson
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ingest import safejson
@@ -33,22 +36,46 @@ from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 from ingest.redaction import reason
 
-__all__ = ["MigrationError", "PostgresSink", "connect", "migrate"]
+__all__ = [
+    "NORMALIZED_COLUMNS",
+    "ArchiveQuery",
+    "MigrationError",
+    "PostgresSink",
+    "archived_deliveries",
+    "connect",
+    "count_archived",
+    "migrate",
+    "normalized_values",
+    "stored_differences",
+]
 
 log = logging.getLogger("sinks.postgres")
 
 # Serializes concurrent `ingest migrate` runs (docker-compose may start several).
 _MIGRATION_LOCK = 7_201_514_101
 
-_INSERT_EVENT = """
-INSERT INTO webhook_events (
-    id, provider, dedup_key, event_type, kind, resource_type, resource_id, action,
-    occurred_at, received_at, workspace_id, contact_email, contact_name, contact_phone,
-    campaign_id, data, previous, delivery_id, stale, changes)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+# The columns of webhook_events that normalization decides: what a replay compares with today's
+# normalizers and, when they differ, updates in place (received_at, delivery_id, stored_at and
+# stale keep their original values).
+NORMALIZED_COLUMNS = (
+    "event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
+    "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
+    "data", "previous", "changes",
+)
+# Every column an insert writes, in the order _event_row gives them (the order of the table).
+_EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "received_at",
+                  *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13])
+
+_INSERT_EVENT = f"""
+INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
+VALUES ({", ".join(["%s"] * len(_EVENT_COLUMNS))})
 ON CONFLICT DO NOTHING
 RETURNING delivery_id
 """
+
+_UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
+                      + ", ".join(f"{c} = %({c})s" for c in NORMALIZED_COLUMNS)
+                      + " WHERE id = %(id)s")
 
 _INSERT_DELIVERY = """
 INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
@@ -159,18 +186,116 @@ def _stored_kind(e: Event) -> str:
     return e.kind if len(e.kind) <= _MAX_KIND_CHARS else "unknown"
 
 
-def _event_row(e: Event) -> tuple[Any, ...]:
+def _normalized(e: Event, adapt: bool) -> tuple[Any, ...]:
+    """The event's NORMALIZED_COLUMNS, in order; ``adapt``: as psycopg parameters (jsonb
+    wrapped, written with orjson), else as Python values. A tuple: this runs for every
+    stored event."""
     c = e.contact
+    data: Any = e.data
+    previous: Any = e.previous
+    changes: Any = e.changes
+    if adapt:
+        # "data" is always written (an object at least); the other jsonb columns may be NULL.
+        data = Jsonb(data, dumps=_json)
+        previous = Jsonb(previous, dumps=_json) if previous is not None else None
+        changes = Jsonb(changes, dumps=_json) if changes is not None else None
     return (
-        e.id, e.provider, e.dedup_key, e.event_type, _stored_kind(e), e.resource_type,
-        e.resource_id,
-        e.action, e.occurred_at, e.received_at, e.workspace_id,
-        c.email if c else None, c.name if c else None, c.phone if c else None,
-        e.campaign_id, Jsonb(e.data, dumps=_json),
-        Jsonb(e.previous, dumps=_json) if e.previous is not None else None,
-        e.delivery_id, e.stale,
-        Jsonb(e.changes, dumps=_json) if e.changes is not None else None,
+        e.event_type, _stored_kind(e), e.resource_type, e.resource_id, e.action, e.occurred_at,
+        e.workspace_id, c.email if c else None, c.name if c else None, c.phone if c else None,
+        e.campaign_id, data, previous, changes,
     )
+
+
+def normalized_values(e: Event) -> dict[str, Any]:
+    """The event's normalized columns of webhook_events, as Python values (jsonb decoded)."""
+    return dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    """The INSERT parameters, in _EVENT_COLUMNS order."""
+    n = _normalized(e, adapt=True)
+    return (e.id, e.provider, e.dedup_key, *n[:6], e.received_at, *n[6:13], e.delivery_id,
+            e.stale, n[13])
+
+
+# -- the archive, for ingest replay ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveQuery:
+    """Which archived deliveries to read: by provider, receive time, or the dedup key of an
+    event one of them produced."""
+
+    provider: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    dedup_key: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.provider:
+            clauses.append("d.provider = %s")
+            params.append(self.provider)
+        if self.since:
+            clauses.append("d.received_at >= %s")
+            params.append(self.since)
+        if self.until:
+            clauses.append("d.received_at < %s")
+            params.append(self.until)
+        if self.dedup_key:
+            clauses.append("d.id IN (SELECT delivery_id FROM webhook_events WHERE dedup_key = %s)")
+            params.append(self.dedup_key)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def count_archived(conn: psycopg.Connection[Any], query: ArchiveQuery) -> int:
+    where, params = query.where()
+    found = conn.execute(f"SELECT count(*) FROM webhook_deliveries d{where}", params).fetchone()
+    return int(found[0]) if found else 0
+
+
+def archived_deliveries(conn: psycopg.Connection[Any], query: ArchiveQuery,
+                        batch: int) -> Iterator[list[Delivery]]:
+    """The selected archive rows, oldest first, ``batch`` at a time (keyset pagination: no
+    long transaction, no OFFSET rescans)."""
+    where, params = query.where()
+    last: tuple[datetime, str] | None = None
+    while True:
+        page_where, page_params = where, list(params)
+        if last is not None:
+            page_where += (" AND " if where else " WHERE ") + "(d.received_at, d.id) > (%s, %s)"
+            page_params += [last[0], last[1]]
+        found = conn.execute(
+            "SELECT d.id, d.provider, d.received_at, d.headers, d.body FROM webhook_deliveries d"
+            f"{page_where} ORDER BY d.received_at, d.id LIMIT {int(batch)}", page_params).fetchall()
+        if not found:
+            return
+        last = (found[-1][2], str(found[-1][0]))
+        yield [Delivery(id=str(r[0]), provider=r[1], received_at=r[2], headers=dict(r[3] or {}),
+                        body=bytes(r[4]).decode("utf-8")) for r in found]
+
+
+def stored_differences(conn: psycopg.Connection[Any], events: Sequence[Event],
+                       ) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """For each event already in webhook_events, by id: the normalized columns whose stored
+    value differs from the event's, as (stored, event's). Empty: unchanged. Events not stored
+    yet are absent."""
+    if not events:
+        return {}
+    found = conn.cursor(row_factory=dict_row).execute(
+        "SELECT id, " + ", ".join(NORMALIZED_COLUMNS) + " FROM webhook_events "
+        "WHERE id = ANY(%s::uuid[])", [[e.id for e in events]]).fetchall()
+    stored = {str(r["id"]): r for r in found}
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for e in events:
+        row = stored.get(e.id)
+        if row is None:
+            continue
+        today = normalized_values(e)
+        # Timestamps compare as instants (aware datetimes), jsonb columns as decoded JSON.
+        out[e.id] = {c: (row[c], today[c]) for c in NORMALIZED_COLUMNS if row[c] != today[c]}
+    return out
 
 
 def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
@@ -268,6 +393,23 @@ class PostgresSink:
                 raise TransientSinkError(
                     f"schema missing, run `ingest migrate`: {reason(exc)}") from exc
             raise
+
+    def update(self, events: Sequence[Event]) -> None:
+        """Rewrite the normalized columns of events already stored (``ingest replay``, after a
+        normalizer changed), in one transaction. Events not stored yet are left to ``send``."""
+        if not events:
+            return
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_UPDATE_NORMALIZED, [
+                    dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=True)), id=e.id)
+                    for e in events])
+        except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+            self.close()
+            raise TransientSinkError(f"Postgres unavailable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise PermanentSinkError(f"Postgres refused the update: {exc}") from exc
 
     def close(self) -> None:
         if self._conn is not None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ingest import safejson
 from ingest.config import Settings, parse_bool, parse_list
 from ingest.constants import SINK_ENTRY_POINT_GROUP
-from ingest.exceptions import ConfigError, PluginError
+from ingest.events import Delivery, Event
+from ingest.exceptions import ConfigError, PermanentSinkError, PluginError
 from ingest.plugins import load_group
-from sinks.base import Sink
+from ingest.redaction import reason
+from sinks.base import ClosingSink, RawSink, Sink, UpdatingSink, matches_any
 
 __all__ = ["EnabledSink", "build_sinks", "load_sink_classes"]
+
+# Errors of the data itself, raised by a sink that did not sort them out: permanent.
+_DATA_ERRORS = (safejson.Unserializable, RecursionError, UnicodeError)
 
 
 def load_sink_classes() -> dict[str, Any]:
@@ -27,19 +34,70 @@ def load_sink_classes() -> dict[str, Any]:
 
 
 class EnabledSink:
-    """A built sink with the kinds it receives, and whether it skips stale events."""
+    """A built sink with the kinds it receives and whether it skips stale events: the one way
+    workers and ``ingest replay`` call a sink.
 
-    __slots__ = ("events", "name", "sink", "skip_stale")
+    ``send`` hands raw deliveries only to a sink that asks for them (:class:`RawSink`), and a
+    :class:`PermanentSinkError` leaves it naming exactly the events of this call that failed
+    (``event_ids``: all of them when the sink named none).
+    """
+
+    __slots__ = ("events", "name", "needs_raw", "sink", "skip_stale")
 
     def __init__(self, sink: Sink, events: tuple[str, ...], skip_stale: bool = False) -> None:
         self.sink = sink
         self.name = sink.name
         self.events = events
         self.skip_stale = skip_stale
+        self.needs_raw = isinstance(sink, RawSink) and sink.needs_raw is True
 
     def __repr__(self) -> str:
         stale = " skip_stale" if self.skip_stale else ""
         return f"<EnabledSink {self.name} events={','.join(self.events)}{stale}>"
+
+    def wants(self, event: Event) -> bool:
+        """True when the event's kind matches ``<NAME>_EVENTS``."""
+        return matches_any(event.kind, self.events)
+
+    def deliveries_for(self, events: Sequence[Event], deliveries: Mapping[str, Delivery] | None,
+                       ) -> dict[str, Delivery] | None:
+        """The raw deliveries ``events`` came from, when the sink wants them; else None."""
+        if not self.needs_raw:
+            return None
+        used = {e.delivery_id for e in events}
+        return {i: d for i, d in (deliveries or {}).items() if i in used}
+
+    def send(self, events: Sequence[Event],
+             deliveries: Mapping[str, Delivery] | None = None) -> None:
+        """Hand ``events`` to the sink; ``deliveries`` (by id) go along only when it wants them,
+        only those the events came from. Data no sink could write (unserializable, too deeply
+        nested, not text) is a :class:`PermanentSinkError`: retrying cannot help."""
+        try:
+            try:
+                if self.needs_raw and isinstance(self.sink, RawSink):
+                    self.sink.send(events, deliveries=self.deliveries_for(events, deliveries))
+                else:
+                    self.sink.send(events)
+            except _DATA_ERRORS as exc:
+                # A sink that let it through; which event? The caller splits the batch.
+                raise PermanentSinkError(reason(f"{type(exc).__name__}: {exc}")) from None
+        except PermanentSinkError as exc:
+            if not exc.event_ids:
+                exc.event_ids = [e.id for e in events]
+            raise
+
+    def update(self, events: Sequence[Event]) -> bool:
+        """Rewrite stored events with today's normalization, where the sink keeps them.
+        False when it keeps nothing to update."""
+        if not isinstance(self.sink, UpdatingSink):
+            return False
+        self.sink.update(events)
+        return True
+
+    def close(self) -> None:
+        """Release what the sink holds (connections), when it says how."""
+        if isinstance(self.sink, ClosingSink):
+            self.sink.close()
 
 
 def sink_event_globs(settings: Settings, cls: Any) -> tuple[str, ...]:

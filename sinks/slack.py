@@ -47,6 +47,17 @@ from sinks.outbox import Outbox
 
 __all__ = ["SlackSink", "render_digest", "render_event"]
 
+# Least seconds between two messages to one incoming webhook, shared by all workers.
+SLACK_MIN_INTERVAL = 1.0
+# When more events than this wait for one webhook, the next message is a digest of them.
+SLACK_DIGEST_AFTER = 3
+# Most events one digest message lists (Block Kit allows 50 blocks of 3000 chars).
+SLACK_DIGEST_MAX = 100
+# Seconds a deliver job waits for its events to be posted (slots, short Retry-After) before it
+# gives up this attempt with a transient error, to be retried by RQ.
+SLACK_MAX_WAIT = 30.0
+# A 429 Retry-After up to this many seconds is waited out inside the job.
+SLACK_SHORT_RETRY_AFTER = 10.0
 # How often a waiting job looks again whether its events went out (seconds).
 _POLL = 0.25
 # Human titles of the kinds people most want to see; others are derived from the kind.
@@ -249,8 +260,8 @@ class SlackSink:
     def __init__(self, url: str, redis_url: str, names: Names,
                  done_ttl: int = constants.DEFAULT_DEDUP_TTL,
                  timeout: float = constants.SINK_HTTP_TIMEOUT,
-                 interval: float = constants.SLACK_MIN_INTERVAL,
-                 max_wait: float = constants.SLACK_MAX_WAIT) -> None:
+                 interval: float = SLACK_MIN_INTERVAL,
+                 max_wait: float = SLACK_MAX_WAIT) -> None:
         self.url = url
         self.redis_url = redis_url
         self.names = names
@@ -281,7 +292,7 @@ class SlackSink:
             self._redis = worker_redis(self.redis_url)
             self._outbox = Outbox(
                 self._redis, self.names.key(f"slack:{self.target}:"), interval=self.interval,
-                digest_after=constants.SLACK_DIGEST_AFTER, digest_max=constants.SLACK_DIGEST_MAX,
+                digest_after=SLACK_DIGEST_AFTER, digest_max=SLACK_DIGEST_MAX,
                 done_ttl=self.done_ttl, claim_seconds=2 * self.timeout + 5)
         return self._outbox
 
@@ -359,7 +370,7 @@ class SlackSink:
         except _RateLimited as exc:
             box.give_back(ids)
             box.hold(exc.retry_after)  # every worker waits, not only this one
-            if exc.retry_after > constants.SLACK_SHORT_RETRY_AFTER:
+            if exc.retry_after > SLACK_SHORT_RETRY_AFTER:
                 raise TransientSinkError(str(exc), retry_after=exc.retry_after) from None
             return True
         except PermanentSinkError as exc:

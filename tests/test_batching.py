@@ -28,7 +28,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
-from ingest.enqueue import FastJSONSerializer, _batch_job, _OneTripWriter, enqueue_batch
+from ingest.enqueue import _OneTripWriter
+from ingest.rq_jobs import FastJSONSerializer, batch_job, enqueue_batch
 from ingest.redis_conn import acceptor_async_redis
 from ingest.samples import build_sample
 from tests.helpers import SECRETS
@@ -86,7 +87,7 @@ def test_group_commit_writes_the_job_rq_itself_would_write_and_never_twice(
     async def write_twice() -> list[list[Any]]:
         writer = _OneTripWriter(queue, acceptor_async_redis(settings.require_redis()))
         try:
-            return [await writer.write(_batch_job(queue, envelopes, mine),
+            return [await writer.write(batch_job(queue, envelopes, mine),
                                        lambda pipe: pipe.llen(queue.key)) for _ in range(2)]
         finally:
             await writer.redis.aclose()

@@ -25,7 +25,7 @@ from rq.serializers import JSONSerializer
 from ingest import constants
 from ingest.cli import main
 from ingest.config import Settings
-from ingest.enqueue import FastJSONSerializer, enqueue_batch, make_job
+from ingest.rq_jobs import FastJSONSerializer, enqueue_batch, make_job
 from ingest.erase import EmailSubject, ResourceSubject, erase
 from ingest.events import Delivery, Event
 from ingest.spool import encode_record, read_segment

@@ -11,7 +11,7 @@ import pytest
 
 from ingest.cli import main
 from ingest.config import Settings
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 from ingest.replay import Selection, parse_when, replay
 from tests.faults.conftest import outcaller_delivery, outreach_delivery
 from tests.helpers import drain, rows

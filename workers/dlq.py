@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from redis import Redis
     from rq.job import Job
 
-__all__ = ["Failure", "add_command", "list_failures", "purge_failures", "retry_failures"]
+__all__ = ["Failure", "add_command", "failure_reason", "list_failures", "purge_failures",
+           "retry_failures"]
 
 INGEST = "ingest"  # the "sink" column of a delivery that failed before reaching any sink
 
@@ -67,7 +68,7 @@ def queues(settings: Settings, sink: str | None = None) -> list[tuple[str, str]]
     return [(sink, names.sink_queue(sink))]
 
 
-def _reason(job: Job) -> str:
+def failure_reason(job: Job) -> str:
     result = job.latest_result()
     text = (result.exc_string if result is not None else None) or ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -107,19 +108,19 @@ def _failed(redis: Redis, settings: Settings,
 def list_failures(redis: Redis, settings: Settings, sink: str | None = None) -> list[Failure]:
     out = []
     for label, _, job in _failed(redis, settings, sink):
-        out.append(Failure(sink=label, ids=_ids(job), reason=_reason(job), job_id=job.id,
+        out.append(Failure(sink=label, ids=_ids(job), reason=failure_reason(job), job_id=job.id,
                            queue=job.origin, failed_at=job.ended_at))
     return out
 
 
 def retry_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
     """Re-queue every failed job selected; each gets its retry schedule back, fresh."""
-    from workers.jobs import _deliver_retry
+    from ingest.rq_jobs import deliver_retry
 
     count = 0
     for _, registry, job in list(_failed(redis, settings, sink)):
         if job.func_name == constants.DELIVER:
-            retry = _deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
+            retry = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
             job.retry_intervals, job.retries_left = retry.intervals, retry.max
         elif job.retry_intervals:
             job.retries_left = len(job.retry_intervals)

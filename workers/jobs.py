@@ -16,42 +16,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from rq import Queue, Retry, get_current_job
+from rq import get_current_job
 
 from ingest import constants, metrics, safejson
-from ingest.enqueue import enqueue_unique, make_job
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError, PermanentSinkError, TransientSinkError
 from ingest.kinds import UNKNOWN
 from ingest.redaction import reason
+from ingest.rq_jobs import deliver_retry, enqueue_new
 from workers.labels import event_type_label, kind_label, label
-from sinks.base import matches_any
 from workers import dedup, records, suppression
+from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
 
 __all__ = ["deliver", "process_batch"]
 
 log = logging.getLogger("workers.jobs")
-
-
-def _enqueue_unique(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
-                    retry: Retry | None, description: str) -> bool:
-    """Enqueue unless a job with this id exists. True when this call created it."""
-    return enqueue_unique(queue, make_job(queue, func, args, job_id, retry, description))
-
-
-def _deliver_retry() -> Retry:
-    # Jitter spreads the retries of many jobs that failed together (a receiver outage).
-    intervals = [max(1, int(i * random.uniform(0.75, 1.25)))
-                 for i in constants.DELIVER_RETRY_INTERVALS]
-    return Retry(max=len(intervals), interval=intervals)
 
 
 def _stretch_next_retry(job: Any, retry_after: float) -> None:
@@ -77,18 +63,15 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
     """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op."""
     created = 0
     for name, enabled in rt.sinks.items():
-        chosen = [e for e in events if matches_any(e.kind, enabled.events)]
-        chosen = records.for_sink(enabled, chosen)
+        chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
         if not chosen:
             continue
-        raw = None
-        if getattr(enabled.sink, "needs_raw", False):
-            used = {e.delivery_id for e in chosen}
-            raw = [d.to_dict() for i, d in deliveries.items() if i in used]
+        wanted = enabled.deliveries_for(chosen, deliveries)
+        raw = None if wanted is None else [d.to_dict() for d in wanted.values()]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
-        created += _enqueue_unique(
+        created += enqueue_new(
             rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
-            job_id, _deliver_retry(), f"deliver({name}, {len(chosen)} events)",
+            job_id, deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
     return created
 
@@ -107,10 +90,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
         # it raises (RecursionError included) fails that delivery alone.
         try:
             delivery = Delivery.from_dict(envelope)
-            provider = rt.providers.get(delivery.provider)
-            if provider is None:
-                raise NormalizationError(f"no provider {delivery.provider!r} is installed")
-            events = provider.events(delivery)
+            events = normalize(rt.providers, delivery)
             for event in events:
                 # What the deliver jobs will carry: an event no serializer can write must fail
                 # here, alone, not later in the enqueue of the whole batch.
@@ -130,9 +110,9 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             poisoned += 1  # counted in POISON when its own job fails, not twice
             log.warning("setting aside a delivery that cannot be processed: %s", why,
                         extra=ids)
-            _enqueue_unique(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
-                            rt.names.job_id("alone", _alone_token(envelope)), None,
-                            f"process_batch(1 delivery, set aside: {type(exc).__name__})")
+            enqueue_new(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
+                        rt.names.job_id("alone", _alone_token(envelope)), None,
+                        f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
         deliveries[delivery.id] = delivery
         for event in events:
@@ -171,10 +151,6 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
             "poisoned": poisoned}
 
 
-# Errors of the data itself, raised by a sink that did not sort them out: permanent.
-_DATA_ERRORS = (safejson.Unserializable, RecursionError, UnicodeError)
-
-
 def _poison_reason(exc: BaseException) -> str:
     """The reason a delivery failed: one readable line, redacted, naming the error's type
     unless it is our own."""
@@ -211,18 +187,12 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         return {"delivered": 0, "stale": len(events)}
     started = time.perf_counter()
     try:
-        try:
-            if getattr(enabled.sink, "needs_raw", False):
-                by_delivery = {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
-                enabled.sink.send(evs, deliveries=by_delivery)  # type: ignore[call-arg]
-            else:
-                enabled.sink.send(evs)
-        except _DATA_ERRORS as exc:
-            # The events themselves cannot be written (a sink that let it through): retrying
-            # cannot help. Which event? Split: each then fails or succeeds alone.
-            raise PermanentSinkError(reason(f"{type(exc).__name__}: {exc}")) from None
+        # The events themselves cannot be written (a PermanentSinkError naming them): a batch
+        # of several is split, each then fails or succeeds alone.
+        enabled.send(evs, {d["id"]: Delivery.from_dict(d) for d in deliveries or ()}
+                     if enabled.needs_raw else None)
     except PermanentSinkError as exc:
-        failed_ids = set(getattr(exc, "event_ids", None) or [e.id for e in evs])
+        failed_ids = set(exc.event_ids or ())
         failed = [e for e in evs if e.id in failed_ids]
         if len(evs) > 1 and failed:
             # Give each failed event its own job: it fails alone, the rest are done.
@@ -230,10 +200,10 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
             raw_by_id = {d["id"]: d for d in deliveries or ()}
             for e in failed:
                 raw = [raw_by_id[e.delivery_id]] if e.delivery_id in raw_by_id else None
-                _enqueue_unique(
+                enqueue_new(
                     rt.sink_queue(sink_name), constants.DELIVER, (sink_name, [by_id[e.id]], raw),
                     rt.names.job_id(f"deliver-{sink_name}", _digest([e.id])),
-                    _deliver_retry(),
+                    deliver_retry(),
                     f"deliver({sink_name}, 1 event, split after: {reason(exc, limit=200)})",
                 )
             for e in failed:
@@ -252,7 +222,7 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
             log.error("sink refused the event; it goes to the failed registry: %s", why,
                       extra=_event_extra(sink_name, e))
         if why != str(exc):
-            raise PermanentSinkError(why, event_ids=getattr(exc, "event_ids", None)) from None
+            raise PermanentSinkError(why, event_ids=exc.event_ids) from None
         raise
     except Exception as exc:
         job = get_current_job()

@@ -9,10 +9,13 @@ bound holds across every worker process, and each process asks Redis once per ne
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
-from ingest.kinds import KIND_TABLES, UNKNOWN, VOCABULARY
+from ingest.kinds import UNKNOWN, VOCABULARY
+from ingest.providers import load_providers
+from ingest.providers.base import KindTable
 
 __all__ = ["MAX_EVENT_TYPE_LABELS", "MAX_LABEL_CHARS", "OTHER", "event_type_label",
            "kind_label", "label"]
@@ -24,9 +27,14 @@ MAX_EVENT_TYPE_LABELS = 100
 # The event_type label of unknown events past the bound.
 OTHER = "other"
 
-# Kinds the tables can produce without a wildcard, plus the vocabulary: the kind label's values.
-_LABEL_KINDS = VOCABULARY | {kind for table in KIND_TABLES.values() for kind in table.values()
-                             if not kind.endswith("*")} | {UNKNOWN}
+
+@functools.cache
+def _label_kinds() -> frozenset[str]:
+    """Kinds the loaded providers' tables produce without a wildcard, plus the vocabulary:
+    the kind label's values (bounded: tables are code, not payload)."""
+    tables = [p.kinds for p in load_providers().values() if isinstance(p, KindTable)]
+    return VOCABULARY | {kind for table in tables for kind in table.values()
+                         if not kind.endswith("*")} | {UNKNOWN}
 
 # KEYS: the provider's set. ARGV: value, bound. 1 when the value is (now) admitted.
 _ADMIT = """
@@ -52,7 +60,7 @@ def label(value: str) -> str:
 
 
 def kind_label(kind: str) -> str:
-    return kind if kind in _LABEL_KINDS else UNKNOWN
+    return kind if kind in _label_kinds() else UNKNOWN
 
 
 def event_type_label(rt: Any, provider: str, event_type: str) -> str:

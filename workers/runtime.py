@@ -15,7 +15,7 @@ from rq import Queue
 
 from ingest.config import Settings
 from ingest.constants import Names
-from ingest.enqueue import FastJSONSerializer
+from ingest.rq_jobs import FastJSONSerializer
 from ingest.providers import Provider, load_providers
 from ingest.redis_conn import worker_redis
 from sinks.registry import EnabledSink, build_sinks
@@ -49,9 +49,7 @@ class Runtime:
 
     def close(self) -> None:
         for enabled in self.sinks.values():
-            close = getattr(enabled.sink, "close", None)
-            if callable(close):
-                close()
+            enabled.close()
         self.redis.close()
 
 

@@ -1,15 +1,17 @@
 """The provider protocol, and the small helpers every provider module shares.
 
-A provider is one module: the raw payload shape, its mapping table (in ``ingest.kinds`` for
-the built-ins), verification and normalization, nothing else. Standard library and orjson only.
+A provider is one module: the raw payload shape, its event -> kind table (``kinds``),
+verification, normalization and a sample builder (``sample()``), nothing else. Built-ins and
+plugins are written the same way. Standard library and orjson only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import orjson
@@ -22,13 +24,18 @@ __all__ = [
     "CONTACT_EMAIL",
     "FALLBACK_FIELDS",
     "OCCURRED_AT",
+    "KindTable",
     "Provider",
+    "Sample",
+    "SampleSource",
     "SignedProvider",
     "TokenProvider",
     "as_id",
     "canonical_digest",
+    "iso_ms",
     "load_object",
     "parse_time",
+    "recent",
     "relationship_id",
     "text",
 ]
@@ -43,6 +50,8 @@ OCCURRED_AT = "occurred_at"
 CONTACT_EMAIL = "contact_email"
 CAMPAIGN_ID = "campaign_id"
 FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
+
+Sample = tuple[bytes, dict[str, str]]  # (body, headers) of one signed sample delivery
 
 
 @runtime_checkable
@@ -71,6 +80,24 @@ class Provider(Protocol):
     ) -> None: ...
 
     def events(self, delivery: Delivery) -> list[Event]: ...
+
+
+@runtime_checkable
+class KindTable(Protocol):
+    """A provider whose event names map onto the shared vocabulary through a data table:
+    ``{event name: kind}``, read with :func:`ingest.kinds.lookup`. Every built-in has one; the
+    meta-tests check every kind in every loaded provider's table."""
+
+    kinds: ClassVar[Mapping[str, str]]
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """A provider that builds realistic, correctly signed sample deliveries from its documented
+    payloads (``ingest send``, ``ingest dev``, bench). Ids and timestamps vary per call, so each
+    sample is a new event unless sent again on purpose."""
+
+    def sample(self, rng: random.Random, secret: str) -> Sample: ...
 
 
 def _matches_any(presented: str, expected: Iterable[str]) -> bool:
@@ -245,3 +272,16 @@ def missing(**expected_but_absent: bool) -> tuple[str, ...]:
     """The fallback field names whose flag is true, e.g. ``missing(occurred_at=True)``."""
     return tuple(sorted(f for f, absent in expected_but_absent.items()
                         if absent and f in FALLBACK_FIELDS))
+
+
+# -- helpers for sample() ------------------------------------------------------------------
+
+
+def recent(rng: random.Random) -> datetime:
+    """A UTC time within the last hour: samples look like fresh activity."""
+    return datetime.now(timezone.utc) - timedelta(seconds=rng.randint(0, 3600))
+
+
+def iso_ms(value: datetime) -> str:
+    """ISO 8601 with milliseconds and ``Z``, as most providers write their timestamps."""
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -24,18 +24,24 @@ The contact is never ``mailbox_email``: that is the user's own sending mailbox.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import random
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import KIND_TABLES, lookup
+from ingest.kinds import lookup
 from ingest.providers.base import (
+    Sample,
     TokenProvider,
     as_id,
     contact,
     load_object,
     missing,
     parse_time,
+    recent,
     text,
 )
 
@@ -48,8 +54,26 @@ _CAMPAIGN_EVENTS = frozenset({"send", "reply", "bounce", "open", "click", "added
                               "removed_from_campaign"})
 
 
+# Mailstand: "type".
+KINDS: dict[str, str] = {
+    "send": "email.sent",
+    "reply": "email.replied",
+    "bounce": "email.bounced",
+    "open": "email.opened",
+    "click": "email.clicked",
+    "unsubscribe": "email.unsubscribed",
+    "pause": "campaign.paused",
+    "resume": "campaign.resumed",
+    "stage_change": "contact.stage_changed",
+    "added_to_campaign": "campaign.added",
+    "removed_from_campaign": "campaign.removed",
+    "delete": "contact.deleted",
+}
+
+
 class MailstandProvider(TokenProvider):
     name: ClassVar[str] = "mailstand"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "MAILSTAND_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset()
 
@@ -76,7 +100,7 @@ class MailstandProvider(TokenProvider):
                 provider=self.name,
                 dedup_key=event_id,
                 event_type=event_type,
-                kind=lookup(KIND_TABLES["mailstand"], event_type),
+                kind=lookup(self.kinds, event_type),
                 occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type="contact",
@@ -95,3 +119,29 @@ class MailstandProvider(TokenProvider):
                 ),
             )
         ]
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A realistic, correctly signed delivery (``ingest send``, bench)."""
+        kind = rng.choice(["send", "open", "click", "reply", "bounce", "pause", "stage_change"])
+        contact_id = f"contact_{rng.getrandbits(64):016x}"
+        email = f"lead.{rng.randint(1, 9999)}@example.com"
+        payload: dict[str, Any] = {
+            "id": f"evt_{rng.getrandbits(80):020x}", "type": kind,
+            "workspace_id": "space_d2n0092jd290j2d", "campaign_id": "camp_pow0dj20jc20jkd2nx",
+            "created_at": int(recent(rng).timestamp()),
+        }
+        if kind in ("pause", "stage_change"):
+            payload.update({"contact_id": contact_id, "email": email})
+            if kind == "stage_change":
+                payload.update({"new_stage_id": "stage_ds2wvg4543cv44v", "new_stage_name": "Interested"})
+        else:
+            payload.update({"msg": f"msg_{rng.getrandbits(48):012x}", "cnv": "cnv_098h2dh209jd209j",
+                            "campaign_name": "My First Campaign", "mailbox_id": "mailbox_asnsd209j2jd22",
+                            "mailbox_email": "sam@acme-sales.example", "subject": "Quick Question",
+                            "text": "This is the text of the email"})
+            if kind == "reply":
+                payload.update({"from": contact_id, "from_email": email, "from_name": "Lead Sample"})
+            else:
+                payload.update({"to": contact_id, "to_email": email})
+        return orjson.dumps(payload), {"Content-Type": "application/json",
+                                       "Authorization": f"Bearer {secret}"}

@@ -23,27 +23,51 @@ and reporting it as the contact would attribute every reply to the salesperson.
 
 from __future__ import annotations
 
+import random
+import uuid
+from collections.abc import Mapping
 from typing import ClassVar
+
+import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import KIND_TABLES, lookup
+from ingest.kinds import lookup
 from ingest.providers.base import (
+    Sample,
     TokenProvider,
     as_id,
     canonical_digest,
     contact,
+    iso_ms,
     load_object,
     missing,
     obj,
     parse_time,
+    recent,
     text,
     time_key,
 )
 
 
+# Outboundry: "event", kebab-case.
+KINDS: dict[str, str] = {
+    "invite-sent": "linkedin.invite_sent",
+    "invite-accepted": "linkedin.invite_accepted",
+    "message-sent": "linkedin.message_sent",
+    "message-replied": "linkedin.message_replied",
+    "inmail-sent": "linkedin.inmail_sent",
+    "inmail-replied": "linkedin.inmail_replied",
+    "email-sent": "email.sent",
+    "email-opened": "email.opened",
+    "email-clicked": "email.clicked",
+    "email-replied": "email.replied",
+}
+
+
 class OutboundryProvider(TokenProvider):
     name: ClassVar[str] = "outboundry"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "OUTBOUNDRY_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset()
 
@@ -68,7 +92,7 @@ class OutboundryProvider(TokenProvider):
                 provider=self.name,
                 dedup_key="|".join(parts),
                 event_type=event_type,
-                kind=lookup(KIND_TABLES["outboundry"], event_type),
+                kind=lookup(self.kinds, event_type),
                 occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type="lead",
@@ -86,3 +110,29 @@ class OutboundryProvider(TokenProvider):
                                   contact_email=not (found and found.email)),
             )
         ]
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A realistic, correctly signed delivery (``ingest send``, bench)."""
+        event = rng.choice(["invite-sent", "invite-accepted", "message-sent", "message-replied",
+                            "inmail-sent", "email-sent", "email-opened", "email-replied"])
+        first = rng.choice(["Rahul", "Priya", "Amit", "Sofia", "Tomas"])
+        lead_id = str(uuid.UUID(int=rng.getrandbits(128)))
+        payload = {
+            "event": event,
+            "company_id": "67787093-cc3a-44ca-8a12-5bf1afa3194c",
+            "timestamp": iso_ms(recent(rng)),
+            "data": {
+                "actionData": {"message": "Hi, wanted to connect!"},
+                "lead": {"id": lead_id, "name": f"{first} Sample",
+                         "profile_url": f"https://linkedin.com/in/{first.lower()}{rng.randint(1, 9999)}",
+                         "email": f"{first.lower()}.{rng.randint(1, 9999)}@example.com",
+                         "latest_status": "Contacted", "activity": [],
+                         "company_name": "Infosys", "job_title": "Engineering Manager"},
+                "campaign": {"id": "cccccccc-1111-2222-3333-cccccccccccc",
+                             "name": "Q1 LinkedIn Outreach", "campaign_type": "linkedin"},
+                "sender": {"id": "aaaaaaaa-1111-2222-3333-aaaaaaaaaaaa", "name": "Ravi Mehta",
+                           "email": "ravi.mehta@acme-sales.example"},
+            },
+        }
+        return orjson.dumps(payload), {"Content-Type": "application/json",
+                                       "Authorization": f"Bearer {secret}"}

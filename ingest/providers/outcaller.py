@@ -19,12 +19,18 @@ Dedup key: event + resource + data.id + timestamp, the tuple its docs recommend.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import random
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
 
 from ingest.events import Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
-from ingest.kinds import KIND_TABLES, lookup
+from ingest.kinds import lookup
 from ingest.providers.base import (
+    Sample,
     TokenProvider,
     as_id,
     contact,
@@ -32,13 +38,30 @@ from ingest.providers.base import (
     missing,
     obj,
     parse_time,
+    recent,
     text,
     time_key,
 )
 
 
+# OutCallerAI: "event", "<resource>.<action>"; call and task actions are open-ended statuses.
+# Keys ending in ".*" match any action (see ingest.kinds.lookup).
+KINDS: dict[str, str] = {
+    "lead.created": "contact.created",
+    "lead.updated": "contact.updated",
+    "lead.deleted": "contact.deleted",
+    "lead.bulk_deleted": "contact.deleted",
+    "call.*": "call.*",
+    "task.*": "task.*",
+    "agent.created": "user.created",
+    "agent.updated": "user.updated",
+    "agent.deleted": "user.deleted",
+}
+
+
 class OutCallerProvider(TokenProvider):
     name: ClassVar[str] = "outcaller"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "OUTCALLER_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset(
         {
@@ -79,7 +102,7 @@ class OutCallerProvider(TokenProvider):
                 provider=self.name,
                 dedup_key=dedup_key,
                 event_type=event_type,
-                kind=lookup(KIND_TABLES["outcaller"], event_type),
+                kind=lookup(self.kinds, event_type),
                 occurred_at=when or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type=resource,
@@ -100,3 +123,30 @@ class OutCallerProvider(TokenProvider):
                 ),
             )
         ]
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A realistic, correctly signed delivery (``ingest send``, bench)."""
+        event = rng.choice(["lead.created", "lead.updated", "call.completed", "task.created"])
+        resource, action = event.split(".")
+        workspace = "cmpxz43bl00032c6udndznzdg"
+        data: dict[str, Any] = {"id": f"{resource}_{uuid.uuid4().hex[:12]}", "workspaceId": workspace,
+                                "campaignId": f"campaign_{rng.randint(1, 99)}"}
+        if resource == "lead":
+            data.update({"name": "Priya Sharma", "phone": "+919876543210",
+                         "email": f"priya.{rng.randint(1, 9999)}@example.com", "status": "new"})
+        elif resource == "call":
+            data.update({"status": action, "durationSeconds": rng.randint(5, 900),
+                         "email": f"lead.{rng.randint(1, 9999)}@example.com"})
+        payload: dict[str, Any] = {
+            "event": event, "resource": resource, "action": action, "workspaceId": workspace,
+            "timestamp": recent(rng).isoformat(),
+            "data": data, "metadata": {"source": "webhook-ingest sample"},
+        }
+        if event == "lead.updated":
+            payload["previousData"] = {"status": "contacted"}
+        return orjson.dumps(payload), {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {secret}",
+            "X-Outcaller-Event": event, "X-Outcaller-Resource": resource,
+            "X-Outcaller-Action": action, "X-Outcaller-Workspace-Id": workspace,
+        }

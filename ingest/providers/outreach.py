@@ -30,21 +30,31 @@ failures 4 times, 1 s apart: so when a delivery cannot be made durable we drop t
 
 from __future__ import annotations
 
+import hmac
+import random
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
+
+import orjson
 
 from ingest.events import Contact, Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
-from ingest.kinds import KIND_TABLES, lookup
+from ingest.kinds import lookup
 from ingest.providers.base import (
+    Sample,
     SignedProvider,
     as_id,
     canonical_digest,
     contact,
     first,
+    iso_ms,
     load_object,
     missing,
     obj,
     parse_time,
+    recent,
     relationship_id,
     text,
     time_key,
@@ -93,8 +103,56 @@ def _contact(resource_type: str | None, attributes: dict[str, Any]) -> Contact |
                    name=name, phone=phone)
 
 
+# Outreach: meta.eventName, "<resource>.<action>" in camelCase.
+KINDS: dict[str, str] = {
+    "prospect.created": "contact.created",
+    "prospect.updated": "contact.updated",
+    "prospect.destroyed": "contact.deleted",
+    "mailing.created": "mailing.created",
+    "mailing.updated": "mailing.updated",
+    "mailing.destroyed": "mailing.deleted",
+    "mailing.delivered": "email.delivered",
+    "mailing.opened": "email.opened",
+    "mailing.replied": "email.replied",
+    "mailing.bounced": "email.bounced",
+    "sequenceState.created": "campaign.added",
+    "sequenceState.updated": "campaign.updated",
+    "sequenceState.destroyed": "campaign.removed",
+    "sequenceState.advanced": "campaign.advanced",
+    "sequenceState.finished": "campaign.finished",
+    "sequence.created": "sequence.created",
+    "sequence.updated": "sequence.updated",
+    "sequence.destroyed": "sequence.deleted",
+    "call.created": "call.created",
+    "call.updated": "call.updated",
+    "call.destroyed": "call.deleted",
+    "task.created": "task.created",
+    "task.updated": "task.updated",
+    "task.destroyed": "task.deleted",
+    "task.completed": "task.completed",
+    "account.created": "account.created",
+    "account.updated": "account.updated",
+    "account.destroyed": "account.deleted",
+    "opportunity.created": "opportunity.created",
+    "opportunity.updated": "opportunity.updated",
+    "opportunity.destroyed": "opportunity.deleted",
+    "opportunityProspectRole.created": "opportunity_prospect_role.created",
+    "opportunityProspectRole.updated": "opportunity_prospect_role.updated",
+    "opportunityProspectRole.destroyed": "opportunity_prospect_role.deleted",
+    "emailAddress.created": "email_address.created",
+    "emailAddress.updated": "email_address.updated",
+    "emailAddress.destroyed": "email_address.deleted",
+    "import.created": "import.created",
+    "import.finished": "import.finished",
+    "kaiaRecording.created": "recording.created",
+    "user.created": "user.created",
+    "user.updated": "user.updated",
+}
+
+
 class OutreachProvider(SignedProvider):
     name: ClassVar[str] = "outreach"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "OUTREACH_WEBHOOK_SECRETS"
     signature_header: ClassVar[str] = "outreach-webhook-signature"
     digestmod: ClassVar[str] = "sha256"
@@ -130,7 +188,7 @@ class OutreachProvider(SignedProvider):
 
         before = obj(payload.get("beforeUpdate"))
         previous = obj(before.get("attributes")) if before else None
-        kind = lookup(KIND_TABLES["outreach"], event_type)
+        kind = lookup(self.kinds, event_type)
         if event_type == "sequenceState.updated":
             kind = _sequence_state_kind(kind, attributes, before)
 
@@ -163,3 +221,41 @@ class OutreachProvider(SignedProvider):
                 ),
             )
         ]
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A realistic, correctly signed delivery (``ingest send``, bench)."""
+        event = rng.choice(["prospect.updated", "mailing.replied", "mailing.opened",
+                            "sequenceState.created", "prospect.created"])
+        resource = event.split(".")[0]
+        updated = recent(rng)
+        attributes: dict[str, Any] = {"updatedAt": iso_ms(updated),
+                                      "createdAt": iso_ms(updated - timedelta(days=3))}
+        if resource == "prospect":
+            given = rng.choice(["Ada", "Grace", "Alan", "Edsger", "Barbara"])
+            attributes.update({"emails": [f"{given.lower()}.{rng.randint(1, 9999)}@example.com"],
+                               "firstName": given, "lastName": "Sample", "title": "VP Engineering"})
+        elif resource == "mailing":
+            attributes.update({"state": "replied" if "replied" in event else "delivered",
+                               "subject": "Quick question"})
+        payload: dict[str, Any] = {
+            "data": {
+                "type": resource,
+                "id": rng.randint(1, 10**9),
+                "attributes": attributes,
+                "relationships": {"sequence": {"data": {"type": "sequence",
+                                                        "id": rng.randint(1, 500)}}},
+            },
+            "meta": {"deliveredAt": iso_ms(datetime.now(timezone.utc)), "eventName": event},
+        }
+        if event.endswith(".updated"):
+            payload["beforeUpdate"] = {"type": resource, "id": payload["data"]["id"],
+                                       "attributes": {"title": "Director of Engineering"}}
+        body = orjson.dumps(payload)
+        signature = hmac.new(secret.encode(), body, self.digestmod).hexdigest()
+        # Live deliveries name the organization and the webhook in headers, not in the body.
+        return body, {"Content-Type": "application/json",
+                      "Outreach-Webhook-Signature": signature,
+                      "outreach-webhook-cleanup-token": "cleanup-" + uuid.uuid4().hex[:16],
+                      "outreach-org-id": "0d6f3a52-8c1e-4b7a-9f20-5e4c3b2a1908",
+                      "outreach-webhook-id": "7",
+                      "outreach-webhook-event-id": str(uuid.uuid4())}

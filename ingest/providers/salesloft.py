@@ -22,12 +22,19 @@ resource, a new change does not.
 
 from __future__ import annotations
 
+import hmac
+import random
+from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, ClassVar
+
+import orjson
 
 from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import KIND_TABLES, lookup
+from ingest.kinds import lookup
 from ingest.providers.base import (
+    Sample,
     SignedProvider,
     as_id,
     canonical_digest,
@@ -36,6 +43,7 @@ from ingest.providers.base import (
     missing,
     obj,
     parse_time,
+    recent,
     text,
     time_key,
 )
@@ -131,8 +139,81 @@ def _contact(resource_type: str, resource: dict[str, Any]) -> Contact | None:
     return contact(email=email, name=name, phone=phone)
 
 
+def _sample_resource(rng: random.Random, event: str) -> dict[str, Any]:
+    updated = recent(rng)
+    href = "https://api.salesloft.com/v2"
+    resource: dict[str, Any] = {"id": rng.randint(1, 10**9),
+                                "created_at": (updated - timedelta(days=2)).isoformat(),
+                                "updated_at": updated.isoformat()}
+    cadence = rng.randint(1, 500)
+    if event.startswith("person_"):
+        first = rng.choice(["Maria", "Ben", "Lena", "Kenji", "Amara"])
+        resource.update({"first_name": first, "last_name": "Sample",
+                         "display_name": f"{first} Sample",
+                         "email_address": f"{first.lower()}.{rng.randint(1, 9999)}@example.com",
+                         "phone": "+1 415 555 0134", "title": "VP Sales",
+                         "owner": {"_href": f"{href}/users/9", "id": 9}})
+    elif event.startswith("cadence_membership_"):
+        person = rng.randint(1, 10**9)
+        resource.update({"current_state": "staged", "currently_on_cadence": True,
+                         "cadence": {"_href": f"{href}/cadences/{cadence}", "id": cadence},
+                         "person": {"_href": f"{href}/people/{person}", "id": person}})
+    elif event.startswith("email_"):
+        resource.update({"status": "sent", "bounced": rng.random() < 0.1,
+                         "recipient_email_address": f"lead.{rng.randint(1, 9999)}@example.com",
+                         "cadence": {"_href": f"{href}/cadences/{cadence}", "id": cadence},
+                         "counts": {"views": rng.randint(0, 5), "clicks": 0, "replies": 0}})
+    elif event.startswith("meeting_"):
+        resource.update({"title": "Intro call", "status": "booked",
+                         "start_time": (updated + timedelta(days=3)).isoformat()})
+    return resource
+
+
+# Salesloft: the x-salesloft-event header, snake_case.
+KINDS: dict[str, str] = {
+    "person_created": "contact.created",
+    "person_updated": "contact.updated",
+    "person_deleted": "contact.deleted",
+    "cadence_membership_created": "campaign.added",
+    "cadence_membership_updated": "campaign.updated",
+    "cadence_created": "cadence.created",
+    "cadence_updated": "cadence.updated",
+    "cadence_deleted": "cadence.deleted",
+    "email_updated": "email.updated",
+    "email_with_body_and_subject_updated": "email.updated",
+    "link_swap": "email.link_swapped",
+    "meeting_booked": "meeting.booked",
+    "meeting_updated": "meeting.updated",
+    "call_created": "call.created",
+    "call_updated": "call.updated",
+    "call_data_record_created": "call.recorded",
+    "call_data_record_updated": "call.record_updated",
+    "conversation_created": "conversation.created",
+    "conversation_recording_created": "conversation.recording_created",
+    "conversation_transcript_created": "conversation.transcript_created",
+    "task_created": "task.created",
+    "task_updated": "task.updated",
+    "task_completed": "task.completed",
+    "task_deleted": "task.deleted",
+    "account_created": "account.created",
+    "account_updated": "account.updated",
+    "account_deleted": "account.deleted",
+    "note_created": "note.created",
+    "note_updated": "note.updated",
+    "note_deleted": "note.deleted",
+    "step_created": "step.created",
+    "step_updated": "step.updated",
+    "step_deleted": "step.deleted",
+    "user_created": "user.created",
+    "user_updated": "user.updated",
+    "success_created": "success.created",
+    "bulk_job_completed": "bulk_job.completed",
+}
+
+
 class SalesloftProvider(SignedProvider):
     name: ClassVar[str] = "salesloft"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "SALESLOFT_WEBHOOK_SECRETS"
     signature_header: ClassVar[str] = "x-salesloft-signature"
     digestmod: ClassVar[str] = "sha1"
@@ -147,7 +228,7 @@ class SalesloftProvider(SignedProvider):
                 f"Salesloft delivery names no event: no {EVENT_HEADER} header, no event_type"
             )
         resource_type, action = split_event_name(event_type)
-        base_kind = lookup(KIND_TABLES["salesloft"], event_type)
+        base_kind = lookup(self.kinds, event_type)
         return [
             self._event(delivery, event_type, resource_type, action, base_kind, resource)
             for resource in resources(payload)
@@ -197,3 +278,21 @@ class SalesloftProvider(SignedProvider):
                 campaign_id=resource_type in _IN_A_CADENCE and campaign_id is None,
             ),
         )
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A realistic, correctly signed delivery (``ingest send``, bench)."""
+        event = rng.choice(["person_updated", "person_created", "cadence_membership_created",
+                            "email_updated", "meeting_booked"])
+        payload: dict[str, Any]
+        if event == "cadence_membership_created":
+            # Several memberships in one delivery: one event per element.
+            payload = {"event_type": event,
+                       "data": [_sample_resource(rng, event) for _ in range(rng.randint(1, 3))]}
+        elif event == "email_updated":
+            payload = {"event_type": event, "data": _sample_resource(rng, event)}
+        else:
+            payload = _sample_resource(rng, event)  # the bare resource, as seen in the wild
+        body = orjson.dumps(payload)
+        signature = hmac.new(secret.encode(), body, self.digestmod).hexdigest()
+        return body, {"Content-Type": "application/json", "x-salesloft-event": event,
+                      "x-salesloft-signature": signature}

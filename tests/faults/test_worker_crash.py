@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from ingest.app import create_app
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 from tests.faults.conftest import Stack, Traffic, outcaller_delivery
 from tests.helpers import serve, wait_until
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from ingest.events import Delivery
-from ingest.kinds import KIND_TABLES
 from ingest.providers import load_providers
+from ingest.providers.outreach import OutreachProvider
 from tests.helpers import SECRETS, drain, rows
 from tests.providers.suite import SAMPLES, ProviderSuite
 
@@ -29,7 +29,7 @@ def _digest(value: Any) -> str:
 class TestOutreach(ProviderSuite):
     provider = "outreach"
     other_provider = "outcaller"
-    documented_kinds: ClassVar[dict[str, str]] = dict(KIND_TABLES["outreach"])
+    documented_kinds: ClassVar[dict[str, str]] = dict(OutreachProvider.kinds)
     expected: ClassVar[dict[str, dict[str, Any]]] = {
         "prospect_updated_v2.raw": {
             "dedup_key": "prospect.updated|prospect|4417|2026-06-04T05:49:10.221000+00:00",

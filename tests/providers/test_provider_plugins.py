@@ -147,6 +147,22 @@ def test_a_delivery_to_a_plugin_provider_lands_once_in_postgres(
     assert bytes(delivery["body"]) == body
 
 
+def test_ingest_send_uses_the_plugins_own_sample_builder_and_kind_table(
+    plugin_acceptor: str, plugin_sites: dict[str, Path],
+    make_env: Callable[..., dict[str, str]], database_url: str,
+) -> None:
+    # A plugin supplies samples and its table the way a built-in does: `ingest send` and the
+    # workers find them through the loaded provider.
+    env = _env(make_env, database_url, plugin_sites["example_provider"])
+    sent = _ingest(env, "send", "acme", "--url", plugin_acceptor, "--count", "6", "--seed", "3")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    worker = _ingest(env, "worker", "--burst", timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    stored = rows(database_url, "SELECT event_type, kind FROM webhook_events WHERE provider = 'acme'")
+    assert len(stored) == 6
+    assert all(r["kind"] == r["event_type"] for r in stored), stored  # Acme's table maps 1:1
+
+
 def test_a_broken_plugin_stops_start_up_naming_it_and_the_reason(
     plugin_sites: dict[str, Path], make_env: Callable[..., dict[str, str]], database_url: str
 ) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import random
+from datetime import datetime, timezone
+
 import pytest
 
-from ingest.kinds import KIND_TABLES, UNKNOWN, is_known_kind, lookup
+from ingest.events import Delivery
+
+from ingest.kinds import UNKNOWN, is_known_kind, lookup
 from ingest.providers import Provider, load_providers
+from ingest.providers.base import KindTable, SampleSource
 from tests.providers.suite import ProviderSuite
 
 
@@ -39,23 +45,53 @@ def test_registered_providers_satisfy_the_protocol() -> None:
             name.upper()), name
 
 
-def test_every_builtin_with_a_kind_table_is_registered() -> None:
-    assert set(KIND_TABLES) <= set(load_providers())
+def _tables() -> dict[str, KindTable]:
+    return {name: p for name, p in load_providers().items() if isinstance(p, KindTable)}
 
 
-@pytest.mark.parametrize("provider", sorted(KIND_TABLES))
+def test_every_builtin_holds_its_own_kind_table_and_sample_builder() -> None:
+    # A built-in looks like the plugin it asks others to write: one module, its own table and
+    # samples, registered through an entry point.
+    builtins = {name: p for name, p in load_providers().items()
+                if type(p).__module__.startswith("ingest.providers.")}
+    assert {"outreach", "salesloft", "outcaller", "outboundry", "mailstand"} <= set(builtins)
+    for name, provider in builtins.items():
+        assert isinstance(provider, KindTable) and provider.kinds, name
+        assert isinstance(provider, SampleSource), name
+        assert type(provider).__module__ == f"ingest.providers.{name}", name
+
+
+@pytest.mark.parametrize("provider", sorted(_tables()))
 def test_every_kind_in_the_tables_is_a_known_kind(provider: str) -> None:
-    for event_type, kind in KIND_TABLES[provider].items():
+    for event_type, kind in _tables()[provider].kinds.items():
         # "call.*" -> "call.*" keeps the provider's action: check it with one filled in.
         concrete = kind[:-1] + "completed" if kind.endswith(".*") else kind
         assert is_known_kind(concrete), (provider, event_type, kind)
         assert kind != UNKNOWN
 
 
-@pytest.mark.parametrize("provider", sorted(KIND_TABLES))
+@pytest.mark.parametrize("provider", sorted(_tables()))
 def test_each_documented_event_is_a_line_of_its_kind_table(provider: str) -> None:
     # The kind comes from the data table, not from code: a documented event that only maps
     # through a refinement in the provider module would hide a missing table line.
-    table = KIND_TABLES[provider]
+    table = _tables()[provider].kinds
     for event_type, kind in _suites()[provider].documented_kinds.items():
         assert lookup(table, event_type) == kind, (provider, event_type)
+
+
+@pytest.mark.parametrize("provider", sorted(n for n, p in load_providers().items()
+                                            if isinstance(p, SampleSource)))
+def test_every_sample_builder_makes_deliveries_its_provider_verifies_and_maps(
+        provider: str) -> None:
+    source = load_providers()[provider]
+    assert isinstance(source, SampleSource)
+    rng = random.Random(7)
+    for n in range(20):
+        body, headers = source.sample(rng, "sample-secret")
+        lowered = {k.lower(): v for k, v in headers.items()}
+        source.verify(lowered, body, ["sample-secret"], {})
+        delivery = Delivery(id=f"d{n}", provider=provider, received_at=datetime.now(timezone.utc),
+                            headers={k: v for k, v in lowered.items() if k in source.kept_headers},
+                            body=body.decode())
+        events = source.events(delivery)
+        assert events and all(e.kind != UNKNOWN for e in events), (provider, body)

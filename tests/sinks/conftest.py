@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ingest.config import Settings
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 from ingest.events import Delivery
 from tests.helpers import ServerThread, drain
 from workers.runtime import Runtime, install_runtime

@@ -294,9 +294,9 @@ def test_status_classification(status: int, transient: bool) -> None:
 
 
 def test_retried_jobs_keep_their_schedule_within_bounds() -> None:
-    from workers.jobs import _deliver_retry
+    from ingest.rq_jobs import deliver_retry
 
-    retry = _deliver_retry()
+    retry = deliver_retry()
     assert retry.max == len(constants.DELIVER_RETRY_INTERVALS)
     for got, base in zip(retry.intervals, constants.DELIVER_RETRY_INTERVALS):
         assert 0.75 * base - 1 <= got <= 1.25 * base

@@ -3,16 +3,19 @@ has a test module of its own."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from ingest import constants
 from ingest.config import Settings
-from ingest.exceptions import ConfigError
+from ingest.events import Delivery, Event
+from ingest.exceptions import ConfigError, PermanentSinkError
 from sinks.base import Sink
-from sinks.registry import build_sinks, load_sink_classes
+from sinks.registry import EnabledSink, build_sinks, load_sink_classes
 
 HERE = Path(__file__).parent
 
@@ -51,3 +54,90 @@ def test_built_sinks_satisfy_the_protocol_and_events_globs_are_read() -> None:
                                        "CRM_WEBHOOK_URL": "https://crm.example/hook",
                                        "CRM_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))
     assert info.value.variable == "CRM_EVENTS"
+
+
+# -- EnabledSink: the one way a sink is called ------------------------------------------------
+
+
+class _Recording:
+    """A sink that keeps what it was handed (and can refuse some events)."""
+
+    name: ClassVar[str] = "recording"
+    default_events: ClassVar[tuple[str, ...]] = ("*",)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str] | None]] = []
+        self.refuse: list[str] | None = None
+        self.closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> _Recording:
+        return cls()
+
+    def send(self, events: Sequence[Event]) -> None:
+        self.calls.append(([e.id for e in events], None))
+        if self.refuse is not None:
+            raise PermanentSinkError("refused", event_ids=self.refuse or None)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Raw(_Recording):
+    needs_raw: ClassVar[bool] = True
+
+    def send(self, events: Sequence[Event],  # type: ignore[override]
+             deliveries: Mapping[str, Delivery] | None = None) -> None:
+        self.calls.append(([e.id for e in events],
+                           None if deliveries is None else sorted(deliveries)))
+
+
+class _RawOff(_Raw):
+    needs_raw: ClassVar[bool] = False
+
+
+def _events() -> tuple[list[Event], dict[str, Delivery]]:
+    from ingest.providers import load_providers
+    from tests.sinks.conftest import outboundry_delivery
+
+    deliveries = [Delivery.from_dict(outboundry_delivery(event)) for event in
+                  ("email-replied", "invite-sent", "message-replied")]
+    provider = load_providers()["outboundry"]
+    return ([e for d in deliveries for e in provider.events(d)],
+            {d.id: d for d in deliveries} | {"unrelated": deliveries[0]})
+
+
+def test_enabled_sink_hands_raw_deliveries_only_to_a_sink_that_asks_for_them() -> None:
+    events, deliveries = _events()
+    used = sorted(e.delivery_id for e in events[:2])
+    for cls, expected in ((_Recording, None), (_Raw, used), (_RawOff, None)):
+        sink = cls()
+        EnabledSink(sink, ("*",)).send(events[:2], deliveries)
+        # The raw deliveries go along only those the events came from; a sink that does not
+        # want them is called with the events alone (its send takes no second argument).
+        assert sink.calls == [([e.id for e in events[:2]], expected)], cls.__name__
+
+
+def test_enabled_sink_filters_by_kind_and_closes_the_sink() -> None:
+    events, _ = _events()
+    sink = _Recording()
+    enabled = EnabledSink(sink, ("linkedin.*",))
+    assert [e.kind for e in events if enabled.wants(e)] == ["linkedin.invite_sent",
+                                                           "linkedin.message_replied"]
+    assert enabled.update(events) is False  # it keeps nothing to rewrite
+    enabled.close()
+    assert sink.closed
+
+
+def test_a_permanent_error_always_names_the_failed_events() -> None:
+    events, _ = _events()
+    sink = _Recording()
+    enabled = EnabledSink(sink, ("*",))
+    sink.refuse = [events[1].id]
+    with pytest.raises(PermanentSinkError) as info:
+        enabled.send(events)
+    assert info.value.event_ids == [events[1].id]
+    sink.refuse = []  # the sink named none: the whole batch failed
+    with pytest.raises(PermanentSinkError) as info:
+        enabled.send(events)
+    assert info.value.event_ids == [e.id for e in events]

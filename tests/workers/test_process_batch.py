@@ -12,7 +12,7 @@ import orjson
 from rq import Queue
 from rq.registry import FailedJobRegistry
 
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 from ingest.events import Delivery
 from tests.helpers import drain, rows
 from workers import dedup

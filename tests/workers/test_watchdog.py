@@ -12,7 +12,7 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from ingest.enqueue import enqueue_batch
+from ingest.rq_jobs import enqueue_batch
 
 from tests.helpers import drain, rows, wait_until
 from workers.watchdog import IngestWorker

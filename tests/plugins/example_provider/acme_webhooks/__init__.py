@@ -7,12 +7,27 @@ Acme posts ``{"id": "evt_…", "type": "deal.won", "occurred_at": "…", "worksp
 
 from __future__ import annotations
 
+import random
+import uuid
+from collections.abc import Mapping
 from typing import ClassVar
+
+import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
 from ingest.kinds import lookup
-from ingest.providers.base import TokenProvider, as_id, contact, load_object, obj, parse_time, text
+from ingest.providers.base import (
+    Sample,
+    TokenProvider,
+    as_id,
+    contact,
+    load_object,
+    obj,
+    parse_time,
+    recent,
+    text,
+)
 
 __all__ = ["AcmeProvider"]
 
@@ -27,6 +42,7 @@ KINDS = {
 
 class AcmeProvider(TokenProvider):
     name: ClassVar[str] = "acme"
+    kinds: ClassVar[Mapping[str, str]] = KINDS
     secret_setting: ClassVar[str] = "ACME_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset()
 
@@ -43,7 +59,7 @@ class AcmeProvider(TokenProvider):
                 provider=self.name,
                 dedup_key=event_id,  # Acme keeps the id across its retries
                 event_type=event_type,
-                kind=lookup(KINDS, event_type),
+                kind=lookup(self.kinds, event_type),
                 occurred_at=parse_time(payload.get("occurred_at")) or delivery.received_at,
                 received_at=delivery.received_at,
                 resource_type=resource_type,
@@ -56,3 +72,15 @@ class AcmeProvider(TokenProvider):
                 delivery_id=delivery.id,
             )
         ]
+
+    def sample(self, rng: random.Random, secret: str) -> Sample:
+        """A signed delivery for ``ingest send acme`` (optional: without it, no samples)."""
+        event_type = rng.choice(sorted(self.kinds))
+        resource_type = event_type.partition(".")[0]
+        payload = {"id": f"evt_{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}",
+                   "type": event_type, "occurred_at": recent(rng).isoformat(),
+                   "workspace": "ws_77",
+                   "contact": {"email": f"lead.{rng.randint(1, 9999)}@example.com"},
+                   resource_type: {"id": rng.randint(1, 10**6), "pipeline": "enterprise"}}
+        return orjson.dumps(payload), {"Content-Type": "application/json",
+                                       "Authorization": f"Bearer {secret}"}

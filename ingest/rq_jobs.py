@@ -1,0 +1,109 @@
+"""The RQ jobs webhook-ingest writes: their serializer, how one is built and written exactly
+once, and the retry policy of each job kind.
+
+Shared core: the acceptor (group commit, the spool's drainer), the workers (deliver jobs, set
+aside batches), ``ingest dlq retry`` and the lifecycle commands all build jobs here, so a job
+looks the same whoever wrote it. Job ids are explicit and writing is unique: a write whose
+reply was lost, tried again, never doubles a job.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import orjson
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError
+from rq.job import Job
+
+from ingest import constants
+
+__all__ = [
+    "FastJSONSerializer",
+    "batch_job",
+    "batch_retry",
+    "deliver_retry",
+    "enqueue_batch",
+    "enqueue_new",
+    "enqueue_unique",
+    "make_job",
+]
+
+
+class FastJSONSerializer:
+    """RQ's JSON serializer, writing with orjson: the same JSON, which any ``JSONSerializer``
+    (every worker) reads, several times faster for the large argument lists of batch jobs.
+    What orjson refuses (an integer past 64 bits from a plugin's parser) is written by the
+    standard library as before."""
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:
+            return json.dumps(obj).encode("utf-8")
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return json.loads(data.decode("utf-8"))  # as JSONSerializer reads (exact big integers)
+
+
+def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
+             retry: Retry | None, description: str) -> Job:
+    """One of our jobs, not yet written: our timeout and TTLs, an explicit id, and a short
+    description (RQ's default is the call with its arguments: every body)."""
+    return queue.create_job(
+        func, args=args, job_id=job_id, retry=retry, description=description,
+        timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
+        failure_ttl=constants.FAILED_JOB_TTL,
+    )
+
+
+def enqueue_unique(queue: Queue, job: Job) -> bool:
+    """Write ``job`` unless a job with its id exists. True when this call wrote it; False
+    when an earlier attempt (whose reply was lost) or another worker already had."""
+    try:
+        queue.enqueue_job(job, unique=True)
+        return True
+    except DuplicateJobError:
+        return False
+
+
+def enqueue_new(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
+                retry: Retry | None, description: str) -> bool:
+    """Build and write a job unless one with this id exists. True when this call created it."""
+    return enqueue_unique(queue, make_job(queue, func, args, job_id, retry, description))
+
+
+# -- retry policies, one per job kind ---------------------------------------------------------
+
+
+def batch_retry() -> Retry:
+    """``process_batch``: a batch job fails only when Redis does; short, fixed waits."""
+    return Retry(max=len(constants.BATCH_RETRY_INTERVALS),
+                 interval=list(constants.BATCH_RETRY_INTERVALS))
+
+
+def deliver_retry() -> Retry:
+    """``deliver``: long waits for a receiver to come back, each ±25%: jitter spreads the
+    retries of many jobs that failed together (a receiver outage), also after
+    ``ingest dlq retry``."""
+    intervals = [max(1, int(i * random.uniform(0.75, 1.25)))
+                 for i in constants.DELIVER_RETRY_INTERVALS]
+    return Retry(max=len(intervals), interval=intervals)
+
+
+# -- the batch job -----------------------------------------------------------------------------
+
+
+def batch_job(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> Job:
+    """The process_batch job holding ``envelopes``, not yet written."""
+    return make_job(queue, constants.PROCESS_BATCH, (envelopes,), job_id, batch_retry(),
+                    f"process_batch({len(envelopes)} deliveries)")
+
+
+def enqueue_batch(queue: Queue, envelopes: list[dict[str, Any]], job_id: str) -> None:
+    """Write one process_batch job holding ``envelopes``. Idempotent on ``job_id``."""
+    enqueue_unique(queue, batch_job(queue, envelopes, job_id))

@@ -1,0 +1,41 @@
+"""The layout the folders promise, checked on the imports themselves (ast, nothing runs)."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ingest", "workers", "sinks")
+# The acceptor: what `ingest serve` runs. Workers and sinks never need it.
+ACCEPTOR = ("ingest.app", "ingest.durable", "ingest.enqueue", "ingest.spool")
+
+
+def _imports(package: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(importing module, imported module, names) for every import in ``package``."""
+    for path in sorted((ROOT / package).rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                yield module, node.module, [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield module, alias.name, []
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_workers_and_sinks_import_no_acceptor_code() -> None:
+    found = [(m, target) for package in ("workers", "sinks") for m, target, _ in _imports(package)
+             if target.startswith(ACCEPTOR)]
+    assert not found, found
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    found = [(m, target, name) for package in PACKAGES for m, target, names in _imports(package)
+             for name in names
+             if _top(target) in PACKAGES and _top(target) != _top(m) and name.startswith("_")]
+    assert not found, found
