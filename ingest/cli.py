@@ -7,6 +7,7 @@ line naming the variable and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -256,58 +257,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="show every worker's start-up lines (RQ's included)")
 
-    for extra in _EXTRA_COMMANDS:
-        extra(add)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_command(add)
     return parser
 
 
-# Subcommands that live in their own modules register here: f(add) -> None.
-_EXTRA_COMMANDS: list[Callable[..., None]] = []
-
-
-def _add_dlq(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from workers.dlq import add_command
-
-    add_command(add)
-
-
-_EXTRA_COMMANDS.append(_add_dlq)
-
-
-def _add_replay(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from ingest.replay import add_command
-
-    add_command(add)
-
-
-_EXTRA_COMMANDS.append(_add_replay)
-
-
-def _add_erase(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from ingest.erase import add_command
-
-    add_command(add)
-
-
-_EXTRA_COMMANDS.append(_add_erase)
-
-
-def _add_retention(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from ingest.retention import add_command
-
-    add_command(add)
-
-
-_EXTRA_COMMANDS.append(_add_retention)
-
-
-def _add_status(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from ingest.status import add_command
-
-    add_command(add)
-
-
-_EXTRA_COMMANDS.append(_add_status)
+# Subcommands that live in their own modules: each module's add_command(add) registers its
+# command when the parser is built; the modules keep their heavy imports inside the command.
+_COMMAND_MODULES = ("workers.dlq", "ingest.replay", "ingest.erase", "ingest.retention",
+                    "ingest.status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
