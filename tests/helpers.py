@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -122,3 +123,15 @@ def serve(app: Any) -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data

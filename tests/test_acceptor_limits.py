@@ -14,7 +14,7 @@ from rq import Queue
 
 from ingest import constants
 from tests.faults.conftest import outcaller_delivery
-from tests.helpers import SECRETS
+from tests.helpers import SECRETS, read_answer
 
 TOKEN = {"Authorization": f"Bearer {SECRETS['outcaller'][0]}"}
 
@@ -69,13 +69,7 @@ def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
             sock.sendall(head + body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server closed before taking it all: read what it said
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return data
+        return read_answer(sock)
     finally:
         sock.close()
 

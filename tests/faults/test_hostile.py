@@ -22,7 +22,7 @@ from ingest.app import create_app
 from ingest.config import Settings
 from ingest.embedded import free_port
 from tests.faults.conftest import ROOT, outcaller_delivery, outreach_delivery
-from tests.helpers import SECRETS, drain, rows, wait_until
+from tests.helpers import SECRETS, drain, read_answer, rows, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -32,18 +32,6 @@ def request_head(path: str, headers: dict[str, str], length: int | None = None) 
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines.append("Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes (or ``timeout`` passes)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return data
 
 
 class Uvicorn:
