@@ -47,7 +47,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from bench import ceilings
+from bench import ceilings, scale
 from bench.procs import CpuMeter, Proc, by_pid, pids_of, python, this_process, wait_for_http
 from bench.report import Row, render
 from ingest.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
@@ -76,6 +76,7 @@ class Context:
     results: dict[str, Any] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     conn: psycopg.Connection[Any] | None = None
+    queries: int = 0  # the bench's own Postgres transactions, kept out of the per-event costs
 
     def env(self, namespace: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
@@ -101,6 +102,7 @@ class Context:
         # poll would cost Postgres a backend start each time, on the CPU being measured.
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.db_url, autocommit=True)
+        self.queries += 1
         cur = self.conn.execute(query, params)
         return list(cur.fetchall()) if cur.description is not None else []
 
@@ -115,6 +117,19 @@ class Context:
         with contextlib.closing(self.redis()) as r:
             r.flushall()  # the bench's own embedded server, nobody else's
         self.sql("TRUNCATE webhook_events, webhook_deliveries")
+
+    def counters(self) -> dict[str, Any]:
+        """The shared servers' own counters now (bench.scale), with the bench's query count."""
+        with contextlib.closing(self.redis()) as r:
+            snap = scale.snapshot(r, self.sql)
+        snap["queries"] = self.queries
+        return snap
+
+    def costs(self, before: dict[str, Any], events: int) -> dict[str, Any]:
+        """Redis and Postgres work per event since ``before`` (bench.scale.per_event)."""
+        scale.settle_stats()
+        after = self.counters()
+        return scale.per_event(before, after, events, after["queries"] - before["queries"])
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -374,16 +389,19 @@ def phase_acceptor(ctx: Context) -> None:
     stack = Stack(ctx, "acc", per_queue=0)
     try:
         assert stack.acceptor is not None
+        counters = ctx.counters()
         meter = stack.meter().start()
         with profiled(ctx, "acceptor", [stack.acceptor], ctx.args.duration):
             lg = loadgen(ctx, stack.url, ctx.args.duration, ids=True)
         cpu = meter.stop({"loadgen": lg["cpu_s"]})
+        costs = ctx.costs(counters, lg["ok"])
         jobs, seen = _jobs_envelopes(stack)
     finally:
         stack.stop()
     accepted = set(lg.pop("accepted"))
     ctx.results["acceptor"] = {
-        **lg, "cpu": cpu, "jobs": jobs, "deliveries_in_jobs": sum(seen.values()),
+        **lg, "cpu": cpu, "costs": costs, "jobs": jobs,
+        "deliveries_in_jobs": sum(seen.values()),
         "lost": len(accepted - seen.keys()),
         "doubled": sum(1 for n in seen.values() if n > 1),
         "mean_batch": sum(seen.values()) / jobs if jobs else 0.0,
@@ -393,6 +411,7 @@ def phase_acceptor(ctx: Context) -> None:
 
 def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[str, Any]:
     """Closed loop through acceptor and workers until every accepted delivery is a row."""
+    counters = ctx.counters()
     meter = stack.meter().start()
     procs = [p for p in [stack.acceptor, *stack.workers] if p is not None]
     with profiled(ctx, name, procs if profile else [], ctx.args.duration):
@@ -401,13 +420,15 @@ def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[st
     done = wait_for_rows(ctx, lg["start_seq"], lg["end_seq"], len(accepted))
     meter.sample()
     cpu = meter.stop({"loadgen": lg["cpu_s"]})
+    costs = ctx.costs(counters, len(accepted))
     (first,), = ctx.sql(
         "SELECT extract(epoch FROM min(received_at)) FROM webhook_events"
         " WHERE resource_id::bigint >= %s AND resource_id::bigint < %s",
         lg["start_seq"], lg["end_seq"])
     elapsed = done - float(first)
     checks = check_rows(ctx, lg["start_seq"], lg["end_seq"], accepted)
-    return {**lg, **checks, "cpu": cpu, "events": len(accepted), "elapsed": elapsed,
+    return {**lg, **checks, "cpu": cpu, "costs": costs, "events": len(accepted),
+            "elapsed": elapsed,
             "events_per_s": len(accepted) / elapsed}
 
 
