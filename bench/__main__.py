@@ -76,7 +76,6 @@ class Context:
     results: dict[str, Any] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     conn: psycopg.Connection[Any] | None = None
-    queries: int = 0  # the bench's own Postgres transactions, kept out of the per-event costs
 
     def env(self, namespace: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
@@ -102,7 +101,6 @@ class Context:
         # poll would cost Postgres a backend start each time, on the CPU being measured.
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.db_url, autocommit=True)
-        self.queries += 1
         cur = self.conn.execute(query, params)
         return list(cur.fetchall()) if cur.description is not None else []
 
@@ -119,17 +117,14 @@ class Context:
         self.sql("TRUNCATE webhook_events, webhook_deliveries")
 
     def counters(self) -> dict[str, Any]:
-        """The shared servers' own counters now (bench.scale), with the bench's query count."""
+        """The shared servers' own counters now (bench.scale)."""
         with contextlib.closing(self.redis()) as r:
             snap = scale.snapshot(r, self.sql)
-        snap["queries"] = self.queries
         return snap
 
     def costs(self, before: dict[str, Any], events: int) -> dict[str, Any]:
         """Redis and Postgres work per event since ``before`` (bench.scale.per_event)."""
-        scale.settle_stats()
-        after = self.counters()
-        return scale.per_event(before, after, events, after["queries"] - before["queries"])
+        return scale.per_event(before, self.counters(), events)
 
 
 # -- servers -----------------------------------------------------------------------------------

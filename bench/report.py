@@ -170,12 +170,12 @@ def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[st
         top = ", ".join(f"{k} {v:.3f}" for k, v in list(c["redis_by_command"].items())[:6])
         rows.append([label, f"{c['redis_commands']:.3f}", f"{c['redis_in_bytes']:.0f}",
                      f"{c['redis_out_bytes']:.0f}", f"{c['redis_aof_bytes']:.0f}",
-                     f"{c['pg_transactions']:.4f}", f"{c['pg_rows_written']:.2f}",
+                     f"{c['pg_write_transactions']:.4f}",
                      f"{c['wal_bytes']:.0f}", top])
     if not rows:
         return []
     return ["## Shared servers per event (the bench's own Redis and Postgres, counter deltas "
-            "over the phase)", "",
+            "over the phase; Redis commands include those its Lua scripts run)", "",
             _table(["phase", "Redis commands", "Redis bytes in", "Redis bytes out",
-                    "AOF bytes", "PG transactions", "PG rows written", "WAL bytes",
+                    "AOF bytes", "PG write transactions", "WAL bytes",
                     "Redis commands per event, most frequent"], rows), ""]
