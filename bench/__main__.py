@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     assert ctx is not None
     ctx.results["machine"] = description
+    # WAL position and transaction ids are the server's, not the database's.
+    ctx.results["pg_server_shared"] = bool(os.environ.get("DATABASE_URL"))
     ctx.results["cores"] = psutil.cpu_count()
     ctx.results["seconds"] = time.monotonic() - started
     ctx.results["args"] = vars(args)

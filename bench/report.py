@@ -178,4 +178,8 @@ def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[st
             "over the phase; Redis commands include those its Lua scripts run)", "",
             _table(["phase", "Redis commands", "Redis bytes in", "Redis bytes out",
                     "AOF bytes", "PG write transactions", "WAL bytes",
-                    "Redis commands per event, most frequent"], rows), ""]
+                    "Redis commands per event, most frequent"], rows), "",
+            *(["WAL bytes and write transactions are the whole Postgres server's: with "
+               "DATABASE_URL set, whatever else uses that server counts too. Unset it for "
+               "these two columns (the bench then starts its own).", ""]
+              if r.get("pg_server_shared") else [])]
