@@ -154,6 +154,13 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
            "## CPU per event (microseconds of CPU per accepted event, by process type; "
            "'other' in cores, for judging the phase)", "",
            _table(["phase", "events", "other", *per_event_cols], per_event_rows), "",
+           "## Events/s one core of each process type carries (1,000,000 / its CPU us per "
+           "event; Redis runs commands on one core, so its row is one Redis primary's bound)",
+           "",
+           _table(["process type", "end to end, 1 per queue", "workers draining, 1 per queue",
+                   "acceptor alone"],
+                  [[k] + [_n(1e6 / per_event[ph][k]) if per_event[ph][k] else ""
+                          for ph in ("e2e1", "drain1", "acceptor")] for k in PIPELINE]), "",
            *_costs(r, per_event),
            f"Machine: {r['machine']}. Run took {r['seconds']:.0f} s."]
     return "\n".join(out)
@@ -170,6 +177,7 @@ def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[st
         top = ", ".join(f"{k} {v:.3f}" for k, v in list(c["redis_by_command"].items())[:6])
         rows.append([label, f"{c['redis_commands']:.3f}", f"{c['redis_in_bytes']:.0f}",
                      f"{c['redis_out_bytes']:.0f}", f"{c['redis_aof_bytes']:.0f}",
+                     f"{c.get('redis_memory_bytes', 0):.0f}",
                      f"{c['pg_write_transactions']:.4f}",
                      f"{c['wal_bytes']:.0f}", top])
     if not rows:
@@ -177,7 +185,7 @@ def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[st
     return ["## Shared servers per event (the bench's own Redis and Postgres, counter deltas "
             "over the phase; Redis commands include those its Lua scripts run)", "",
             _table(["phase", "Redis commands", "Redis bytes in", "Redis bytes out",
-                    "AOF bytes", "PG write transactions", "WAL bytes",
+                    "AOF bytes", "Redis memory bytes", "PG write transactions", "WAL bytes",
                     "Redis commands per event, most frequent"], rows), "",
             *(["WAL bytes and write transactions are the whole Postgres server's: with "
                "DATABASE_URL set, whatever else uses that server counts too. Unset it for "

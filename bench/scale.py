@@ -50,6 +50,7 @@ def snapshot(redis: Redis, sql: Callable[..., list[tuple[Any, ...]]]) -> dict[st
         "redis_in": int(info["total_net_input_bytes"]),
         "redis_out": int(info["total_net_output_bytes"]),
         "redis_aof": int(info.get("aof_current_size", 0)),
+        "redis_memory": int(info["used_memory"]),
         "wal": int(lsn), "xid": int(xid),
     }
 
@@ -75,6 +76,9 @@ def per_event(before: dict[str, Any], after: dict[str, Any], events: int,
         "redis_in_bytes": (after["redis_in"] - before["redis_in"]) / n,
         "redis_out_bytes": (after["redis_out"] - before["redis_out"]) / n,
         "redis_aof_bytes": (after["redis_aof"] - before["redis_aof"]) / n,
+        # Held until the keys expire: dedup records and record marks for INGEST_DEDUP_TTL,
+        # finished jobs for a minute (so an upper bound of what stays).
+        "redis_memory_bytes": (after["redis_memory"] - before["redis_memory"]) / n,
         "wal_bytes": (after["wal"] - before["wal"]) / n,
         "pg_write_transactions": (after["xid"] - before["xid"]) / n,
     }
