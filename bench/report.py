@@ -176,7 +176,7 @@ def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[st
             continue
         top = ", ".join(f"{k} {v:.3f}" for k, v in list(c["redis_by_command"].items())[:6])
         rows.append([label, f"{c['redis_commands']:.3f}", f"{c['redis_in_bytes']:.0f}",
-                     f"{c['redis_out_bytes']:.0f}", f"{c['redis_aof_bytes']:.0f}",
+                     f"{c['redis_out_bytes']:.0f}", "rewritten" if c["redis_aof_bytes"] is None else f"{c['redis_aof_bytes']:.0f}",
                      f"{c.get('redis_memory_bytes', 0):.0f}",
                      f"{c['pg_write_transactions']:.4f}",
                      f"{c['wal_bytes']:.0f}", top])

@@ -75,7 +75,9 @@ def per_event(before: dict[str, Any], after: dict[str, Any], events: int,
                                                          key=lambda kv: -kv[1]) if v},
         "redis_in_bytes": (after["redis_in"] - before["redis_in"]) / n,
         "redis_out_bytes": (after["redis_out"] - before["redis_out"]) / n,
-        "redis_aof_bytes": (after["redis_aof"] - before["redis_aof"]) / n,
+        # None when Redis rewrote its append-only file during the phase (the file shrank).
+        "redis_aof_bytes": ((after["redis_aof"] - before["redis_aof"]) / n
+                            if after["redis_aof"] >= before["redis_aof"] else None),
         # Held until the keys expire: dedup records and record marks for INGEST_DEDUP_TTL,
         # finished jobs for a minute (so an upper bound of what stays).
         "redis_memory_bytes": (after["redis_memory"] - before["redis_memory"]) / n,
