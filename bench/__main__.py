@@ -17,6 +17,10 @@ ports, and removes them afterwards. Then, in order:
 6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS
    of every process.
 
+For the acceptor-alone and end-to-end phases the report also gives the CPU per event of each
+process type and the Redis commands, bytes and memory and the Postgres WAL and write
+transactions per event (bench.scale): the inputs of the scale model in docs/performance.md.
+
 The load generator (bench.loadgen) is always a separate process. ``--profile DIR`` records
 py-spy profiles of the acceptor and the workers during phases 2 and 3.
 """
