@@ -17,6 +17,10 @@ ports, and removes them afterwards. Then, in order:
 6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS
    of every process.
 
+For the acceptor-alone and end-to-end phases the report also gives the CPU per event of each
+process type and the Redis commands, bytes and memory and the Postgres WAL and write
+transactions per event (bench.scale): the inputs of the scale model in docs/performance.md.
+
 The load generator (bench.loadgen) is always a separate process. ``--profile DIR`` records
 py-spy profiles of the acceptor and the workers during phases 2 and 3.
 """
@@ -47,7 +51,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from bench import ceilings
+from bench import ceilings, scale
 from bench.procs import CpuMeter, Proc, by_pid, pids_of, python, this_process, wait_for_http
 from bench.report import Row, render
 from ingest.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
@@ -115,6 +119,16 @@ class Context:
         with contextlib.closing(self.redis()) as r:
             r.flushall()  # the bench's own embedded server, nobody else's
         self.sql("TRUNCATE webhook_events, webhook_deliveries")
+
+    def counters(self) -> dict[str, Any]:
+        """The shared servers' own counters now (bench.scale)."""
+        with contextlib.closing(self.redis()) as r:
+            snap = scale.snapshot(r, self.sql)
+        return snap
+
+    def costs(self, before: dict[str, Any], events: int) -> dict[str, Any]:
+        """Redis and Postgres work per event since ``before`` (bench.scale.per_event)."""
+        return scale.per_event(before, self.counters(), events)
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -374,16 +388,19 @@ def phase_acceptor(ctx: Context) -> None:
     stack = Stack(ctx, "acc", per_queue=0)
     try:
         assert stack.acceptor is not None
+        counters = ctx.counters()
         meter = stack.meter().start()
         with profiled(ctx, "acceptor", [stack.acceptor], ctx.args.duration):
             lg = loadgen(ctx, stack.url, ctx.args.duration, ids=True)
         cpu = meter.stop({"loadgen": lg["cpu_s"]})
+        costs = ctx.costs(counters, lg["ok"])
         jobs, seen = _jobs_envelopes(stack)
     finally:
         stack.stop()
     accepted = set(lg.pop("accepted"))
     ctx.results["acceptor"] = {
-        **lg, "cpu": cpu, "jobs": jobs, "deliveries_in_jobs": sum(seen.values()),
+        **lg, "cpu": cpu, "costs": costs, "jobs": jobs,
+        "deliveries_in_jobs": sum(seen.values()),
         "lost": len(accepted - seen.keys()),
         "doubled": sum(1 for n in seen.values() if n > 1),
         "mean_batch": sum(seen.values()) / jobs if jobs else 0.0,
@@ -393,6 +410,7 @@ def phase_acceptor(ctx: Context) -> None:
 
 def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[str, Any]:
     """Closed loop through acceptor and workers until every accepted delivery is a row."""
+    counters = ctx.counters()
     meter = stack.meter().start()
     procs = [p for p in [stack.acceptor, *stack.workers] if p is not None]
     with profiled(ctx, name, procs if profile else [], ctx.args.duration):
@@ -401,13 +419,15 @@ def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[st
     done = wait_for_rows(ctx, lg["start_seq"], lg["end_seq"], len(accepted))
     meter.sample()
     cpu = meter.stop({"loadgen": lg["cpu_s"]})
+    costs = ctx.costs(counters, len(accepted))
     (first,), = ctx.sql(
         "SELECT extract(epoch FROM min(received_at)) FROM webhook_events"
         " WHERE resource_id::bigint >= %s AND resource_id::bigint < %s",
         lg["start_seq"], lg["end_seq"])
     elapsed = done - float(first)
     checks = check_rows(ctx, lg["start_seq"], lg["end_seq"], accepted)
-    return {**lg, **checks, "cpu": cpu, "events": len(accepted), "elapsed": elapsed,
+    return {**lg, **checks, "cpu": cpu, "costs": costs, "events": len(accepted),
+            "elapsed": elapsed,
             "events_per_s": len(accepted) / elapsed}
 
 
@@ -572,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     assert ctx is not None
     ctx.results["machine"] = description
+    # WAL position and transaction ids are the server's, not the database's.
+    ctx.results["pg_server_shared"] = bool(os.environ.get("DATABASE_URL"))
     ctx.results["cores"] = psutil.cpu_count()
     ctx.results["seconds"] = time.monotonic() - started
     ctx.results["args"] = vars(args)

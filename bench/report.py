@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bench.scale import PIPELINE, cpu_per_event
+
 __all__ = ["Row", "render"]
 
 
@@ -124,6 +126,24 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         cpu = res["cpu"]
         cpu_rows.append([label] + [f"{cpu[c]:.2f}" if c in cpu else "" for c in cpu_cols])
 
+    per_event_cols = [*PIPELINE, "pipeline"]
+    per_event_rows, per_event = [], {}
+    for key, label, events in [("acceptor", "acceptor alone", acc["ok"]),
+                               ("e2e1", "end to end, 1 per queue", e1["events"]),
+                               ("e2e2", "end to end, 2 per queue", e2["events"]),
+                               ("drain1", "workers draining, 1 per queue", d1["events"]),
+                               ("drain2", "workers draining, 2 per queue", d2["events"])]:
+        per_event[key] = cpu_per_event(r[key]["cpu"], events)
+        per_event_rows.append([label, f"{events:,}", f"{r[key]['cpu']['other']:.2f}"]
+                              + [f"{per_event[key][c]:.0f}" for c in per_event_cols])
+    for one, two, label in [("e2e1", "e2e2", "end to end"), ("drain1", "drain2", "draining")]:
+        cost = per_event[two]["pipeline"] / per_event[one]["pipeline"]
+        rows.append(Row(f"CPU per event, all pipeline processes, 2 per queue ({label})",
+                        f"{per_event[two]['pipeline']:.0f} us "
+                        f"(1 per queue: {per_event[one]['pipeline']:.0f} us)",
+                        f"{cost:.2f}x one per queue", "<= 1.10x", cost <= 1.10))
+    r["cpu_per_event"] = per_event
+
     out = ["## Ceilings (this machine, this run)", "",
            _table(["ceiling", "measured"], ceilings), "",
            "## Pipeline", "",
@@ -131,5 +151,43 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
            "", "## Where the CPU went (cores, averaged over each phase; 'other' is everything "
            "outside the bench)", "",
            _table(["phase", *cpu_cols], cpu_rows), "",
+           "## CPU per event (microseconds of CPU per accepted event, by process type; "
+           "'other' in cores, for judging the phase)", "",
+           _table(["phase", "events", "other", *per_event_cols], per_event_rows), "",
+           "## Events/s one core of each process type carries (1,000,000 / its CPU us per "
+           "event; Redis runs commands on one core, so its row is one Redis primary's bound)",
+           "",
+           _table(["process type", "end to end, 1 per queue", "workers draining, 1 per queue",
+                   "acceptor alone"],
+                  [[k] + [_n(1e6 / per_event[ph][k]) if per_event[ph][k] else ""
+                          for ph in ("e2e1", "drain1", "acceptor")] for k in PIPELINE]), "",
+           *_costs(r, per_event),
            f"Machine: {r['machine']}. Run took {r['seconds']:.0f} s."]
     return "\n".join(out)
+
+
+def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[str]:
+    """The scale model's inputs: what one event costs Redis and Postgres (bench.scale)."""
+    rows = []
+    for key, label in [("acceptor", "acceptor alone"), ("e2e1", "end to end, 1 per queue"),
+                       ("e2e2", "end to end, 2 per queue")]:
+        c = r[key].get("costs")
+        if not c:
+            continue
+        top = ", ".join(f"{k} {v:.3f}" for k, v in list(c["redis_by_command"].items())[:6])
+        rows.append([label, f"{c['redis_commands']:.3f}", f"{c['redis_in_bytes']:.0f}",
+                     f"{c['redis_out_bytes']:.0f}", "rewritten" if c["redis_aof_bytes"] is None else f"{c['redis_aof_bytes']:.0f}",
+                     f"{c.get('redis_memory_bytes', 0):.0f}",
+                     f"{c['pg_write_transactions']:.4f}",
+                     f"{c['wal_bytes']:.0f}", top])
+    if not rows:
+        return []
+    return ["## Shared servers per event (the bench's own Redis and Postgres, counter deltas "
+            "over the phase; Redis commands include those its Lua scripts run)", "",
+            _table(["phase", "Redis commands", "Redis bytes in", "Redis bytes out",
+                    "AOF bytes", "Redis memory bytes", "PG write transactions", "WAL bytes",
+                    "Redis commands per event, most frequent"], rows), "",
+            *(["WAL bytes and write transactions are the whole Postgres server's: with "
+               "DATABASE_URL set, whatever else uses that server counts too. Unset it for "
+               "these two columns (the bench then starts its own).", ""]
+              if r.get("pg_server_shared") else [])]
