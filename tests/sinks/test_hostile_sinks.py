@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from ingest.events import Contact, Event
 from ingest.exceptions import PermanentSinkError
-from sinks.crm import CrmSink
+from sinks.crm import CrmSink, parse_secret
 from sinks.slack import SlackSink, render_digest, render_event
 from tests.helpers import serve
 from tests.sinks.conftest import (
@@ -56,7 +56,7 @@ def unwritable() -> dict[str, Any]:
 def test_crm_an_event_no_serializer_can_write_fails_alone(
         crm: tuple[CrmReceiver, str]) -> None:
     receiver, url = crm
-    sink = CrmSink(url, [__import__("sinks.crm").crm.parse_secret(CRM_SECRET)],
+    sink = CrmSink(url, [parse_secret(CRM_SECRET)],
                    {"Authorization": f"Bearer {CRM_TOKEN}"}, timeout=5)
     events = [event(1), event(2, data=unwritable()), event(3)]
     try:
