@@ -30,8 +30,8 @@ from ingest.exceptions import NormalizationError, PermanentSinkError, TransientS
 from ingest.kinds import UNKNOWN
 from ingest.redaction import reason
 from ingest.rq_jobs import deliver_retry, enqueue_new
-from workers.labels import event_type_label, kind_label, label
 from workers import dedup, records, suppression
+from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
 
