@@ -30,7 +30,6 @@ from typing import Any
 import psutil
 import psycopg
 from redis import Redis
-from redis.client import Pipeline
 from redis.connection import AbstractConnection
 from rq.serializers import JSONSerializer
 
@@ -44,7 +43,7 @@ class _RoundTrips:
 
     def __init__(self) -> None:
         self.count = 0
-        self._send = AbstractConnection.send_packed_command
+        self._send: Any = AbstractConnection.send_packed_command
 
     def __enter__(self) -> _RoundTrips:
         counter = self
@@ -145,12 +144,12 @@ def run(batches: int, batch: int, repeat: int,
         os.environ.update({"REDIS_URL": redis_url, "DATABASE_URL": db_url,
                            "INGEST_SINKS": "postgres", "OUTREACH_WEBHOOK_SECRETS": _SECRET})
         from ingest.config import Settings
-        from ingest.logs import setup_logging
+        from ingest.logs import log_level, setup_logging
         from ingest.rq_jobs import enqueue_batch
         from workers.runtime import Runtime, install_runtime
 
         settings = Settings.from_env()
-        setup_logging(settings)
+        setup_logging("json", level=log_level(settings))  # as a worker logs
         redis_proc = psutil.Process(redis_pid)
         seq = 1
         for round_ in range(repeat):
