@@ -312,6 +312,36 @@ def latency_ms(ctx: Context, lo: int, hi: int) -> dict[str, float]:
     return {"p50": float(p50 or 0), "p99": float(p99 or 0), "rows": int(n)}
 
 
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def stage_times(stack: Stack, since: float) -> dict[str, dict[str, float]]:
+    """Where a latency phase's time went, per queue, from the finished jobs RQ keeps (a
+    minute): waiting in the queue (enqueued to started) and running (started to ended), p50
+    and p99 in ms, of the jobs enqueued since ``since`` (epoch s)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in QUEUES:
+        queue = stack.queue(name)
+        ids = queue.finished_job_registry.get_job_ids()
+        waits: list[float] = []
+        runs: list[float] = []
+        for i in range(0, len(ids), 500):
+            for job in Job.fetch_many(ids[i:i + 500], connection=queue.connection,
+                                      serializer=JSONSerializer):
+                if job is None or not (job.enqueued_at and job.started_at and job.ended_at):
+                    continue
+                if job.enqueued_at.timestamp() < since:
+                    continue
+                waits.append((job.started_at - job.enqueued_at).total_seconds() * 1000)
+                runs.append((job.ended_at - job.started_at).total_seconds() * 1000)
+        out[name] = {"jobs": len(runs), "wait_p50": _pct(waits, 0.5),
+                     "wait_p99": _pct(waits, 0.99), "run_p50": _pct(runs, 0.5),
+                     "run_p99": _pct(runs, 0.99)}
+    return out
+
+
 @contextlib.contextmanager
 def profiled(ctx: Context, name: str, procs: list[Proc], seconds: float) -> Iterator[None]:
     """py-spy record of each process during the block (with ``--profile DIR``)."""
@@ -440,11 +470,15 @@ def phase_pipeline(ctx: Context) -> None:
         ctx.results["latency"] = {}
         for share in (0.1, 0.5, 0.9):
             log(f"latency at {share:.0%} of {top:.0f} events/s")
+            since = time.time()
+            meter = stack.meter().start()
             lg = loadgen(ctx, stack.url, ctx.args.duration, rate=top * share)
             wait_for_rows(ctx, lg["start_seq"], lg["end_seq"], lg["ok"])
+            cpu = meter.stop({"loadgen": lg["cpu_s"]})
             ctx.results["latency"][share] = {**latency_ms(ctx, lg["start_seq"], lg["end_seq"]),
                                              "rate": lg["ok"] / ctx.args.duration,
-                                             "http_p99": lg["p99_ms"]}
+                                             "http_p99": lg["p99_ms"], "cpu": cpu,
+                                             "stages": stage_times(stack, since)}
     finally:
         stack.stop()
     ctx.reset()

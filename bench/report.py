@@ -39,6 +39,12 @@ def _mib(x: int) -> str:
     return f"{x / 2**20:.1f} MiB"
 
 
+def _latency_target(share: float, p99: float) -> tuple[str, bool | None]:
+    """The receipt-to-row p99 targets: 100 ms at half the end-to-end maximum, 300 at 90%."""
+    bound = {0.5: 100.0, 0.9: 300.0}.get(round(share, 2))
+    return ("", None) if bound is None else (f"p99 <= {bound:.0f} ms", p99 <= bound)
+
+
 def render(r: dict[str, Any], rows: list[Row]) -> str:
     """The report as Markdown; appends the pipeline rows (with their verdicts) to ``rows``."""
     bare, acc = r["bare"], r["acceptor"]
@@ -72,6 +78,10 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         Row("end to end, 1 worker process per queue", f"{_n(e1['events_per_s'])} events/s",
             f"{e1['events_per_s'] / r['rq_noop']:.1f}x RQ no-op jobs/s", ">= 5x",
             e1["events_per_s"] >= 5 * r["rq_noop"]),
+        Row("end to end, 1 worker process per queue, against the acceptor alone",
+            f"{_n(e1['events_per_s'])} / {_n(acc['rate'])} per s",
+            f"{e1['events_per_s'] / acc['rate']:.2f}x", ">= 0.5x",
+            e1["events_per_s"] >= 0.5 * acc["rate"]),
         *([Row("stale check (workers.records), one script call per 64-event batch",
                f"{r['checks']['stale']:.1f} us/event",
                f"{r['checks']['stale'] * e1['events_per_s'] / 1e6:.1%} of an event's end-to-end "
@@ -106,7 +116,17 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
     for share, lat in sorted(r["latency"].items(), key=lambda kv: float(kv[0])):
         rows.append(Row(f"receipt to Postgres row at {float(share):.0%} of max "
                         f"({_n(lat['rate'])} deliveries/s)",
-                        f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms"))
+                        f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms", "",
+                        *_latency_target(float(share), lat["p99"])))
+        stages = lat.get("stages")
+        if stages:  # where it went: queue wait and run time per job, the machine's load
+            parts = [f"{q} wait {st['wait_p50']:.0f}/{st['wait_p99']:.0f}, run "
+                     f"{st['run_p50']:.0f}/{st['run_p99']:.0f}" for q, st in stages.items()]
+            cpu = lat.get("cpu", {})
+            rows.append(Row(f"  at {float(share):.0%}: per job p50/p99 ms",
+                            "; ".join(parts),
+                            f"other load {cpu.get('other', 0):.2f} cores, machine "
+                            f"{cpu.get('machine', 0):.2f}"))
     soak = r["soak"]
     for name, m in soak["rss"].items():
         rows.append(Row(f"RSS over {r['args']['soak']:.0f} s soak at {_n(soak['rate'])}/s: {name}",

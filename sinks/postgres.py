@@ -3,7 +3,9 @@
 Events go in first with ``ON CONFLICT DO NOTHING RETURNING delivery_id`` (one row per provider
 and dedup key: a unique index on a digest of the key, migrations/0003, so a key of any length
 fits); only deliveries that produced a new row are archived, in the same transaction.
-Sending the same batch twice changes nothing.
+Sending the same batch twice changes nothing. Each table takes a batch in one statement
+whose rows are one JSON document (``jsonb_to_recordset``): three statements per batch, not
+three per event.
 
 Data the database refuses (SQLSTATE classes 22, data exceptions such as a NUL byte in text,
 and 54, limits such as an index row too large), or that cannot be written as JSON, is a
@@ -62,7 +64,7 @@ NORMALIZED_COLUMNS = (
     "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
     "data", "previous", "changes",
 )
-# Every column an insert writes, in the order _event_row gives them (the order of the table).
+# Every column an insert writes (the order of the table).
 _EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "received_at",
                   *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13])
 
@@ -73,23 +75,45 @@ ON CONFLICT DO NOTHING
 RETURNING delivery_id
 """
 
+# The same insert for a whole batch in one statement, its rows one JSON array (written by
+# orjson in one call, read by Postgres in C), in array order. One statement per batch instead
+# of one per event costs Postgres one parse, plan and executor start-up per batch instead of
+# 64, and psycopg one parameter instead of 20 per event (psycopg adapts arrays in Python,
+# slower than the per-row statements; a JSON document costs it nothing).
+_EVENT_TYPES = ("uuid", "text", "text", "text", "text", "text", "text", "text", "timestamptz",
+                "timestamptz", "text", "text", "text", "text", "text", "jsonb", "jsonb", "uuid",
+                "boolean", "jsonb")
+_INSERT_EVENTS = f"""
+INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
+SELECT {", ".join(_EVENT_COLUMNS)} FROM jsonb_to_recordset(%s::jsonb)
+    AS t({", ".join(f"{c} {t}" for c, t in zip(_EVENT_COLUMNS, _EVENT_TYPES))})
+ON CONFLICT DO NOTHING
+RETURNING delivery_id
+"""
+
 _UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
                       + ", ".join(f"{c} = %({c})s" for c in NORMALIZED_COLUMNS)
                       + " WHERE id = %(id)s")
 
-_INSERT_DELIVERY = """
+# The body is the exact text received (UTF-8, checked by the acceptor): its bytes again.
+_INSERT_DELIVERIES = """
 INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
-VALUES (%s, %s, %s, %s, %s)
+SELECT id, provider, received_at, headers, convert_to(body, 'UTF8')
+FROM jsonb_to_recordset(%s::jsonb)
+    AS t(id uuid, provider text, received_at timestamptz, headers jsonb, body text)
 ON CONFLICT (id) DO NOTHING
 """
 
 # The latest state per record: only an event newer by (occurred_at, event_id), the order every
 # worker agrees on, replaces the stored one; the same event again rewrites it (a replay
-# brings today's normalization), which a retried batch does harmlessly.
+# brings today's normalization), which a retried batch does harmlessly. One statement for a
+# batch's records, at most one row per record (a statement may not update a row twice).
 _UPSERT_RECORD = """
 INSERT INTO webhook_records AS r (
     provider, resource_type, resource_id, occurred_at, kind, event_id, data, deleted, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
+SELECT provider, resource_type, resource_id, occurred_at, kind, event_id, data, deleted, now()
+FROM jsonb_to_recordset(%s::jsonb) AS t(provider text, resource_type text, resource_id text,
+    occurred_at timestamptz, kind text, event_id uuid, data jsonb, deleted boolean)
 ON CONFLICT (provider, resource_type, resource_id) DO UPDATE SET
     occurred_at = excluded.occurred_at, kind = excluded.kind, event_id = excluded.event_id,
     data = excluded.data, deleted = excluded.deleted, updated_at = excluded.updated_at
@@ -211,11 +235,25 @@ def normalized_values(e: Event) -> dict[str, Any]:
     return dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
 
 
-def _event_row(e: Event) -> tuple[Any, ...]:
-    """The INSERT parameters, in _EVENT_COLUMNS order."""
-    n = _normalized(e, adapt=True)
-    return (e.id, e.provider, e.dedup_key, *n[:6], e.received_at, *n[6:13], e.delivery_id,
-            e.stale, n[13])
+def _json_rows(rows: list[dict[str, Any]]) -> str:
+    """A batch's rows as the JSON text jsonb_to_recordset reads (timestamps already ISO 8601
+    text, so the standard library can write what orjson refuses)."""
+    return _json(rows).decode("utf-8")
+
+
+def _event_values(e: Event) -> dict[str, Any]:
+    """One event's row for _INSERT_EVENTS: _EVENT_COLUMNS and their values."""
+    c = e.contact
+    return {
+        "id": e.id, "provider": e.provider, "dedup_key": e.dedup_key,
+        "event_type": e.event_type, "kind": _stored_kind(e), "resource_type": e.resource_type,
+        "resource_id": e.resource_id, "action": e.action,
+        "occurred_at": e.occurred_at.isoformat(), "received_at": e.received_at.isoformat(),
+        "workspace_id": e.workspace_id, "contact_email": c.email if c else None,
+        "contact_name": c.name if c else None, "contact_phone": c.phone if c else None,
+        "campaign_id": e.campaign_id, "data": e.data, "previous": e.previous,
+        "delivery_id": e.delivery_id, "stale": e.stale, "changes": e.changes,
+    }
 
 
 # -- the archive, for ingest replay ------------------------------------------------------------
@@ -302,14 +340,21 @@ def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
     """Bring webhook_records up to date with ``events``, inside the caller's transaction.
     Rows are written in key order, so two batches touching the same records lock them in the
     same order instead of deadlocking."""
-    about = sorted(((e.record, e) for e in events if e.record is not None),
-                   key=lambda pair: (pair[0], pair[1].occurred_at, pair[1].id))
-    if about:
-        cur.executemany(_UPSERT_RECORD, [
-            (*record, e.occurred_at, _stored_kind(e), e.id, Jsonb(e.data, dumps=_json),
-             e.deletes)
-            for record, e in about
-        ])
+    newest: dict[tuple[str, str, str], Event] = {}
+    for e in events:
+        record = e.record
+        if record is not None:
+            seen = newest.get(record)
+            if seen is None or (e.occurred_at, e.id) > (seen.occurred_at, seen.id):
+                newest[record] = e
+    # Of a batch's events about one record, only the newest can be the record's state once
+    # they are all applied in (occurred_at, id) order: it is the only one written.
+    if newest:
+        cur.execute(_UPSERT_RECORD, [_json_rows([
+            {"provider": record[0], "resource_type": record[1], "resource_id": record[2],
+             "occurred_at": e.occurred_at.isoformat(), "kind": _stored_kind(e),
+             "event_id": e.id, "data": e.data, "deleted": e.deletes}
+            for record, e in sorted(newest.items(), key=lambda pair: pair[0])])])
 
 
 class PostgresSink:
@@ -359,23 +404,18 @@ class PostgresSink:
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(_INSERT_EVENT, [_event_row(e) for e in events], returning=True)
-                new_deliveries: set[str] = set()
-                while True:
-                    row = cur.fetchone()
-                    if row is not None and row[0] is not None:
-                        new_deliveries.add(str(row[0]))
-                    if not cur.nextset():
-                        break
+                cur.execute(_INSERT_EVENTS, [_json_rows([_event_values(e) for e in events])])
+                new_deliveries = {str(row[0]) for row in cur.fetchall() if row[0] is not None}
                 missing = new_deliveries - deliveries.keys()
                 if missing:
                     raise PermanentSinkError(
                         f"raw deliveries {sorted(missing)} were not handed to the sink")
-                cur.executemany(_INSERT_DELIVERY, [
-                    (d.id, d.provider, d.received_at,
-                     Jsonb(d.headers, dumps=_json), d.body.encode("utf-8"))
-                    for d in (deliveries[i] for i in sorted(new_deliveries))
-                ])
+                if new_deliveries:
+                    cur.execute(_INSERT_DELIVERIES, [_json_rows([
+                        {"id": d.id, "provider": d.provider,
+                         "received_at": d.received_at.isoformat(), "headers": d.headers,
+                         "body": d.body}
+                        for d in (deliveries[i] for i in sorted(new_deliveries))])])
                 _upsert_records(cur, events)
         except (safejson.Unserializable, RecursionError) as exc:
             raise PermanentSinkError(f"event data cannot be stored: {reason(exc)}") from None

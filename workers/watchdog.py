@@ -25,6 +25,19 @@ retried while its first run was in fact still going (a worker frozen longer than
 ``abandoned_after``) is harmless: both runs carry the same job id, so the second recognises the
 dedup claims as its own and writes the same deliver job ids, and sinks are idempotent.
 
+RQ's own bookkeeping is most of a job's cost that is not the job, and :class:`IngestWorker`
+trims what it does not need. RQ writes the worker's heartbeat (three commands, three round
+trips) before and after each dequeue and after each job: here those three go in one round trip,
+at most once per ``_BEAT_EVERY`` seconds unless a longer expiry is asked for (the worker's key
+lives ``worker_ttl`` + 60 s, so it never lapses while the worker lives). The worker's state is
+written only when it changes. The job-hash heartbeat RQ writes between a job's end and its
+bookkeeping serves job callbacks, which our jobs do not have. At a job's success RQ watches and
+reads its dependents (ours have none) and saves the whole job hash again, its arguments (a whole
+batch) compressed anew, sent and appended to the AOF a second time; here one pipeline writes
+what changed (status and times), the result, the finished registry and the execution cleanup,
+as RQ does. What recovery and monitoring read stays: the started registry and its renewals, the
+job's status, result and registries. Per job that is 6 round trips of RQ's instead of 20.
+
 RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
 forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
 block every other scheduler for 61 s), that a worker only replaces every few maintenance
@@ -50,9 +63,11 @@ from typing import Any
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
+from rq.results import Result
 from rq.scheduler import RQScheduler
+from rq.utils import now, utcformat
 
 from ingest import constants
 
@@ -61,6 +76,8 @@ __all__ = ["IngestWorker", "ResilientScheduler", "die_with_parent"]
 log = logging.getLogger("workers.watchdog")
 
 _PR_SET_PDEATHSIG = 1
+# The worker's own heartbeat, sent outside a pipeline, at most once per this many seconds.
+_BEAT_EVERY = 5.0
 _forking_parent = 0
 
 
@@ -107,8 +124,66 @@ class IngestWorker(SimpleWorker):
         self._running_lock = threading.Lock()
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
+        self._beat_sent = (-_BEAT_EVERY, 0)  # (monotonic time, expiry) of the last own beat
 
     # -- RQ hooks ------------------------------------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat; on its own (no pipeline given), one round trip, and none
+        when one with at least this expiry went out within ``_BEAT_EVERY`` seconds."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        expiry = timeout or self.worker_ttl + 60
+        sent_at, sent_expiry = self._beat_sent
+        if time.monotonic() - sent_at < _BEAT_EVERY and expiry <= sent_expiry:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(expiry, pipeline=pipe)
+            pipe.execute()
+        self._beat_sent = (time.monotonic(), expiry)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's worker state, written only when it changes (RQ sets "idle" twice per job)."""
+        if pipeline is None and state == self.get_state():
+            return
+        super().set_state(state, pipeline=pipeline)
+
+    def handle_job_success(self, job: Job, queue: Any, started_job_registry: StartedJobRegistry,
+                           execution: Execution) -> None:
+        """RQ's bookkeeping of a finished job (counters, result, finished registry, execution
+        cleanup) in its one pipeline, without the WATCH and read of the job's dependents that
+        RQ does first: no job of ours has dependents or repeats (those still go RQ's way)."""
+        if job.repeats_left or job.has_rate_limit:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        assert job.started_at is not None and job.ended_at is not None
+        with self.connection.pipeline() as pipeline:
+            self.increment_successful_job_count(pipeline=pipeline)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
+            result_ttl = job.get_result_ttl(self.default_result_ttl)
+            job._status = JobStatus.FINISHED
+            if result_ttl != 0:
+                # What RQ's Job._handle_success writes, but of the job hash only the fields
+                # that changed: RQ saves the whole hash again, the arguments (a whole batch)
+                # compressed anew, sent and appended to the AOF once more.
+                pipeline.hset(job.key, mapping={
+                    "status": JobStatus.FINISHED, "ended_at": utcformat(job.ended_at),
+                    "started_at": utcformat(job.started_at), "worker_name": self.name,
+                    "last_heartbeat": utcformat(job.last_heartbeat or job.ended_at)})
+                Result.create(job, Result.Type.SUCCESSFUL, return_value=job._result,
+                              ttl=result_ttl, worker_name=self.name, pipeline=pipeline,
+                              execution_id=execution.id,
+                              execution_started_at=execution.created_at,
+                              execution_ended_at=job.ended_at)
+                job.finished_job_registry.add(job, result_ttl, pipeline)
+            job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+
+    def handle_execution_ended(self, job: Job, queue: Any, heartbeat_ttl: int) -> None:
+        """RQ writes one more job heartbeat here, for the job's callbacks; ours have none."""
+        job.ended_at = now()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.abandoned_after

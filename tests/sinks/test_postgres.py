@@ -122,3 +122,53 @@ def test_the_digest_index_keeps_provider_and_dedup_key_unique(database_url: str)
         conn.execute(insert)
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(insert)
+
+
+def test_one_batch_about_one_record_several_times_stores_every_event_and_the_newest_state(
+        database_url: str) -> None:
+    """A batch is one statement per table: every column of every event arrives as it was
+    (microseconds, nulls, nested JSON, text in any script), and of several events about one
+    record the newest by (occurred_at, id) is the record's state, wherever it is in the batch."""
+    from datetime import datetime, timedelta, timezone
+
+    from ingest.events import Contact, Event
+
+    t0 = datetime(2026, 6, 4, 5, 49, 1, 123456, tzinfo=timezone.utc)
+    delivery = Delivery(id="6f2b6c1e-9a57-4c8e-9d0a-1f3b5e7c9a21", provider="outreach",
+                        received_at=t0, headers={"content-type": "application/json"},
+                        body='{"naïve": "ünïcode ✓", "n": 1}')
+
+    def event(key: str, seconds: int, title: str, resource_id: str = "7") -> Event:
+        return Event(provider="outreach", dedup_key=key, event_type="prospect.updated",
+                     kind="contact.updated", occurred_at=t0 + timedelta(seconds=seconds),
+                     received_at=t0, resource_type="prospect", resource_id=resource_id,
+                     action="updated", contact=Contact(email="ada@example.com", name="Ädä ✓"),
+                     data={"title": title, "nested": {"list": [1, 2.5, None, "x"]}},
+                     previous=None if seconds else {"title": "none"},
+                     delivery_id=delivery.id)
+
+    events = [event("a", 10, "Middle"), event("b", 30, "Newest"), event("c", 0, "Oldest"),
+              event("d", 5, "Other", resource_id="8")]
+    sink = PostgresSink(database_url)
+    try:
+        sink.send(events, deliveries={delivery.id: delivery})
+    finally:
+        sink.close()
+    stored = {r["dedup_key"]: r for r in rows(
+        database_url, "SELECT dedup_key, occurred_at, received_at, data, previous, changes,"
+        " contact_name, stale, delivery_id::text FROM webhook_events")}
+    assert sorted(stored) == ["a", "b", "c", "d"]
+    for e in events:
+        row = stored[e.dedup_key]
+        assert row["occurred_at"] == e.occurred_at and row["received_at"] == t0
+        assert row["data"] == e.data and row["previous"] == e.previous
+        assert row["changes"] is None and row["stale"] is False
+        assert row["contact_name"] == "Ädä ✓" and row["delivery_id"] == delivery.id
+    records = {r["resource_id"]: r for r in rows(
+        database_url, "SELECT resource_id, data, occurred_at, event_id::text FROM webhook_records")}
+    assert records["7"]["data"]["title"] == "Newest" and records["7"]["event_id"] == events[1].id
+    assert records["7"]["occurred_at"] == t0 + timedelta(seconds=30)
+    assert records["8"]["data"]["title"] == "Other"
+    (archived,) = rows(database_url, "SELECT body, headers FROM webhook_deliveries")
+    assert bytes(archived["body"]) == delivery.body.encode("utf-8")
+    assert archived["headers"] == delivery.headers

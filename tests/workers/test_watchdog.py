@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+import redis.connection as rc
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -137,3 +138,61 @@ def test_a_live_workers_sweep_leaves_a_running_job_alone(runtime: Any) -> None:
     assert make_worker(runtime).sweep() == 1
     job.refresh()
     assert job.get_status() == JobStatus.STARTED
+
+
+def test_a_finished_job_keeps_what_rq_records_without_its_arguments_written_again(
+        runtime: Any) -> None:
+    """IngestWorker's own success bookkeeping: status, times, result, finished registry, the
+    started registry emptied; the job's stored arguments are the bytes the enqueue wrote."""
+    job = enqueue_one(runtime, 7)
+    stored_data = runtime.redis.hget(job.key, "data")
+    worker = make_worker(runtime)
+    sent: list[bytes] = []
+    original = rc.AbstractConnection.send_packed_command
+
+    def counting(conn: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        original(conn, command, check_health)
+
+    rc.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        rc.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+
+    job.refresh()
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.started_at is not None and job.ended_at is not None
+    assert job.ended_at >= job.started_at
+    assert job.worker_name == worker.name
+    assert job.return_value() == {"deliveries": 1, "events": 1, "duplicates": 0, "poisoned": 0}
+    assert job.id in runtime.ingest_queue.finished_job_registry.get_job_ids()
+    assert job.id not in StartedJobRegistry(runtime.ingest_queue.name,
+                                            connection=runtime.redis).get_job_ids()
+    assert runtime.redis.hget(job.key, "data") == stored_data
+    assert 0 < runtime.redis.ttl(job.key) <= 60  # RESULT_TTL, as RQ would set it
+    # The job's arguments went to Redis once (the enqueue), not again at its end.
+    assert sent and not any(stored_data in command for command in sent)
+
+
+def test_the_workers_own_heartbeat_is_sent_once_per_period(runtime: Any) -> None:
+    worker = make_worker(runtime)
+    worker.register_birth()
+    try:
+        worker.heartbeat()
+        first = runtime.redis.hget(worker.key, "last_heartbeat")
+        runtime.redis.hset(worker.key, "last_heartbeat", "marker")
+        worker.heartbeat()  # within the period, the same expiry: nothing sent
+        assert runtime.redis.hget(worker.key, "last_heartbeat") == b"marker"
+        worker.heartbeat(worker.worker_ttl + 600)  # a longer expiry is always sent
+        assert runtime.redis.hget(worker.key, "last_heartbeat") not in (b"marker", None)
+        assert runtime.redis.ttl(worker.key) > worker.worker_ttl + 60
+        assert first is not None
+        worker.set_state("busy")
+        runtime.redis.hset(worker.key, "state", "marker")
+        worker.set_state("busy")  # unchanged: not written again
+        assert runtime.redis.hget(worker.key, "state") == b"marker"
+        worker.set_state("idle")
+        assert runtime.redis.hget(worker.key, "state") == b"idle"
+    finally:
+        worker.register_death()
