@@ -54,7 +54,7 @@ from rq.serializers import JSONSerializer
 from bench import ceilings, scale
 from bench.procs import CpuMeter, Proc, by_pid, pids_of, python, this_process, wait_for_http
 from bench.report import Row, render
-from ingest.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from sinks.postgres import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,8 @@ class Stack:
         env = ctx.env(namespace)
         if acceptor:
             self.acceptor = self._spawn("acceptor", python(
-                "-m", "ingest.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)),
+                "-m", "ingest.commands.cli",
+                "serve", "--host", "127.0.0.1", "--port", str(self.port)),
                 env)
             wait_for_http(self.port, self.acceptor)
         self.start_workers(per_queue)
@@ -190,7 +191,7 @@ class Stack:
         for queue in QUEUES:
             for i in range(per_queue):
                 self.workers.append(self._spawn(f"worker-{queue}-{i}", python(
-                    "-m", "ingest.cli", "worker", "--queue", queue), env))
+                    "-m", "ingest.commands.cli", "worker", "--queue", queue), env))
         if per_queue:
             self.wait_for_workers(per_queue * len(QUEUES))
 

@@ -2,7 +2,7 @@
 
 It reads the body and answers the acceptor's 200 JSON, nothing else: no signature check, no
 Redis. ``python -m bench.bare --port P``. Keep the ``uvicorn.run`` arguments identical to
-``ingest.cli.cmd_serve``, or the ratio compares two different servers.
+``ingest.commands.cli.cmd_serve``, or the ratio compares two different servers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bare")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    # The same arguments as `ingest serve` (ingest.cli.cmd_serve).
+    # The same arguments as `ingest serve` (ingest.commands.cli.cmd_serve).
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_config=None, access_log=False,
                 http="httptools", loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)

@@ -112,7 +112,7 @@ def run(db_url: str, rows: int, retention_rows: int, duration: float) -> dict[st
     env.update(DATABASE_URL=db_url, INGEST_RETENTION_DAYS="30",
                INGEST_EVENTS_RETENTION_DAYS="30")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "retention"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "retention"], env=env,
                             stdout=subprocess.DEVNULL)
     done = threading.Event()
     threading.Thread(target=lambda: (proc.wait(), done.set()), daemon=True).start()

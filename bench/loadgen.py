@@ -6,7 +6,8 @@ connection), because a full client library (httpx) spends more CPU per request t
 acceptor does, and on a 2-core machine the generator's CPU is taken from the server it measures.
 
 Every delivery is a realistic Outreach ``prospect.updated``/``mailing.*`` body (from
-:mod:`ingest.samples`) whose ``data.id`` is a unique sequence number, signed with HMAC-SHA256 as
+:mod:`ingest.commands.samples`) whose ``data.id`` is a unique sequence number, signed with
+HMAC-SHA256 as
 Outreach signs. The sequence number comes back as ``resource_id`` in Postgres and in the body
 of each RQ envelope, which is how the bench proves nothing was lost or doubled.
 
@@ -34,7 +35,7 @@ from typing import Any, cast
 
 import orjson
 
-from ingest.samples import build_sample
+from ingest.commands.samples import build_sample
 
 __all__ = ["Templates", "main"]
 

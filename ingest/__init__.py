@@ -2,7 +2,10 @@
 
 The package is split by where code runs:
 
-- ``ingest``: the edge (Starlette acceptor, config, providers, the Event model, CLI).
+- ``ingest``: the core every other part and every plugin imports (config, providers, kinds,
+  the Event model, constants, metrics, plugins, the Redis connection), with two sub-packages:
+  ``ingest.acceptor`` (what ``ingest serve`` runs) and ``ingest.commands`` (the CLI). The core
+  and the acceptor never import the commands.
 - ``workers``: RQ job functions (``process_batch``, ``deliver``) and worker start-up.
 - ``sinks``: destinations for normalized events (Postgres, CRM over HTTP, Slack, plugins).
 

@@ -73,7 +73,7 @@ STARTUP_RETRY_MAX = 2.0
 # Seconds between two "still waiting" log lines while a starting process waits for a server.
 STARTUP_LOG_EVERY = 10.0
 
-# Spool (ingest.spool): a segment is sealed once it grows past this many bytes (16 MiB).
+# Spool (ingest.acceptor.spool): a segment is sealed once it grows past this many bytes (16 MiB).
 SPOOL_SEGMENT_BYTES = 16 * 1024 * 1024
 # Seconds between the spool drainer's checks whether Redis answers again.
 SPOOL_DRAIN_INTERVAL = 0.5

@@ -190,7 +190,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``ingest retention`` (called by ingest.cli)."""
+    """Register ``ingest retention`` (called by ingest.commands.cli)."""
     p = add("retention", cmd_retention,
             "remove deliveries and events older than INGEST_RETENTION_DAYS / "
             "INGEST_EVENTS_RETENTION_DAYS")

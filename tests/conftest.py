@@ -19,7 +19,7 @@ import pytest
 from redis import Redis
 
 from ingest.config import Settings
-from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
+from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis
 from sinks.postgres import migrate
 from tests.helpers import SECRETS, serve, with_database
 from workers.runtime import Runtime, install_runtime
@@ -129,7 +129,7 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
 @pytest.fixture
 def acceptor(settings: Settings) -> Iterator[Any]:
     """A real acceptor (uvicorn, real Redis) on 127.0.0.1; yields the running server."""
-    from ingest.app import create_app
+    from ingest.acceptor.app import create_app
 
     with serve(create_app(settings)) as server:
         yield server

@@ -17,7 +17,7 @@ from redis import Redis
 from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from workers.runtime import Runtime
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
@@ -86,7 +86,7 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        from ingest.http_limits import LimitedHttpToolsProtocol
+        from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
 
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
                                 http=LimitedHttpToolsProtocol,

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.config import Settings
 from tests.helpers import SECRETS, serve
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.app import create_app
-from ingest.cli import main
+from ingest.acceptor.app import create_app
+from ingest.commands.cli import main
 from ingest.config import Settings
 from tests.helpers import SECRETS, serve, wait_until
 
@@ -219,7 +219,7 @@ def test_stopped_workers_make_the_oldest_job_age_and_status_fail(
     env = make_env(database_url)
     settings = Settings.from_env(env)
     ingest_queue = settings.names.ingest_queue
-    worker = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"],
+    worker = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "worker"],
                               env={"PATH": os.environ.get("PATH", ""), **env},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -293,7 +293,7 @@ def test_deliveries_drained_from_the_spool_count_as_accepted_when_received(
     from rq import Queue
 
     from ingest.constants import Names
-    from ingest.spool import Spool
+    from ingest.acceptor.spool import Spool
 
     received = datetime.now(timezone.utc) - timedelta(hours=2)
     envelopes = [{"id": str(uuid.uuid4()), "provider": "outcaller",

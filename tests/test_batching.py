@@ -28,10 +28,10 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
-from ingest.enqueue import _OneTripWriter
+from ingest.acceptor.enqueue import _OneTripWriter
 from ingest.rq_jobs import FastJSONSerializer, batch_job, enqueue_batch
 from ingest.redis_conn import acceptor_async_redis
-from ingest.samples import build_sample
+from ingest.commands.samples import build_sample
 from tests.helpers import SECRETS
 
 BURST = 200  # deliveries sent at once

@@ -17,7 +17,7 @@ from tests.helpers import SECRETS, rows
 
 def ingest(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": os.environ.get("PATH", ""), **env}
-    return subprocess.run([sys.executable, "-m", "ingest.cli", *args], env=full_env,
+    return subprocess.run([sys.executable, "-m", "ingest.commands.cli", *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +50,7 @@ def test_migrate_is_idempotent(make_env: Callable[..., dict[str, str]], database
 def test_worker_process_processes_and_stops_cleanly_on_sigterm(
         make_env: Callable[..., dict[str, str]], database_url: str, acceptor: Any) -> None:
     env = {"PATH": os.environ.get("PATH", ""), **make_env(database_url)}
-    worker = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "worker"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         result = ingest("send", "outcaller", "--url", acceptor.url, "--count", "5",
@@ -77,11 +77,12 @@ def test_send_reports_rejections_with_a_nonzero_exit(acceptor: Any,
 
 
 def test_healthz_of_a_real_serve_process(make_env: Callable[..., dict[str, str]]) -> None:
-    from ingest.embedded import free_port
+    from ingest.commands.embedded import free_port
 
     port = free_port()
     env = {"PATH": os.environ.get("PATH", ""), **make_env()}
-    server = subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli",
+                               "serve", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingest.cli import _parser, _queue_name
+from ingest.commands.cli import _parser, _queue_name
 from ingest.config import Settings
 from ingest.constants import JOB_TIMEOUT, SINK_ENTRY_POINT_GROUP
 from ingest.providers import load_providers
@@ -376,7 +376,8 @@ def test_queue_names_in_the_files_map_into_the_deployments_namespace() -> None:
 
 
 def test_a_worker_for_a_queue_no_deployment_has_stops_at_once() -> None:
-    result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--queue", "ingets"],
+    result = subprocess.run([sys.executable, "-m", "ingest.commands.cli",
+                             "worker", "--queue", "ingets"],
                             env={"PATH": os.environ.get("PATH", "")}, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2

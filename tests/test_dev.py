@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 
 
 def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: Path) -> None:

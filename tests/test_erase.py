@@ -23,12 +23,12 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from ingest import constants
-from ingest.cli import main
+from ingest.commands.cli import main
 from ingest.config import Settings
 from ingest.rq_jobs import FastJSONSerializer, enqueue_batch, make_job
-from ingest.erase import EmailSubject, ResourceSubject, erase
+from ingest.commands.erase import EmailSubject, ResourceSubject, erase
 from ingest.events import Delivery, Event
-from ingest.spool import encode_record, read_segment
+from ingest.acceptor.spool import encode_record, read_segment
 from sinks.outbox import Outbox
 from tests.helpers import drain, rows
 from tests.sinks.conftest import outboundry_delivery
@@ -271,7 +271,7 @@ def test_a_running_job_is_waited_for_and_what_it_stored_is_erased(
     # The sink's insert waits behind this lock: the job stays started until it is released.
     lock = psycopg.connect(database_url)
     lock.execute("LOCK TABLE webhook_events IN EXCLUSIVE MODE")
-    worker = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker", "--burst",
+    worker = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "worker", "--burst",
                                "--queue", "sink-postgres"], env=env)
     reports: list[Any] = []
     try:

@@ -9,7 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ingest", "workers", "sinks")
 # The acceptor: what `ingest serve` runs. Workers and sinks never need it.
-ACCEPTOR = ("ingest.app", "ingest.durable", "ingest.enqueue", "ingest.spool")
+ACCEPTOR = ("ingest.acceptor",)
+# The command line: it may import everything; only it and the tests import it.
+COMMANDS = ("ingest.commands",)
 
 
 def _imports(package: str) -> Iterator[tuple[str, str, list[str]]]:
@@ -39,3 +41,23 @@ def test_no_private_name_is_imported_across_packages() -> None:
              for name in names
              if _top(target) in PACKAGES and _top(target) != _top(m) and name.startswith("_")]
     assert not found, found
+
+
+def test_only_the_commands_import_the_commands() -> None:
+    found = [(m, target) for package in PACKAGES for m, target, _ in _imports(package)
+             if target.startswith(COMMANDS) and not m.startswith(COMMANDS)]
+    assert not found, found
+
+
+def test_the_acceptor_imports_the_core_only() -> None:
+    found = [(m, target) for m, target, _ in _imports("ingest") if m.startswith(ACCEPTOR)
+             and _top(target) in PACKAGES and target.startswith(("workers", "sinks", *COMMANDS))]
+    assert not found, found
+
+
+def test_the_folders_hold_what_the_package_docstring_says() -> None:
+    # The acceptor's and the commands' modules live in their sub-packages, not beside the core.
+    core = {p.stem for p in (ROOT / "ingest").glob("*.py")}
+    assert not core & {"app", "durable", "enqueue", "spool", "http_limits"}, core
+    assert not core & {"cli", "devserver", "replay", "send", "samples", "embedded", "erase",
+                       "status"}, core

@@ -31,9 +31,9 @@ from redis import Redis
 from rq.registry import FailedJobRegistry
 
 from ingest.constants import Names
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from ingest.providers import load_providers
-from ingest.samples import sample_sources
+from ingest.commands.samples import sample_sources
 from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 from tests.test_deploy_files import procfile
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from ingest.cli import main
+from ingest.commands.cli import main
 from ingest.config import Settings
 from ingest.rq_jobs import enqueue_batch
-from ingest.replay import Selection, parse_when, replay
+from ingest.commands.replay import Selection, parse_when, replay
 from tests.faults.conftest import outcaller_delivery, outreach_delivery
 from tests.helpers import drain, rows
 
@@ -128,7 +128,7 @@ def with_sql(database_url: str, sql: str) -> None:
 
 def test_the_report_prints_payload_text_that_looks_like_markup_as_it_is(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from ingest.replay import Change, ReplayReport, _print_report
+    from ingest.commands.replay import Change, ReplayReport, _print_report
 
     report = ReplayReport(deliveries=1, events=1, changed=1)
     report.changes.append(Change("e1", "prospect.updated|[/x]|1", {"data": ("[/x]", "[bold]b")}))

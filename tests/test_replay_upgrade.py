@@ -15,9 +15,9 @@ import orjson
 import psycopg
 import pytest
 
-from ingest.cli import main
+from ingest.commands.cli import main
 from ingest.config import Settings
-from ingest.replay import Selection, replay
+from ingest.commands.replay import Selection, replay
 from tests.helpers import SECRETS, drain, rows
 from tests.providers.suite import SAMPLES
 

@@ -15,7 +15,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from ingest import retention
-from ingest.cli import main
+from ingest.commands.cli import main
 from ingest.config import Settings
 from ingest.events import Delivery
 from ingest.exceptions import ConfigError

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ingest.send import send
+from ingest.commands.send import send
 from tests.helpers import SECRETS
 
 
@@ -51,12 +51,14 @@ def test_send_uses_the_secret_ingest_dev_generated(
     state.mkdir()
     (state / "secrets.toml").write_text(f'OUTREACH_WEBHOOK_SECRETS = "{SECRETS["outreach"][1]}"\n')
     env = {"PATH": os.environ.get("PATH", ""), **make_env(OUTREACH_WEBHOOK_SECRETS="")}
-    result = subprocess.run([sys.executable, "-m", "ingest.cli", "send", "outreach", "--url",
+    result = subprocess.run([sys.executable, "-m", "ingest.commands.cli",
+                             "send", "outreach", "--url",
                              acceptor.url, "--count", "2"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert SECRETS["outreach"][1] not in result.stdout + result.stderr
-    missing = subprocess.run([sys.executable, "-m", "ingest.cli", "send", "outreach", "--url",
+    missing = subprocess.run([sys.executable, "-m", "ingest.commands.cli",
+                              "send", "outreach", "--url",
                               acceptor.url, "--state-dir", str(tmp_path / "none")], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "OUTREACH_WEBHOOK_SECRETS" in missing.stderr

@@ -19,14 +19,14 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.config import Settings
 from ingest.constants import Names
-from ingest.durable import Durable
-from ingest.embedded import EmbeddedRedis, free_port
-from ingest.enqueue import BatchEnqueuer
+from ingest.acceptor.durable import Durable
+from ingest.commands.embedded import EmbeddedRedis, free_port
+from ingest.acceptor.enqueue import BatchEnqueuer
 from ingest.redis_conn import acceptor_async_redis, acceptor_redis
-from ingest.spool import Spool, encode_record, read_segment
+from ingest.acceptor.spool import Spool, encode_record, read_segment
 from tests.helpers import SECRETS, serve
 
 
@@ -148,7 +148,7 @@ def test_deliveries_spooled_by_a_process_killed_with_sigkill_are_drained(
         tmp_path: Path, queue: Queue, namespace: str) -> None:
     script = (
         "import asyncio, os, signal, sys\n"
-        "from ingest.spool import Spool\n"
+        "from ingest.acceptor.spool import Spool\n"
         "async def main():\n"
         "    s = Spool(sys.argv[1])\n"
         "    await asyncio.gather(*(s.append({'id': str(i), 'provider': 'outcaller',\n"

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from sinks.postgres import migrate
 from tests.helpers import rows, wait_for_queue_workers, wait_until, with_database
 
@@ -103,13 +103,13 @@ def via_port(database_url: str, port: int) -> str:
 
 
 def start(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ingest.cli", *args],
+    return subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", *args],
                             env={"PATH": os.environ.get("PATH", ""), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def ingest(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingest.cli", *args],
+    return subprocess.run([sys.executable, "-m", "ingest.commands.cli", *args],
                           env={"PATH": os.environ.get("PATH", ""), **env},
                           capture_output=True, text=True, timeout=timeout)
 

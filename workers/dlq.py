@@ -160,7 +160,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Registers ``ingest dlq`` with the CLI (see ingest.cli._COMMAND_MODULES)."""
+    """Registers ``ingest dlq`` with the CLI (see ingest.commands.cli._COMMAND_MODULES)."""
     p = add("dlq", cmd_dlq, "dead letters: list, retry or purge failed deliveries, per sink")
     p.add_argument("action", choices=("list", "retry", "purge"))
     p.add_argument("--sink", metavar="NAME",

@@ -130,7 +130,7 @@ def _supervise(queues: list[str], burst: bool) -> int:
     failures: dict[str, int] = {}
 
     def spawn(queue: str) -> None:
-        cmd = [sys.executable, "-m", "ingest.cli", "worker", "--queue", queue]
+        cmd = [sys.executable, "-m", "ingest.commands.cli", "worker", "--queue", queue]
         if burst:
             cmd.append("--burst")
         children[queue] = (subprocess.Popen(cmd), time.monotonic())

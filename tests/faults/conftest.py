@@ -43,7 +43,7 @@ from rq.serializers import JSONSerializer
 
 from ingest.config import Settings
 from ingest.constants import Names
-from ingest.embedded import EmbeddedRedis
+from ingest.commands.embedded import EmbeddedRedis
 from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ class Stack:
 
     def start_workers(self, *queues: str) -> subprocess.Popen[bytes]:
         """``ingest worker`` (the supervisor, one child per queue) or one ``--queue`` worker."""
-        args = [sys.executable, "-m", "ingest.cli", "worker"]
+        args = [sys.executable, "-m", "ingest.commands.cli", "worker"]
         for q in queues:
             args += ["--queue", q]
         log = open(self.logs / f"worker-{len(self.processes)}.log", "wb")  # noqa: SIM115

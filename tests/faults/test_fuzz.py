@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.config import Settings
 from ingest.logs import JsonFormatter, RedactFilter
 from tests.faults.conftest import PRESENTED_BAD_TOKENS, outcaller_delivery

@@ -18,9 +18,9 @@ import orjson
 import pytest
 import uvicorn
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.config import Settings
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from tests.faults.conftest import ROOT, outcaller_delivery, outreach_delivery
 from tests.helpers import SECRETS, drain, read_answer, rows, wait_until
 
@@ -138,7 +138,8 @@ def served(make_env: Callable[..., dict[str, str]], database_url: str,
     env = dict(os.environ)
     env.update(make_env(database_url, INGEST_BODY_TIMEOUT="2", PYTHONUNBUFFERED="1"))
     log = open(fault_logs / "acceptor.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli",
+                             "serve", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
     log.close()

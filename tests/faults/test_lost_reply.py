@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.config import Settings
 from tests.faults.conftest import outcaller_delivery
 from tests.helpers import drain, rows, serve, wait_until

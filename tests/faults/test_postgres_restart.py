@@ -14,8 +14,8 @@ from pgserver._commands import pg_ctl
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
-from ingest.app import create_app
-from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
+from ingest.acceptor.app import create_app
+from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis
 from sinks.postgres import migrate
 from tests.faults.conftest import Stack, Traffic, make_stack_env
 from tests.helpers import serve, wait_until, with_database

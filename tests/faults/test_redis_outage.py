@@ -10,7 +10,7 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from tests.faults.conftest import Stack, Traffic
 from tests.helpers import serve, wait_until
 

@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from ingest.app import create_app
+from ingest.acceptor.app import create_app
 from ingest.rq_jobs import enqueue_batch
 from tests.faults.conftest import Stack, Traffic, outcaller_delivery
 from tests.helpers import serve, wait_until

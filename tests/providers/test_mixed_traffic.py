@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from ingest.events import Delivery
 from ingest.providers import load_providers
-from ingest.samples import build_sample
+from ingest.commands.samples import build_sample
 from tests.helpers import SECRETS, drain, rows
 
 BUILTINS = ("outreach", "salesloft", "outcaller", "outboundry", "mailstand")
@@ -130,7 +130,7 @@ def test_mixed_traffic_with_duplicates_lands_exactly_once_per_event(
 
 def test_ingest_send_signs_every_provider_correctly(acceptor: Any, runtime: Any,
                                                     database_url: str) -> None:
-    from ingest.send import send
+    from ingest.commands.send import send
 
     for name in BUILTINS:
         report = send(name, f"{acceptor.url}/webhooks/{name}", SECRETS[name][1], count=20,

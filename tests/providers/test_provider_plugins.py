@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from ingest.providers import load_providers
 from tests.helpers import rows
 
@@ -61,7 +61,7 @@ def _env(make_env: Callable[..., dict[str, str]], database_url: str, site: Path)
 
 
 def _ingest(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingest.cli", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "ingest.commands.cli", *args], env=env, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -72,7 +72,8 @@ def plugin_acceptor(plugin_sites: dict[str, Path], make_env: Callable[..., dict[
     env = _env(make_env, database_url, plugin_sites["example_provider"])
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "serve", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli",
+                             "serve", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:

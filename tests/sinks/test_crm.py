@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from ingest import constants
 from ingest.config import Settings
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from ingest.events import Contact, Event
 from ingest.exceptions import ConfigError, PermanentSinkError, TransientSinkError
 from sinks.crm import CrmSink, parse_headers, parse_secret
@@ -166,7 +166,7 @@ def test_a_4xx_is_a_dead_letter_with_its_reason_and_other_sinks_are_unaffected(
         crm: tuple[CrmReceiver, str], slack: tuple[object, str],
         pipeline: Callable[..., Runtime], database_url: str,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from ingest.cli import main
+    from ingest.commands.cli import main
 
     receiver, url = crm
     slack_receiver, slack_url = slack

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
-from ingest.cli import main
+from ingest.commands.cli import main
 from ingest.events import Delivery
 from tests.sinks.conftest import (
     CrmReceiver,

@@ -20,7 +20,7 @@ from ingest import metrics
 from ingest.config import Settings
 from ingest.events import Delivery
 from ingest.exceptions import ConfigError
-from ingest.replay import Selection, replay
+from ingest.commands.replay import Selection, replay
 from sinks.postgres import migrate
 from sinks.registry import build_sinks, sink_skips_stale
 from tests.helpers import rows, with_database
@@ -130,7 +130,8 @@ def test_from_two_workers_at_once_the_newer_update_wins_everywhere(
     env = make_env(database_url, **overrides)
     for queue in (rt.names.ingest_queue, rt.names.sink_queue("postgres"),
                   rt.names.sink_queue("crm")):
-        workers = [subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker", "--queue",
+        workers = [subprocess.Popen([sys.executable, "-m", "ingest.commands.cli",
+                   "worker", "--queue",
                                      queue, "--burst"], env=env, cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for _ in range(2)]

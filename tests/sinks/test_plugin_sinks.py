@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from ingest.samples import build_sample
+from ingest.commands.samples import build_sample
 from tests.helpers import SECRETS, rows
 
 PLUGINS = Path(__file__).parent.parent / "plugins"
@@ -51,7 +51,7 @@ def _ingest(args: list[str], env: dict[str, str], site: Path) -> subprocess.Comp
     child.update(env)
     child["PYTHONPATH"] = str(site)
     child["INGEST_LOG_FORMAT"] = "text"
-    return subprocess.run([sys.executable, "-m", "ingest.cli", *args], env=child,
+    return subprocess.run([sys.executable, "-m", "ingest.commands.cli", *args], env=child,
                           capture_output=True, text=True, timeout=120)
 
 

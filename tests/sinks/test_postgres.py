@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ingest.embedded import free_port
+from ingest.commands.embedded import free_port
 from ingest.events import Delivery
 from ingest.exceptions import TransientSinkError
 from ingest.providers import load_providers

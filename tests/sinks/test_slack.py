@@ -243,7 +243,7 @@ def test_a_burst_of_50_through_the_acceptor_and_three_workers(
         database_url: str, pipeline: Callable[..., Runtime]) -> None:
     """The real path: 50 signed replies posted at once to a real acceptor, then three Slack
     worker processes (`ingest worker --queue sink-slack --burst`) sharing one webhook."""
-    from ingest.app import create_app
+    from ingest.acceptor.app import create_app
     from tests.helpers import serve
 
     receiver, url = slack
@@ -271,7 +271,7 @@ def test_a_burst_of_50_through_the_acceptor_and_three_workers(
     started = time.monotonic()
     child_env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}, **env,
                  "INGEST_LOG_FORMAT": "text"}
-    workers = [subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker", "--queue",
+    workers = [subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "worker", "--queue",
                                  "sink-slack", "--burst"], env=child_env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                for _ in range(3)]

@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.config import Settings
-from ingest.embedded import free_port
-from ingest.samples import build_sample
+from ingest.commands.embedded import free_port
+from ingest.commands.samples import build_sample
 from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 
 
@@ -48,7 +48,7 @@ def serving(port: int) -> bool:
 
 
 def ingest(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ingest.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -166,7 +166,7 @@ def test_single_queue_worker_serves_its_own_counters(
 @pytest.mark.parametrize("value", ["http", "0", "70000"])
 def test_a_bad_metrics_port_stops_start_up_naming_the_variable(
         worker_env: dict[str, str], value: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--burst"],
+    result = subprocess.run([sys.executable, "-m", "ingest.commands.cli", "worker", "--burst"],
                             env={**worker_env, "INGEST_METRICS_PORT": value},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
@@ -181,7 +181,7 @@ def test_a_metrics_port_in_use_stops_start_up_naming_the_variable(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "ingest.cli", "worker", "--burst"],
+        result = subprocess.run([sys.executable, "-m", "ingest.commands.cli", "worker", "--burst"],
                                 env={**worker_env, "INGEST_METRICS_PORT": str(port)},
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -36,8 +36,8 @@ def _setup_logging(settings: Settings, fmt: str | None = None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ingest.app import create_app
-    from ingest.http_limits import LimitedHttpToolsProtocol
+    from ingest.acceptor.app import create_app
+    from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
 
     settings = _settings()
     _setup_logging(settings)
@@ -59,7 +59,7 @@ def _report_redis_at_start(settings: Settings) -> None:
     url = settings.require_redis()
     problem = redis_problem(url)
     if problem is not None:
-        logging.getLogger("ingest.cli").warning(
+        logging.getLogger("ingest.commands.cli").warning(
             "Redis at %s does not answer yet (%s): accepting deliveries into the spool (%s) "
             "until it does, and /readyz answers 503 meanwhile. Check that Redis runs and that "
             "REDIS_URL names it.", server_address(url), problem, settings.spool_dir)
@@ -106,7 +106,7 @@ def _queue_name(settings: Settings, queue: str) -> str:
     sink = queue.removeprefix(constants.SINK_QUEUE_PREFIX)
     if sink and sink != queue:
         if sink not in settings.sinks:
-            logging.getLogger("ingest.cli").warning(
+            logging.getLogger("ingest.commands.cli").warning(
                 "sink %r is not enabled in INGEST_SINKS; this worker will wait for jobs that "
                 "will not come", sink, extra={"queue": queue})
         return names.sink_queue(sink)
@@ -159,7 +159,7 @@ def _mask_url(url: str | None) -> str:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from ingest.providers import load_providers
-    from ingest.send import send
+    from ingest.commands.send import send
 
     settings = _settings()
     providers = load_providers()
@@ -202,7 +202,7 @@ def _dev_secret(state_dir: str, setting: str) -> str | None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from ingest.devserver import run_dev
+    from ingest.commands.devserver import run_dev
 
     return run_dev(port=args.port, state_dir=args.state_dir, verbose=args.verbose)
 
@@ -264,8 +264,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in their own modules: each module's add_command(add) registers its
 # command when the parser is built; the modules keep their heavy imports inside the command.
-_COMMAND_MODULES = ("workers.dlq", "ingest.replay", "ingest.erase", "ingest.retention",
-                    "ingest.status")
+_COMMAND_MODULES = ("workers.dlq", "ingest.commands.replay", "ingest.commands.erase",
+                    "ingest.retention", "ingest.commands.status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,7 +186,7 @@ class ErasureReport:
 
 
 def _erase_spool(directory: Path, subject: Subject, report: ErasureReport) -> None:
-    from ingest.spool import _HEADER, _fsync_dir, read_segment
+    from ingest.acceptor.spool import _HEADER, _fsync_dir, read_segment
 
     if not directory.is_dir():
         return
@@ -571,7 +571,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``ingest erase`` (called by ingest.cli)."""
+    """Register ``ingest erase`` (called by ingest.commands.cli)."""
     p = add("erase", cmd_erase,
             "remove everything held about one person (--email) or one record (--resource)")
     which = p.add_mutually_exclusive_group(required=True)

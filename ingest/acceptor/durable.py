@@ -1,7 +1,8 @@
 """Making a delivery durable before the acceptor answers 200.
 
 First choice is Redis, through the group-commit :class:`BatchEnqueuer`. When Redis cannot take
-the delivery within its deadline, the local spool (``INGEST_SPOOL_DIR``, :mod:`ingest.spool`)
+the delivery within its deadline, the local spool (``INGEST_SPOOL_DIR``,
+:mod:`ingest.acceptor.spool`)
 journals it with an fsync, and a drainer moves it into Redis once Redis is back. When neither
 can take it, :class:`NotDurable` tells the acceptor to refuse.
 
@@ -25,13 +26,13 @@ from rq import Queue
 
 from ingest import constants
 from ingest.config import Settings
-from ingest.enqueue import BatchEnqueuer
+from ingest.acceptor.enqueue import BatchEnqueuer
 from ingest.redis_conn import acceptor_async_redis, acceptor_redis
-from ingest.spool import Spool as JournalSpool
+from ingest.acceptor.spool import Spool as JournalSpool
 
 __all__ = ["Durable", "NotDurable", "Spool"]
 
-log = logging.getLogger("ingest.durable")
+log = logging.getLogger("ingest.acceptor.durable")
 
 
 class NotDurable(Exception):

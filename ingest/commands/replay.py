@@ -263,7 +263,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``ingest replay`` (called by ingest.cli)."""
+    """Register ``ingest replay`` (called by ingest.commands.cli)."""
     p = add("replay", cmd_replay,
             "re-run archived raw deliveries through today's normalizers and sinks")
     p.add_argument("--provider", help="only this provider's deliveries")

@@ -24,7 +24,7 @@ import httpx
 from rich.console import Console
 
 from ingest.config import Settings
-from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
+from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis
 from ingest.providers import load_providers
 
 __all__ = ["run_dev"]
@@ -51,7 +51,7 @@ def _dev_secrets(state: Path, settings: Settings) -> dict[str, str]:
 
 
 def _ingest_command() -> list[str]:
-    return [sys.executable, "-m", "ingest.cli"]
+    return [sys.executable, "-m", "ingest.commands.cli"]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

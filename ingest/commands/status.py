@@ -31,7 +31,7 @@ __all__ = ["add_command", "build_status", "local_spool_depth"]
 
 def local_spool_depth(directory: Path) -> int:
     """Deliveries in the spool segments under ``directory`` (read only, no lock taken)."""
-    from ingest.spool import Spool, read_segment
+    from ingest.acceptor.spool import Spool, read_segment
 
     depth = 0
     for path in Spool(directory)._segment_paths():
@@ -215,7 +215,7 @@ def cmd_refused(args: argparse.Namespace) -> int:
 
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``ingest status`` and ``ingest refused`` (called by ingest.cli)."""
+    """Register ``ingest status`` and ``ingest refused`` (called by ingest.commands.cli)."""
     p = add("status", cmd_status, "providers, sinks, queues, spool and workers on one screen; "
                                   "exit 1 when something needs attention")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ingest.samples import Sample, build_sample
+from ingest.commands.samples import Sample, build_sample
 
 __all__ = ["SendReport", "send"]
 

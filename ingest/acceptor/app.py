@@ -6,7 +6,7 @@ when a sender trickles its body past ``INGEST_BODY_TIMEOUT``; 401 when the signa
 does not match any configured secret; 400 when the body is not a JSON object or nests deeper
 than ``MAX_JSON_DEPTH`` (64) levels; otherwise the delivery is made durable (Redis, or the
 local spool) and only then answered 200. Request heads past ``MAX_HEADER_BYTES`` or
-``MAX_HEADER_COUNT`` are answered 431 by the server protocol (:mod:`ingest.http_limits`)
+``MAX_HEADER_COUNT`` are answered 431 by the server protocol (:mod:`ingest.acceptor.http_limits`)
 before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
 its ``Location`` would repeat a query string, which may hold a token).
 """
@@ -33,8 +33,8 @@ from starlette.types import Receive, Scope, Send
 from ingest import constants, metrics
 from ingest.activity import UNKNOWN, ActivityCollector, RefusalLog, mark_started
 from ingest.config import Settings
-from ingest.durable import Durable, NotDurable
-from ingest.enqueue import BatchEnqueuer
+from ingest.acceptor.durable import Durable, NotDurable
+from ingest.acceptor.enqueue import BatchEnqueuer
 from ingest.exceptions import SignatureError
 from ingest.providers import Provider, load_providers
 from ingest.providers.base import CREDENTIAL_HEADERS

@@ -14,7 +14,8 @@ Why each piece:
   data* is corruption: the valid records before it are drained and the file is kept, renamed
   ``.corrupt``, for a human to look at.
 - **Group fsync**: requests that arrive while a write is in flight wait for the next one, which
-  writes all of them and fsyncs once (as :class:`ingest.enqueue.BatchEnqueuer` does for Redis).
+  writes all of them and fsyncs once (as
+  :class:`ingest.acceptor.enqueue.BatchEnqueuer` does for Redis).
 - **Segments, deleted only when drained**: the drainer seals the active segment, turns each
   sealed segment into ``process_batch`` jobs, and unlinks it only after every one of its jobs
   is in Redis. A crash mid-drain leaves the segment in place; draining it again writes the same
@@ -54,7 +55,7 @@ from ingest.rq_jobs import enqueue_batch
 
 __all__ = ["SegmentContents", "Spool", "encode_record", "read_segment"]
 
-log = logging.getLogger("ingest.spool")
+log = logging.getLogger("ingest.acceptor.spool")
 
 MAGIC = b"WIS1"
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload
