@@ -81,7 +81,7 @@ def _envelopes(count: int, start: int) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _servers(tmp: Path) -> Iterator[tuple[str, int, str]]:
-    from ingest.embedded import EmbeddedPostgres, EmbeddedRedis
+    from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis
     from sinks.postgres import migrate
 
     redis = EmbeddedRedis(tmp / "redis", appendonly=True).start()
