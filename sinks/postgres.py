@@ -80,13 +80,14 @@ RETURNING delivery_id
 # of one per event costs Postgres one parse, plan and executor start-up per batch instead of
 # 64, and psycopg one parameter instead of 20 per event (psycopg adapts arrays in Python,
 # slower than the per-row statements; a JSON document costs it nothing).
-_EVENT_TYPES = ("uuid", "text", "text", "text", "text", "text", "text", "text", "timestamptz",
-                "timestamptz", "text", "text", "text", "text", "text", "jsonb", "jsonb", "uuid",
-                "boolean", "jsonb")
+# Each column's type as jsonb_to_recordset reads it; a column not named here is text.
+_EVENT_TYPES = {"id": "uuid", "occurred_at": "timestamptz", "received_at": "timestamptz",
+                "data": "jsonb", "previous": "jsonb", "changes": "jsonb",
+                "delivery_id": "uuid", "stale": "boolean"}
 _INSERT_EVENTS = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
 SELECT {", ".join(_EVENT_COLUMNS)} FROM jsonb_to_recordset(%s::jsonb)
-    AS t({", ".join(f"{c} {t}" for c, t in zip(_EVENT_COLUMNS, _EVENT_TYPES))})
+    AS t({", ".join(f"{c} {_EVENT_TYPES.get(c, 'text')}" for c in _EVENT_COLUMNS)})
 ON CONFLICT DO NOTHING
 RETURNING delivery_id
 """
@@ -243,17 +244,11 @@ def _json_rows(rows: list[dict[str, Any]]) -> str:
 
 def _event_values(e: Event) -> dict[str, Any]:
     """One event's row for _INSERT_EVENTS: _EVENT_COLUMNS and their values."""
-    c = e.contact
-    return {
-        "id": e.id, "provider": e.provider, "dedup_key": e.dedup_key,
-        "event_type": e.event_type, "kind": _stored_kind(e), "resource_type": e.resource_type,
-        "resource_id": e.resource_id, "action": e.action,
-        "occurred_at": e.occurred_at.isoformat(), "received_at": e.received_at.isoformat(),
-        "workspace_id": e.workspace_id, "contact_email": c.email if c else None,
-        "contact_name": c.name if c else None, "contact_phone": c.phone if c else None,
-        "campaign_id": e.campaign_id, "data": e.data, "previous": e.previous,
-        "delivery_id": e.delivery_id, "stale": e.stale, "changes": e.changes,
-    }
+    row = dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
+    row.update(id=e.id, provider=e.provider, dedup_key=e.dedup_key,
+               occurred_at=e.occurred_at.isoformat(), received_at=e.received_at.isoformat(),
+               delivery_id=e.delivery_id, stale=e.stale)
+    return row
 
 
 # -- the archive, for ingest replay ------------------------------------------------------------
