@@ -55,9 +55,17 @@ def test_the_acceptor_imports_the_core_only() -> None:
     assert not found, found
 
 
+def test_the_core_imports_no_workers_or_sinks() -> None:
+    # What plugins import (ingest's top-level modules and providers) must not pull in the
+    # pipeline's workers or sinks.
+    found = [(m, target) for m, target, _ in _imports("ingest")
+             if not m.startswith((*ACCEPTOR, *COMMANDS)) and _top(target) in ("workers", "sinks")]
+    assert not found, found
+
+
 def test_the_folders_hold_what_the_package_docstring_says() -> None:
     # The acceptor's and the commands' modules live in their sub-packages, not beside the core.
     core = {p.stem for p in (ROOT / "ingest").glob("*.py")}
     assert not core & {"app", "durable", "enqueue", "spool", "http_limits"}, core
     assert not core & {"cli", "devserver", "replay", "send", "samples", "embedded", "erase",
-                       "status"}, core
+                       "status", "retention"}, core

@@ -14,7 +14,6 @@ import pytest
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from ingest import retention
 from ingest.commands.cli import main
 from ingest.config import Settings
 from ingest.events import Delivery
@@ -22,6 +21,7 @@ from ingest.exceptions import ConfigError
 from sinks.postgres import PostgresSink
 from tests.helpers import rows
 from tests.sinks.conftest import outboundry_delivery
+from workers import retention
 from workers.runtime import Runtime
 
 
@@ -171,3 +171,35 @@ def test_daily_run_once_per_deployment_through_rqs_scheduler(
     finally:
         for w in workers:
             w.close()
+
+
+def test_a_run_scheduled_by_an_earlier_version_is_rescheduled_under_the_new_job_path(
+        make_env: Callable[..., dict[str, str]], database_url: str) -> None:
+    # Before retention moved to workers/, the daily job was "ingest.retention.run_slice": a
+    # job already scheduled under that name would fail to import when it comes due.
+    env = make_env(database_url, INGEST_RETENTION_DAYS="30")
+    rt = Runtime(Settings.from_env(env))
+    try:
+        now = datetime.now(timezone.utc)
+        when = now.replace(hour=retention.DAILY_HOUR_UTC, minute=0, second=0, microsecond=0)
+        when += timedelta(days=1) if when <= now else timedelta(0)
+        day = when.strftime("%Y%m%d")
+        job_id = rt.names.job_id("retention", f"{day}-0")
+        queue = rt.ingest_queue
+        rt.redis.set(rt.names.key(f"retention:{day}"), b"1", ex=3600)  # the old version's claim
+        queue.schedule_job(queue.create_job("ingest.retention.run_slice", args=(day, 0),
+                                            job_id=job_id), when)
+
+        assert retention.schedule(rt, now)
+
+        registry = queue.scheduled_job_registry
+        assert registry.get_job_ids() == [job_id]
+        assert registry.get_scheduled_time(job_id) == when
+        job = queue.fetch_job(job_id)
+        assert job is not None and job.func_name == retention.SLICE_JOB
+        assert job.args == [day, 0]
+        # Repaired once: later workers find the current path and leave it alone.
+        assert not retention.schedule(rt, now)
+        assert registry.get_job_ids() == [job_id]
+    finally:
+        rt.close()

@@ -169,8 +169,8 @@ def _supervise(queues: list[str], burst: bool) -> int:
 
 
 def _schedule_retention(rt: Runtime) -> None:
-    """The daily retention run (ingest.retention), once per deployment: any worker may ask."""
-    from ingest.retention import schedule
+    """The daily retention run (workers.retention), once per deployment: any worker may ask."""
+    from workers.retention import schedule
 
     try:
         schedule(rt)

@@ -265,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
 # Subcommands that live in their own modules: each module's add_command(add) registers its
 # command when the parser is built; the modules keep their heavy imports inside the command.
 _COMMAND_MODULES = ("workers.dlq", "ingest.commands.replay", "ingest.commands.erase",
-                    "ingest.retention", "ingest.commands.status")
+                    "ingest.commands.retention", "ingest.commands.status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

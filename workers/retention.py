@@ -1,8 +1,7 @@
-"""``ingest retention``: remove archived deliveries and events older than their retention.
+"""Retention: remove archived deliveries and events older than their retention, daily.
 
-Example::
-
-    INGEST_RETENTION_DAYS=30 INGEST_EVENTS_RETENTION_DAYS=400 ingest retention --dry-run
+The worker runs it (:func:`schedule`, :func:`run_slice`); ``ingest retention``
+(ingest.commands.retention) runs :func:`run_retention` by hand.
 
 ``INGEST_RETENTION_DAYS`` applies to ``webhook_deliveries`` (the raw bodies),
 ``INGEST_EVENTS_RETENTION_DAYS`` to ``webhook_events``, both by ``received_at``. Unset keeps
@@ -23,15 +22,22 @@ behind it, however many rows expire, and however many workers there are it runs 
 
 from __future__ import annotations
 
-import argparse
+import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 from ingest.config import Settings
+from ingest.rq_jobs import enqueue_unique, make_job
+from sinks.postgres import connect
+from workers.runtime import Runtime, current_runtime
 
-__all__ = ["add_command", "cutoffs", "run_retention", "run_slice", "schedule"]
+log = logging.getLogger("workers.retention")
+
+__all__ = ["TABLES", "cutoffs", "remaining", "run_retention", "run_slice", "schedule"]
 
 # Rows removed per transaction: small enough that each commit is a few milliseconds.
 BATCH = 5000
@@ -43,9 +49,12 @@ SLICE_SECONDS = 20.0
 # Hour of the day (UTC) of the daily run.
 DAILY_HOUR_UTC = 3
 # The job function of the daily run, by name.
-SLICE_JOB = "ingest.retention.run_slice"
+SLICE_JOB = "workers.retention.run_slice"
+# Earlier versions' name of the same job: schedule() repairs a run they scheduled.
+_OLD_SLICE_JOBS = ("ingest.retention.run_slice",)
 
-_TABLES = ("webhook_deliveries", "webhook_events")
+# The tables retention applies to, in the order reports print them.
+TABLES = ("webhook_deliveries", "webhook_events")
 
 
 def cutoffs(settings: Settings, now: datetime | None = None) -> dict[str, datetime]:
@@ -61,8 +70,6 @@ def run_retention(settings: Settings, dry_run: bool = False, now: datetime | Non
                   progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
     """Remove (or, dry, count) what is older than the retention; returns rows per table.
     Stops at ``deadline`` (time.monotonic()) when one is given, after one batch at least."""
-    from sinks.postgres import connect
-
     batch = batch or BATCH
     removed: dict[str, int] = {}
     limits = cutoffs(settings, now)
@@ -92,8 +99,6 @@ def run_retention(settings: Settings, dry_run: bool = False, now: datetime | Non
 
 def remaining(settings: Settings, now: datetime | None = None) -> bool:
     """True when some table still holds expired rows."""
-    from sinks.postgres import connect
-
     with connect(settings.require_database(), autocommit=True) as conn:
         for table, cutoff in cutoffs(settings, now).items():
             if conn.execute(f"SELECT 1 FROM {table} WHERE received_at < %s LIMIT 1",
@@ -110,31 +115,45 @@ def _next_run(now: datetime) -> datetime:
     return at if at > now else at + timedelta(days=1)
 
 
-def schedule(runtime: Any, now: datetime | None = None) -> bool:
-    """Schedule the next daily run unless a worker already did. True when this call did."""
-    from ingest.rq_jobs import make_job
-
-    settings: Settings = runtime.settings
-    if not cutoffs(settings):
+def schedule(runtime: Runtime, now: datetime | None = None) -> bool:
+    """Schedule the next daily run unless a worker already did. True when this call did
+    (or when it repaired a run an earlier version scheduled: :func:`_repair`)."""
+    if not cutoffs(runtime.settings):
         return False
     when = _next_run(now or datetime.now(timezone.utc))
     day = when.strftime("%Y%m%d")
+    job_id = runtime.names.job_id("retention", f"{day}-0")
     marker = runtime.names.key(f"retention:{day}")
     # Kept past the run, so a worker starting later that day does not schedule it again.
     if not runtime.redis.set(marker, b"1", nx=True, ex=3 * 24 * 3600):
-        return False
+        return _repair(runtime, job_id, day)
     queue = runtime.ingest_queue
-    job = make_job(queue, SLICE_JOB, (day, 0), runtime.names.job_id("retention", f"{day}-0"),
-                   None, f"retention({day})")
-    queue.schedule_job(job, when)
+    queue.schedule_job(make_job(queue, SLICE_JOB, (day, 0), job_id, None, f"retention({day})"),
+                       when)
+    return True
+
+
+def _repair(runtime: Runtime, job_id: str, day: str) -> bool:
+    """A day's run scheduled by an earlier version names its function by the old module path,
+    which no longer imports: schedule it again under :data:`SLICE_JOB`, same id, same time."""
+    queue = runtime.ingest_queue
+    registry = queue.scheduled_job_registry
+    try:
+        job = Job.fetch(job_id, connection=runtime.redis, serializer=queue.serializer)
+    except NoSuchJobError:
+        return False
+    if job.func_name not in _OLD_SLICE_JOBS or job_id not in registry:
+        return False
+    at = registry.get_scheduled_time(job_id)
+    registry.remove(job, delete_job=True)
+    queue.schedule_job(make_job(queue, SLICE_JOB, (day, 0), job_id, None, f"retention({day})"),
+                       at)
+    log.info("rescheduled the retention run of %s under %s", day, SLICE_JOB)
     return True
 
 
 def run_slice(day: str, part: int) -> dict[str, int]:
     """RQ job: one slice of the day's run; enqueues the next slice, or schedules tomorrow."""
-    from ingest.rq_jobs import enqueue_unique, make_job
-    from workers.runtime import current_runtime
-
     rt = current_runtime()
     removed = run_retention(rt.settings, deadline=time.monotonic() + SLICE_SECONDS)
     if remaining(rt.settings):
@@ -147,52 +166,3 @@ def run_slice(day: str, part: int) -> dict[str, int]:
         slot = datetime.strptime(day, "%Y%m%d").replace(hour=DAILY_HOUR_UTC, tzinfo=timezone.utc)
         schedule(rt, max(slot, datetime.now(timezone.utc)))
     return removed
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-def cmd_retention(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    settings = Settings.from_env()
-    limits = cutoffs(settings)
-    console = Console()
-    if not limits:
-        console.print("nothing to do: INGEST_RETENTION_DAYS and INGEST_EVENTS_RETENTION_DAYS "
-                      "are unset, so everything is kept")
-        return 0
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("removing expired rows", total=None)
-        counts: dict[str, int] = {}
-
-        def tick(table: str, n: int) -> None:
-            counts[table] = counts.get(table, 0) + n
-            bar.update(task, description="removed " + ", ".join(
-                f"{c} from {t}" for t, c in counts.items()))
-
-        removed = run_retention(settings, dry_run=args.dry_run, progress=tick)
-    table = Table(title="ingest retention" + (" (dry run: nothing changed)" if args.dry_run
-                                              else ""))
-    table.add_column("table")
-    table.add_column("received before")
-    table.add_column("would be removed" if args.dry_run else "removed", justify="right")
-    for name in _TABLES:
-        if name in limits:
-            table.add_row(name, limits[name].isoformat(timespec="seconds"), str(removed[name]))
-        else:
-            table.add_row(name, "(kept forever)", "0")
-    console.print(table)
-    return 0
-
-
-def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``ingest retention`` (called by ingest.commands.cli)."""
-    p = add("retention", cmd_retention,
-            "remove deliveries and events older than INGEST_RETENTION_DAYS / "
-            "INGEST_EVENTS_RETENTION_DAYS")
-    p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
-
