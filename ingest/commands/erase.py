@@ -69,7 +69,7 @@ from ingest.config import Settings
 from ingest.events import Delivery
 from ingest.providers import Provider
 
-__all__ = ["PLACES", "EmailSubject", "ErasureReport", "ResourceSubject", "Subject",
+__all__ = ["DELIVERIES", "EVENTS_BY_INDEX", "PLACES", "EmailSubject", "ErasureReport", "ResourceSubject", "Subject",
            "add_command", "erase", "parse_resource"]
 
 # Seconds between looks at started jobs that hold the subject, while erase waits for them.
@@ -310,6 +310,16 @@ def _erase_outbox(settings: Settings, redis: Any, subject: Subject,
 
 # A row's text, computed once per row (OFFSET 0 keeps Postgres from inlining it into each use).
 _TEXT = "CROSS JOIN LATERAL (SELECT lower({row}) AS x OFFSET 0) t"
+# The subject's events found through an index (by contact, or by record); tests/test_scale.py
+# checks the plan.
+EVENTS_BY_INDEX = "SELECT e.id, e.delivery_id FROM webhook_events e WHERE {events}"
+# The deliveries the erased events came from (by primary key), and those whose body or headers
+# may mention the subject (a scan, for an address; nothing for a record).
+DELIVERIES = (
+    "SELECT d.id, d.provider, d.received_at, d.headers, convert_from(d.body, 'UTF8'),"
+    " d.erased_at FROM webhook_deliveries d "
+    + _TEXT.format(row="convert_from(d.body, 'UTF8') || ' ' || d.headers::text")
+    + " WHERE d.id = ANY(%(deliveries)s::uuid[]) OR {mentions}")
 
 
 def _erase_postgres(url: str, scope: _Scope) -> None:
@@ -324,8 +334,7 @@ def _erase_postgres(url: str, scope: _Scope) -> None:
         # Events: by contact through the index, then (for an address) anywhere else in a row,
         # each candidate confirmed on its decoded values.
         events: dict[Any, Any] = dict(conn.execute(
-            f"SELECT e.id, e.delivery_id FROM webhook_events e WHERE {match.events}",
-            match.params).fetchall())
+            EVENTS_BY_INDEX.format(events=match.events), match.params).fetchall())
         if match.text is not None:
             for event_id, delivery_id, row in conn.execute(
                     "SELECT e.id, e.delivery_id, to_jsonb(e) FROM webhook_events e "
@@ -334,18 +343,13 @@ def _erase_postgres(url: str, scope: _Scope) -> None:
                     match.params):
                 if subject.in_value(row):
                     events[event_id] = delivery_id
-        linked = sorted({str(d) for d in events.values() if d is not None})
-        params = dict(match.params, events=list(events), deliveries=linked)
+        linked = {str(d) for d in events.values() if d is not None}
+        params = dict(match.params, events=list(events), deliveries=sorted(linked))
         # Deliveries: those the events came from, and any whose body or headers may mention
         # the subject; each is kept, removed, or rewritten without the subject's events.
         removed: list[Any] = []
         rewritten: list[tuple[str, str, Any]] = []
-        for row in conn.execute(
-                "SELECT d.id, d.provider, d.received_at, d.headers,"
-                " convert_from(d.body, 'UTF8'), d.erased_at FROM webhook_deliveries d "
-                + _TEXT.format(row="convert_from(d.body, 'UTF8') || ' ' || d.headers::text")
-                + f" WHERE d.id = ANY(%(deliveries)s::uuid[]) OR {match.mentions('t.x')}",
-                params):
+        for row in conn.execute(DELIVERIES.format(mentions=match.mentions("t.x")), params):
             envelope = Delivery(id=str(row[0]), provider=row[1], received_at=row[2],
                                 headers=dict(row[3] or {}), body=row[4],
                                 erased_at=row[5]).to_dict()

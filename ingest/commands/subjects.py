@@ -270,8 +270,9 @@ class ResourceSubject:
 
         if envelope.get("provider") != self.provider:
             return False
-        body = envelope.get("body")
-        if not isinstance(body, str) or not self.might_be_in(body):
+        body, headers = envelope.get("body"), envelope.get("headers") or {}
+        if not isinstance(body, str) or not (self.might_be_in(body) or any(
+                self.might_be_in(str(v)) for v in headers.values())):
             return False
         provider = load_providers().get(self.provider)
         if provider is None:
