@@ -82,7 +82,8 @@ PLACES = (
     "rq events removed", "rq jobs still running", "slack outbox",
     "webhook_events", "webhook_deliveries", "webhook_deliveries rewritten", "webhook_records",
 )
-_REWRITTEN = ("spool records rewritten", "rq deliveries rewritten", "webhook_deliveries rewritten")
+_REWRITTEN = ("spool records rewritten", "rq deliveries rewritten",
+              "webhook_deliveries rewritten")
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _erase_jobs(settings: Settings, redis: Any, scope: _Scope) -> set[str]:
             except zlib.error:
                 continue  # not one of ours: no jobs of ours look like that
             # The cheap test first: most jobs do not hold the subject and are never decoded.
-            if not subject.might_be_in(data.decode("utf-8", "replace")):
+            if not subject.might_be_in(data):
                 _scrub_results(redis, job_id, key, subject, report)
                 continue
             try:
@@ -287,7 +288,7 @@ def _erase_outbox(settings: Settings, redis: Any, subject: Subject,
     for items in redis.scan_iter(match=settings.names.key("slack:*:items"), count=500):
         prefix = items[: -len(b"items")]
         for event_id, value in redis.hgetall(items).items():
-            if not subject.might_be_in(value.decode("utf-8", "replace")):
+            if not subject.might_be_in(value):
                 continue
             try:
                 event = orjson.loads(value)
