@@ -56,7 +56,11 @@ def _parse_iso(value: str) -> datetime:
 class Delivery:
     """One HTTP delivery as the acceptor received it: what a worker needs, no credentials.
 
-    ``body`` is the exact text received (bodies are validated as UTF-8 JSON before this exists).
+    ``body`` is the exact text received (bodies are validated as UTF-8 JSON before this exists),
+    unless ``erased_at`` is set: then ``ingest erase`` rewrote the body at that time without
+    one person's events (the others' are still in it), so it is no longer the bytes the
+    provider signed. Nothing downstream verifies signatures (the acceptor did, on receipt), so
+    such a delivery is processed and replayed like any other.
     """
 
     id: str
@@ -64,28 +68,36 @@ class Delivery:
     received_at: datetime
     headers: dict[str, str]
     body: str
+    erased_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.received_at.tzinfo is None:
             raise ValueError("Delivery.received_at must be timezone-aware")
+        if self.erased_at is not None and self.erased_at.tzinfo is None:
+            raise ValueError("Delivery.erased_at must be timezone-aware")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "provider": self.provider,
             "received_at": isoformat(self.received_at),
             "headers": self.headers,
             "body": self.body,
         }
+        if self.erased_at is not None:  # absent otherwise: envelopes keep the shape they had
+            out["erased_at"] = isoformat(self.erased_at)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Delivery:
+        erased_at = data.get("erased_at")
         return cls(
             id=data["id"],
             provider=data["provider"],
             received_at=_parse_iso(data["received_at"]),
             headers=dict(data.get("headers") or {}),
             body=data["body"],
+            erased_at=_parse_iso(erased_at) if erased_at else None,
         )
 
     @property
@@ -93,7 +105,8 @@ class Delivery:
         return hashlib.sha256(self.body.encode()).hexdigest()
 
     def __repr__(self) -> str:
-        return f"<Delivery {self.provider} {self.id} {len(self.body)} bytes>"
+        erased = " erased" if self.erased_at is not None else ""
+        return f"<Delivery {self.provider} {self.id} {len(self.body)} bytes{erased}>"
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,10 +98,11 @@ _UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
 
 # The body is the exact text received (UTF-8, checked by the acceptor): its bytes again.
 _INSERT_DELIVERIES = """
-INSERT INTO webhook_deliveries (id, provider, received_at, headers, body)
-SELECT id, provider, received_at, headers, convert_to(body, 'UTF8')
+INSERT INTO webhook_deliveries (id, provider, received_at, headers, body, erased_at)
+SELECT id, provider, received_at, headers, convert_to(body, 'UTF8'), erased_at
 FROM jsonb_to_recordset(%s::jsonb)
-    AS t(id uuid, provider text, received_at timestamptz, headers jsonb, body text)
+    AS t(id uuid, provider text, received_at timestamptz, headers jsonb, body text,
+         erased_at timestamptz)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -300,13 +301,14 @@ def archived_deliveries(conn: psycopg.Connection[Any], query: ArchiveQuery,
             page_where += (" AND " if where else " WHERE ") + "(d.received_at, d.id) > (%s, %s)"
             page_params += [last[0], last[1]]
         found = conn.execute(
-            "SELECT d.id, d.provider, d.received_at, d.headers, d.body FROM webhook_deliveries d"
+            "SELECT d.id, d.provider, d.received_at, d.headers, d.body, d.erased_at"
+            " FROM webhook_deliveries d"
             f"{page_where} ORDER BY d.received_at, d.id LIMIT {int(batch)}", page_params).fetchall()
         if not found:
             return
         last = (found[-1][2], str(found[-1][0]))
         yield [Delivery(id=str(r[0]), provider=r[1], received_at=r[2], headers=dict(r[3] or {}),
-                        body=bytes(r[4]).decode("utf-8")) for r in found]
+                        body=bytes(r[4]).decode("utf-8"), erased_at=r[5]) for r in found]
 
 
 def stored_differences(conn: psycopg.Connection[Any], events: Sequence[Event],
@@ -409,7 +411,8 @@ class PostgresSink:
                     cur.execute(_INSERT_DELIVERIES, [_json_rows([
                         {"id": d.id, "provider": d.provider,
                          "received_at": d.received_at.isoformat(), "headers": d.headers,
-                         "body": d.body}
+                         "body": d.body,
+                         "erased_at": d.erased_at.isoformat() if d.erased_at else None}
                         for d in (deliveries[i] for i in sorted(new_deliveries))])])
                 _upsert_records(cur, events)
         except (safejson.Unserializable, RecursionError) as exc:

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from ingest.commands.erase import DELIVERIES, EVENTS_BY_INDEX, EmailSubject, ResourceSubject
 from sinks.postgres import migrate
 from tests.helpers import with_database
 
@@ -82,12 +83,26 @@ def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str
              "LIMIT 5000", "webhook_deliveries_received"),
             ("SELECT id FROM webhook_events WHERE received_at < now() - interval '360 days' "
              "LIMIT 5000", "webhook_events_received"),
-            ("SELECT id FROM webhook_events e "
-             "WHERE lower(e.contact_email) = 'person7@example.com'",
-             "webhook_events_contact_email"),
         ):
             plan = explain(conn, query)
             assert index in [name for _, name in scans(plan)], (query, plan)
+        # What `ingest erase` runs: the subject's events through the contact or the record
+        # index, and (for a record) their deliveries through the primary key.
+        by_contact, by_record = (EmailSubject("Person7@Example.com").sql(),
+                                 ResourceSubject("outreach", "prospect", "7").sql())
+        for match, index in ((by_contact, "webhook_events_contact_email"),
+                             (by_record, "webhook_events_resource")):
+            row = conn.execute("EXPLAIN (FORMAT JSON) " + EVENTS_BY_INDEX.format(
+                events=match.events), match.params).fetchone()
+            assert row is not None
+            assert index in [name for _, name in scans(row[0][0]["Plan"])], (match, row)
+        row = conn.execute("EXPLAIN (FORMAT JSON) " + DELIVERIES.format(
+            mentions=by_record.mentions("t.x")), dict(by_record.params, deliveries=[
+                "6f2b6c1e-9a57-4c8e-9d0a-1f3b5e7c9a21"])).fetchone()
+        assert row is not None
+        nodes = scans(row[0][0]["Plan"])
+        assert "webhook_deliveries_pkey" in [name for _, name in nodes], nodes
+        assert not [n for n in nodes if n[0] == "Seq Scan"], nodes
 
 
 @pytest.fixture
@@ -118,7 +133,7 @@ def test_migrating_a_filled_database_keeps_every_row(old_database: str) -> None:
         fill(conn, 5000)
         before = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
                               "FROM webhook_events t").fetchone()
-    assert migrate(old_database) == ["0005_personal_data.sql"]
+    assert migrate(old_database) == ["0005_personal_data.sql", "0006_rewritten_deliveries.sql"]
     with psycopg.connect(old_database) as conn:
         after = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
                              "FROM webhook_events t").fetchone()

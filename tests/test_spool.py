@@ -26,7 +26,13 @@ from ingest.acceptor.durable import Durable
 from ingest.commands.embedded import EmbeddedRedis, free_port
 from ingest.acceptor.enqueue import BatchEnqueuer
 from ingest.redis_conn import acceptor_async_redis, acceptor_redis
-from ingest.acceptor.spool import Spool, encode_record, read_segment
+from ingest.acceptor.spool import (
+    Spool,
+    encode_record,
+    read_segment,
+    rewrite_segment,
+    segment_files,
+)
 from tests.helpers import SECRETS, serve
 
 
@@ -254,3 +260,60 @@ def test_spooled_deliveries_are_answered_200_and_counted_in_readyz_and_metrics(
     assert "ingest_spool_depth 3.0" in metrics
     assert 'ingest_deliveries_total{provider="outcaller",result="spooled"}' in metrics
     assert len(segments(settings.spool_dir)) == 1  # kept for the next start to drain
+
+
+def test_rewrite_segment_leaves_out_and_replaces_records_atomically(
+        tmp_path: Path, queue: Queue, namespace: str) -> None:
+    keep, drop, change = envelope(1), envelope(2), envelope(3)
+    torn = encode_record(envelope(99))
+    path = tmp_path / "seg-00000000000000000001-dead-0000.log"
+    original = encode_record(keep) + encode_record(drop) + encode_record(change)
+    path.write_bytes(original + torn[:20])
+    changed = dict(change, body='{"event": "lead.created", "n": 33}')
+
+    def edit(record: dict[str, Any]) -> dict[str, Any] | None:
+        return None if record == drop else changed if record == change else record
+
+    dry = rewrite_segment(path, edit, dry_run=True)
+    assert (dry.removed, dry.replaced, dry.rest_dropped, dry.deleted) == (1, 1, False, False)
+    assert path.read_bytes() == original + torn[:20]  # a dry run writes nothing
+
+    done = rewrite_segment(path, edit)
+    assert (done.removed, done.replaced, done.in_use) == (1, 1, False)
+    data = path.read_bytes()
+    # The record kept is the same bytes; the torn tail stays (it is still ignored).
+    assert data == encode_record(keep) + encode_record(changed) + torn[:20]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file is left
+    assert segment_files(tmp_path) == [path]
+    assert Spool(tmp_path).drain(queue, Names(namespace)) == 2
+    assert queued_envelopes(queue) == [keep, changed]
+
+
+def test_rewrite_segment_drops_an_unreadable_rest_on_request_and_removes_an_empty_one(
+        tmp_path: Path) -> None:
+    first, second = encode_record(envelope(1)), bytearray(encode_record(envelope(2)))
+    second[-2] ^= 0xFF
+    path = tmp_path / "seg-00000000000000000001-dead-0000.corrupt"
+    path.write_bytes(first + bytes(second) + encode_record(envelope(3)))
+    assert segment_files(tmp_path) == [path]  # damaged segments are listed too
+    done = rewrite_segment(path, lambda r: r, keep_rest=lambda rest: False)
+    assert done.rest_dropped and not done.removed
+    assert path.read_bytes() == first
+    gone = rewrite_segment(path, lambda r: None)
+    assert gone.deleted and not path.exists()
+    assert rewrite_segment(path, lambda r: None).gone
+
+
+def test_rewrite_segment_leaves_a_segment_a_live_process_holds(tmp_path: Path) -> None:
+    writer = Spool(tmp_path)
+
+    async def run() -> None:
+        await writer.append(envelope())
+        (active,) = segment_files(tmp_path)
+        before = active.read_bytes()
+        assert rewrite_segment(active, lambda r: None).in_use
+        assert active.read_bytes() == before
+        await writer.stop()
+        assert rewrite_segment(active, lambda r: None).deleted  # sealed now
+
+    asyncio.run(run())

@@ -3,7 +3,9 @@
 Layout: ``INGEST_SPOOL_DIR`` holds segment files ``seg-<time ns>-<process token>.log``. Each
 record is ``MAGIC | length (u32) | crc32 (u32) | payload`` where the payload is the envelope as
 JSON. A process appends only to its own active segment, which it holds under an exclusive
-``flock``; sealed segments are immutable.
+``flock``; sealed segments are immutable, except that :func:`rewrite_segment` (``ingest
+erase``) may replace one whole, atomically, with a copy that leaves some records out or
+changes them.
 
 Why each piece:
 
@@ -25,6 +27,13 @@ Why each piece:
 - **flock per segment**: several acceptor processes may share one directory. A segment whose
   lock can be taken belongs to no live process (its writer died or sealed it), so any drainer
   may adopt it; two drainers never drain one segment at once.
+- **Rewriting a sealed segment** (:func:`rewrite_segment`) takes the same lock, writes the new
+  contents to a temporary file, fsyncs it, renames it over the segment and fsyncs the
+  directory: a crash leaves the old segment or the new one, never a mix. A drainer that opened
+  the old file finds it unlinked (``st_nlink == 0``) and skips it; the new file is adopted like
+  any sealed segment. Its chunks differ from the old one's, so a drain that crashed before the
+  rewrite and runs again after it may enqueue deliveries again under other job ids: the
+  worker's dedup records drop the copies.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +62,8 @@ from rq import Queue
 from ingest import constants
 from ingest.rq_jobs import enqueue_batch
 
-__all__ = ["SegmentContents", "Spool", "encode_record", "read_segment"]
+__all__ = ["SegmentContents", "SegmentRewrite", "Spool", "encode_record", "read_segment",
+           "rewrite_segment", "segment_files"]
 
 log = logging.getLogger("ingest.acceptor.spool")
 
@@ -61,6 +71,7 @@ MAGIC = b"WIS1"
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload
 _PREFIX = "seg-"
 _SUFFIX = ".log"
+_CORRUPT = ".corrupt"  # a damaged segment kept for a human (see read_segment)
 
 
 def encode_record(envelope: dict[str, Any]) -> bytes:
@@ -105,6 +116,98 @@ def read_segment(data: bytes) -> SegmentContents:
         records.append(envelope)
         offset = start + length
     return SegmentContents(records)
+
+
+def segment_files(directory: Path) -> list[Path]:
+    """Every segment file in ``directory``, oldest first: active, sealed, and damaged ones kept
+    as ``.corrupt``. Empty when the directory does not exist."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.name.startswith(_PREFIX) and p.suffix in (_SUFFIX, _CORRUPT))
+
+
+@dataclass(frozen=True)
+class SegmentRewrite:
+    """What :func:`rewrite_segment` did to one segment (in a dry run: would do)."""
+
+    in_use: bool = False  # a live process holds it: not read, not changed
+    gone: bool = False  # drained (or removed) before it could be read
+    removed: int = 0  # records left out
+    replaced: int = 0  # records written again, changed
+    rest_dropped: bool = False  # what followed the valid records (torn tail, damage) left out
+    deleted: bool = False  # nothing was left: the file is removed
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed or self.replaced or self.rest_dropped)
+
+
+def rewrite_segment(path: Path, edit: Callable[[dict[str, Any]], dict[str, Any] | None], *,
+                    keep_rest: Callable[[bytes], bool] = lambda rest: True,
+                    dry_run: bool = False) -> SegmentRewrite:
+    """Replace the sealed segment ``path`` with a copy holding each record as ``edit`` returns
+    it: the record itself (kept byte for byte), another envelope (written in its place), or
+    None (left out). What follows the valid records (a torn tail, or damage kept for a human)
+    stays when ``keep_rest(those bytes)`` is true. A segment left empty is removed.
+
+    Atomic: the copy goes to a temporary file, is fsynced and renamed over the segment, then
+    the directory is fsynced. A segment a live process holds (an acceptor's active segment, a
+    drainer moving it to Redis) is left alone: ``in_use``. ``dry_run`` changes nothing and
+    says what would change."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return SegmentRewrite(gone=True)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return SegmentRewrite(in_use=True)
+        if os.fstat(fd).st_nlink == 0:  # unlinked after we opened it: drained meanwhile
+            return SegmentRewrite(gone=True)
+        data = _read_all(fd)
+        contents = read_segment(data)
+        parts: list[bytes] = []
+        removed = replaced = offset = 0
+        for record in contents.records:
+            _, length, _ = _HEADER.unpack_from(data, offset)
+            end = offset + _HEADER.size + length
+            new = edit(record)
+            if new is None:
+                removed += 1
+            elif new is record:
+                parts.append(data[offset:end])  # as written, not encoded again
+            else:
+                parts.append(encode_record(new))
+                replaced += 1
+            offset = end
+        rest = data[offset:]
+        rest_dropped = bool(rest) and not keep_rest(rest)
+        if not rest_dropped:
+            parts.append(rest)
+        new_data = b"".join(parts)
+        result = SegmentRewrite(removed=removed, replaced=replaced, rest_dropped=rest_dropped,
+                                deleted=not new_data)
+        if dry_run or not result.changed:
+            return result
+        if new_data:
+            tmp = path.with_name(f".rewrite-{path.name}.tmp")  # not a segment name: never drained
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(new_data)
+                while view:
+                    view = view[os.write(out, view):]
+                os.fsync(out)
+            finally:
+                os.close(out)
+            os.replace(tmp, path)
+        else:
+            path.unlink()
+        _fsync_dir(path.parent)
+        return result
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

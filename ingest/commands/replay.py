@@ -19,6 +19,11 @@ to date as live ones do: a record takes the newest replayed event's data unless 
 is stored. ``--dry-run`` changes nothing and lists what would change, column by
 column. Sink errors are counted and shown in the summary (exit status 1); replay again after
 the fix.
+
+Replay never verifies signatures: the acceptor did, on receipt, and the signature headers are
+not archived. A delivery ``ingest erase`` rewrote (``erased_at`` set: its body lost one
+person's events and is no longer what the provider signed) replays like any other, into the
+events that remain in it; the summary counts such deliveries.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class Change:
 @dataclass
 class ReplayReport:
     deliveries: int = 0
+    # Of those, how many ``ingest erase`` rewrote without one person's events (erased_at): they
+    # are replayed from what is left, the other people's events.
+    rewritten: int = 0
     events: int = 0
     new: int = 0
     changed: int = 0
@@ -136,6 +144,7 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                 total(count_archived(conn, query))
             for batch in archived_deliveries(conn, query, BATCH):
                 report.deliveries += len(batch)
+                report.rewritten += sum(d.erased_at is not None for d in batch)
                 events: dict[str, Event] = {}
                 for delivery in batch:
                     try:
@@ -211,6 +220,8 @@ def _print_report(report: ReplayReport, dry_run: bool, sinks: Sequence[str]) -> 
     table = Table(title="ingest replay" + (" (dry run: nothing changed)" if dry_run else ""),
                   show_header=False)
     table.add_row("deliveries read", str(report.deliveries))
+    if report.rewritten:
+        table.add_row("  rewritten by an erasure (others' events only)", str(report.rewritten))
     table.add_row("events selected", str(report.events))
     table.add_row("  not in webhook_events yet", str(report.new))
     table.add_row("  stored, normalized differently today", str(report.changed))
