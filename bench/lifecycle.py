@@ -21,8 +21,10 @@ the same server, in the same run. The median and p99 are of the sink's batch tim
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -66,36 +68,51 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def _rate(db_url: str, until: Any, offered: float | None = None) -> dict[str, float]:
+def _stats(batches: list[tuple[str, float, float, int]], offered: float | None,
+           state: str | None = None) -> dict[str, Any]:
+    """Of the batches (state, seconds since the previous batch ended, latency, events) in
+    ``state`` (else all): events/s over the time they took, and latency percentiles."""
+    mine = [b for b in batches if state is None or b[0] == state]
+    seconds = sum(b[1] for b in mine)
+    latencies = [b[2] for b in mine]
+    return {"rate": sum(b[3] for b in mine) / seconds if seconds else 0.0, "seconds": seconds,
+            "batches": len(mine), "p50_ms": _pct(latencies, 0.5) * 1000,
+            "p99_ms": _pct(latencies, 0.99) * 1000,
+            "max_ms": max(latencies, default=0.0) * 1000,
+            # A batch a second late: the sink fell behind the offered load.
+            "kept_up": offered is None or max(latencies, default=0.0) < 1.0}
+
+
+def _rate(db_url: str, until: Any, offered: float | None = None,
+          state: Any = None) -> list[tuple[str, float, float, int]]:
     """The sink storing batches, one sender, until ``until()`` is true: saturated (the next
     batch as soon as the last is stored) or, with ``offered`` events/s, open loop (batch i is
     due at i * BATCH / offered seconds). Latency: from when a batch was due (saturated: sent)
-    to its commit, so an offered load it cannot keep up with shows as a growing latency."""
+    to its commit, so an offered load it cannot keep up with shows as a growing latency. Each
+    batch is labelled with ``state()`` at its start."""
     sink = PostgresSink(db_url)
-    batches = [_batch() for _ in range(20)]  # built ahead: measure Postgres, not us
-    stored, started, i = 0, time.perf_counter(), 0
-    latencies: list[float] = []
+    prepared = [_batch() for _ in range(20)]  # built ahead: measure Postgres, not us
+    out: list[tuple[str, float, float, int]] = []
+    started = last = time.perf_counter()
+    i = 0
     try:
         while not until():
-            events, deliveries = batches[i % len(batches)] if i < len(batches) else _batch()
+            events, deliveries = prepared[i] if i < len(prepared) else _batch()
             due = time.perf_counter()
             if offered is not None:
                 due = started + i * BATCH / offered
                 ahead = due - time.perf_counter()
                 if ahead > 0:
                     time.sleep(ahead)
+            label = state() if state is not None else ""
             sink.send(events, deliveries=deliveries)
-            latencies.append(time.perf_counter() - due)
-            stored += len(events)
+            end = time.perf_counter()
+            out.append((label, end - last, end - due, len(events)))
+            last = end
             i += 1
     finally:
         sink.close()
-    elapsed = time.perf_counter() - started
-    return {"rate": stored / elapsed, "seconds": elapsed, "batches": i,
-            "p50_ms": _pct(latencies, 0.5) * 1000, "p99_ms": _pct(latencies, 0.99) * 1000,
-            "max_ms": max(latencies, default=0.0) * 1000,
-            # Behind by more than a second at the end: the sink could not keep up.
-            "kept_up": offered is None or latencies[-1] < 1.0 if latencies else False}
+    return out
 
 
 def _server(conn: psycopg.Connection[Any]) -> dict[str, float]:
@@ -114,7 +131,7 @@ def _window(db_url: str, until: Any, offered: float | None = None) -> dict[str, 
     """:func:`_rate`, with what the server did meanwhile."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         before = _server(conn)
-        out: dict[str, Any] = _rate(db_url, until, offered)
+        out = _stats(_rate(db_url, until, offered), offered)
         after = _server(conn)
     out["server"] = {k: after[k] - before[k] for k in before}
     return out
@@ -160,7 +177,13 @@ _SUMMARY = re.compile(r"(\d+) rows in ([\d.]+) s \((\d+) rows/s\), deleting (\d+
 def _with_retention(db_url: str, rows: int, duration: float,
                     offered: float | None) -> dict[str, Any]:
     """The sink before, during and after ``ingest retention`` removes ``rows`` expired
-    deliveries and as many events; ``offered``: events/s of a fixed load, else saturated."""
+    deliveries and as many events; ``offered``: events/s of a fixed load, else saturated.
+
+    During the run the bench stops the retention process (SIGSTOP) and lets it go on
+    (SIGCONT) in turns of ``duration / 2`` seconds, and compares the sink's batches while it
+    runs with those while it is stopped: the same minutes, so the same checkpoints and the
+    same load from whatever else the machine runs, which a before/after comparison on a shared
+    machine cannot promise."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         _fill_expired(conn, rows, tag=f"old-{uuid.uuid4().hex[:6]}-")
     out: dict[str, Any] = {"offered": offered, "rows": rows}
@@ -168,32 +191,66 @@ def _with_retention(db_url: str, rows: int, duration: float,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "REDIS_URL"))}
     env.update(DATABASE_URL=db_url, INGEST_RETENTION_DAYS="30",
                INGEST_EVENTS_RETENTION_DAYS="30", COLUMNS="300")
+    conn = psycopg.connect(db_url, autocommit=True)
+    server = _server(conn)
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "retention"], env=env,
                             stdout=subprocess.PIPE, text=True)
     done = threading.Event()
     printed: list[str] = []
+    turn: dict[str, Any] = {"state": "running", "running_s": 0.0}
 
     def wait() -> None:
         printed.append(proc.communicate()[0])
         done.set()
 
+    def alternate() -> None:
+        since = time.monotonic()
+        while not done.wait(duration / 2):
+            now = time.monotonic()
+            if turn["state"] == "running":
+                turn["running_s"] += now - since
+                turn["state"] = "stopped"
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGSTOP)
+            else:
+                turn["state"] = "running"
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+            since = now
+        if turn["state"] == "running":
+            turn["running_s"] += time.monotonic() - since
+
     threading.Thread(target=wait, daemon=True).start()
-    out["during"] = _window(db_url, done.is_set, offered)
+    switch = threading.Thread(target=alternate, daemon=True)
+    switch.start()
+    try:
+        batches = _rate(db_url, done.is_set, offered, state=lambda: turn["state"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+    switch.join()
     out["retention_seconds"] = time.monotonic() - started
+    out["running_seconds"] = turn["running_s"]
     out["retention_ok"] = proc.returncode == 0
+    out["during"] = _stats(batches, offered, "running")
+    out["stopped"] = _stats(batches, offered, "stopped")
+    after = _server(conn)
+    conn.close()
+    out["during"]["server"] = {k: after[k] - server[k] for k in server}
     # Autovacuum cleans up the deleted rows after the run: that is a cost of it too.
     out["after"] = _window(db_url, _for(duration), offered)
     match = _SUMMARY.search(" ".join("".join(printed).split()))
     if match:
-        out["pace"] = {"rows": int(match[1]), "seconds": float(match[2]),
-                       "rows_per_s": int(match[3]), "duty": int(match[4]) / 100,
-                       "backed_off": int(match[5] or 0), "batches": int(match[6] or 0)}
-    with psycopg.connect(db_url) as conn:
-        left = conn.execute("SELECT (SELECT count(*) FROM webhook_events WHERE received_at < "
-                            "now() - interval '30 days') + (SELECT count(*) FROM "
-                            "webhook_deliveries WHERE received_at < now() - interval '30 days')"
-                            ).fetchone()
+        out["pace"] = {"rows": int(match[1]), "duty": int(match[4]) / 100,
+                       "backed_off": int(match[5] or 0), "batches": int(match[6] or 0),
+                       # Over the time it was let run, not the time it was stopped.
+                       "rows_per_s": int(match[1]) / float(turn["running_s"] or 1)}
+    with psycopg.connect(db_url) as check:
+        left = check.execute("SELECT (SELECT count(*) FROM webhook_events WHERE received_at < "
+                             "now() - interval '30 days') + (SELECT count(*) FROM "
+                             "webhook_deliveries WHERE received_at < now() - interval '30 days')"
+                             ).fetchone()
         out["expired_left"] = int(left[0]) if left else -1
     return out
 
@@ -238,14 +295,17 @@ def render(r: dict[str, Any]) -> str:
         m = r[mode]
         what = ("saturated" if m["offered"] is None else
                 f"offered {m['offered']:,.0f} events/s ({r['load']:.0%} of saturated)")
-        base = (m["before"]["rate"] + m["after"]["rate"]) / 2
-        for when in ("before", "during", "after"):
+        label = {"before": "before the run",
+                 "stopped": "while the run is stopped (SIGSTOP)",
+                 "during": f"while it runs ({m['running_seconds']:.0f} of "
+                           f"{m['retention_seconds']:.0f} s)",
+                 "after": "after it (autovacuum cleaning up)"}
+        for when in ("before", "stopped", "during", "after"):
             w = m[when]
-            label = {"before": "before the run", "after": "after it (autovacuum cleaning up)",
-                     "during": f"during `ingest retention` ({m['retention_seconds']:.0f} s)"}
             ratio = target = ""
             if when == "during":
-                ratio = f"{w['rate'] / base:.0%} of before/after"
+                ratio = f"{w['rate'] / m['stopped']['rate']:.0%} of stopped" \
+                    if m["stopped"]["rate"] else ""
                 if m["offered"] is not None:
                     target = "kept up" if w["kept_up"] and w["rate"] >= 0.95 * m["offered"] \
                         else "FELL BEHIND"
@@ -260,7 +320,7 @@ def render(r: dict[str, Any]) -> str:
         p = m.get("pace", {})
         d, a = m["during"]["server"], m["after"]["server"]
         lines.append(
-            f"| with the sink {mode} | {p.get('rows', '?')} | {p.get('rows_per_s', '?')} | "
+            f"| with the sink {mode} | {p.get('rows', '?')} | {p.get('rows_per_s', 0):,.0f} | "
             f"{p.get('duty', 0):.0%} of the time | {p.get('backed_off', 0)} of "
             f"{p.get('batches', '?')} batches | {d['wal_mb']:,.0f} | {d['checkpoints']:.0f} | "
             f"{d['autovacuums']:.0f} / {a['autovacuums']:.0f} | {m['expired_left']} "
@@ -269,4 +329,10 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"webhook_events indexes at {r['rows']:,} rows (shared_buffers "
                  f"{r['shared_buffers']}): " + ", ".join(
                      f"{i['name']} {i['mb']:,.0f} MB" for i in r["indexes"]))
+    per_event = {k: r[k]["server"]["wal_mb"] * 1024 / (r[k]["rate"] * r[k]["seconds"])
+                 for k in ("empty", "full") if r[k]["rate"]}
+    lines.append(f"WAL per stored event: into the empty table {per_event.get('empty', 0):.1f} "
+                 f"KB, into the full one {per_event.get('full', 0):.1f} KB (checkpoints "
+                 f"meanwhile: {r['empty']['server']['checkpoints']:.0f} and "
+                 f"{r['full']['server']['checkpoints']:.0f})")
     return "\n".join(lines)

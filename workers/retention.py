@@ -14,7 +14,7 @@ the sink's ``ON CONFLICT (id)`` and ``(provider, dedup_key)`` need unique constr
 whole table, which a partitioned table only allows when they include the partition key.)
 
 The pace (:class:`Pace`, :func:`next_step`): after each batch the run rests several times as
-long as the batch took, so it works a fifth of the time at most. It backs off (smaller
+long as the batch took, so it deletes a tenth of the time at most. It backs off (smaller
 batches, longer rests) when a batch takes much longer per row than the fastest one of the run,
 a sign the server is busy with something else, and when jobs wait in the ingest or sink
 queues; it comes back to its full pace once neither holds. Each batch deletes by ``ctid``
@@ -57,9 +57,9 @@ __all__ = ["TABLES", "Pace", "cutoffs", "next_step", "queued_jobs", "remaining",
 # and writes well under a megabyte of WAL. (Fixed: the pace adapts the rests, so batch times
 # stay comparable with each other.)
 BATCH = 1000
-# After each batch, rest this many times as long as the batch took (4: working a fifth of
-# the time at most, one server process's fifth of a core).
-REST = 4.0
+# After each batch, rest this many times as long as the batch took (9: deleting a tenth of
+# the time at most, a tenth of one server process's core).
+REST = 9.0
 # Longest rest the pace backs off to, as a multiple of the batch's time ...
 MAX_REST = 64.0
 # ... and in seconds, whatever the batch took.
