@@ -598,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="expired rows --lifecycle's retention run removes per table")
     parser.add_argument("--lifecycle-load", type=float, default=0.5,
                         help="--lifecycle's fixed offered load, a share of the saturated rate")
+    parser.add_argument("--pg-set", metavar="NAME=VALUE", action="append", default=[],
+                        help="--lifecycle: a server setting for the embedded Postgres "
+                             "(ALTER SYSTEM; reloadable ones only), repeatable")
     args = parser.parse_args(argv)
     if args.lifecycle:
         return _lifecycle(args)
@@ -652,6 +655,11 @@ def _lifecycle(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     try:
         with servers(tmp) as (_redis_url, _redis_pid, db_url):
+            if args.pg_set:
+                if os.environ.get("DATABASE_URL"):
+                    raise SystemExit("--pg-set changes the server: only with the embedded one "
+                                     "(DATABASE_URL unset)")
+                lifecycle.configure(db_url, args.pg_set)
             results = lifecycle.run(db_url, args.lifecycle_rows, args.retention_rows,
                                     args.duration, args.lifecycle_load)
     finally:

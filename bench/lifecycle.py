@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import psycopg.sql
 
 from ingest.events import Contact, Delivery, Event
 from sinks.postgres import PostgresSink
@@ -153,7 +154,8 @@ def _fill_events(conn: psycopg.Connection[Any], rows: int, days_ago: int, tag: s
             "(g %% 1000000)::text, now() - make_interval(days => %s, secs => g %% 86400), "
             "now() - make_interval(days => %s, secs => g %% 86400), "
             "'p' || (g %% 500000) || '@example.com', '{\"id\": 1}' "
-            "FROM generate_series(%s, %s) g", [tag, days_ago, days_ago, start, start + n - 1])
+            "FROM generate_series(%s::bigint, %s::bigint) g",
+            [tag, days_ago, days_ago, start, start + n - 1])
         print(f"  filled {start + n:,} of {rows:,} events", file=sys.stderr, flush=True)
 
 
@@ -255,6 +257,18 @@ def _with_retention(db_url: str, rows: int, duration: float,
     return out
 
 
+def configure(db_url: str, settings: list[str]) -> None:
+    """``NAME=VALUE`` server settings, through ALTER SYSTEM and a reload."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            if not re.fullmatch(r"[a-z_]+", name) or not value:
+                raise SystemExit(f"--pg-set wants NAME=VALUE, got {setting!r}")
+            conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def run(db_url: str, rows: int, retention_rows: int, duration: float,
         load: float = 0.5) -> dict[str, Any]:
     out: dict[str, Any] = {"load": load}
@@ -270,7 +284,10 @@ def run(db_url: str, rows: int, retention_rows: int, duration: float,
         out["indexes"] = [{"name": r[0], "mb": r[1] / 2**20} for r in conn.execute(
             "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index "
             "WHERE indrelid = 'webhook_events'::regclass ORDER BY 1").fetchall()]
-        out["shared_buffers"] = conn.execute("SHOW shared_buffers").fetchone()[0]  # type: ignore[index]
+        out["settings"] = dict(conn.execute(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name IN "
+            "('shared_buffers', 'max_wal_size', 'wal_compression', 'checkpoint_timeout') "
+            "ORDER BY name").fetchall())
     out["saturated"] = _with_retention(db_url, retention_rows, duration, None)
     offered = out["saturated"]["before"]["rate"] * load
     out["fixed"] = _with_retention(db_url, retention_rows, duration, offered)
@@ -326,8 +343,8 @@ def render(r: dict[str, Any]) -> str:
             f"{d['autovacuums']:.0f} / {a['autovacuums']:.0f} | {m['expired_left']} "
             f"{'ok' if m['expired_left'] == 0 and m['retention_ok'] else 'MISSED'} |")
     lines.append("")
-    lines.append(f"webhook_events indexes at {r['rows']:,} rows (shared_buffers "
-                 f"{r['shared_buffers']}): " + ", ".join(
+    lines.append("Server: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()))
+    lines.append(f"webhook_events indexes at {r['rows']:,} rows: " + ", ".join(
                      f"{i['name']} {i['mb']:,.0f} MB" for i in r["indexes"]))
     per_event = {k: r[k]["server"]["wal_mb"] * 1024 / (r[k]["rate"] * r[k]["seconds"])
                  for k in ("empty", "full") if r[k]["rate"]}
