@@ -144,6 +144,8 @@ def _for(seconds: float) -> Any:
 
 
 def _fill_events(conn: psycopg.Connection[Any], rows: int, days_ago: int, tag: str) -> None:
+    """``rows`` events received over one day from ``days_ago`` days ago, in order of arrival
+    as the sink appends them (so a day's rows lie together in the table, as in a real one)."""
     step = 1_000_000
     for start in range(0, rows, step):
         n = min(step, rows - start)
@@ -151,11 +153,11 @@ def _fill_events(conn: psycopg.Connection[Any], rows: int, days_ago: int, tag: s
             "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
             "resource_type, resource_id, occurred_at, received_at, contact_email, data) "
             "SELECT gen_random_uuid(), 'outreach', %s || g, 'x', 'email.replied', 'prospect', "
-            "(g %% 1000000)::text, now() - make_interval(days => %s, secs => g %% 86400), "
-            "now() - make_interval(days => %s, secs => g %% 86400), "
+            "(g %% 1000000)::text, t, t, "
             "'p' || (g %% 500000) || '@example.com', '{\"id\": 1}' "
-            "FROM generate_series(%s::bigint, %s::bigint) g",
-            [tag, days_ago, days_ago, start, start + n - 1])
+            "FROM generate_series(%s::bigint, %s::bigint) g, LATERAL (SELECT now() "
+            "- make_interval(days => %s) + make_interval(secs => g * 86400.0 / %s) AS t) a",
+            [tag, start, start + n - 1, days_ago, rows])
         print(f"  filled {start + n:,} of {rows:,} events", file=sys.stderr, flush=True)
 
 
@@ -163,9 +165,9 @@ def _fill_expired(conn: psycopg.Connection[Any], rows: int, tag: str) -> None:
     """Deliveries and events 400 days old, for a retention run to remove."""
     conn.execute(
         "INSERT INTO webhook_deliveries (id, provider, received_at, body) "
-        "SELECT gen_random_uuid(), 'outreach', now() - make_interval(days => 400, "
-        "secs => g), convert_to(repeat('x', 400), 'UTF8') FROM generate_series(1, %s) g",
-        [rows])
+        "SELECT gen_random_uuid(), 'outreach', now() - make_interval(days => 400) "
+        "+ make_interval(secs => g * 86400.0 / %s), convert_to(repeat('x', 400), 'UTF8') "
+        "FROM generate_series(1, %s::bigint) g", [rows, rows])
     _fill_events(conn, rows, days_ago=400, tag=tag)
     conn.execute("VACUUM ANALYZE")
     # The fill's dirty pages written now, not during the windows compared.
@@ -181,9 +183,9 @@ def _with_retention(db_url: str, rows: int, duration: float,
     """The sink before, during and after ``ingest retention`` removes ``rows`` expired
     deliveries and as many events; ``offered``: events/s of a fixed load, else saturated.
 
-    During the run the bench stops the retention process (SIGSTOP) and lets it go on
-    (SIGCONT) in turns of ``duration / 2`` seconds, and compares the sink's batches while it
-    runs with those while it is stopped: the same minutes, so the same checkpoints and the
+    During the run the bench lets the retention process go on for ``duration / 2`` seconds,
+    then stops it (SIGSTOP) for ``duration / 4``, in turns, and compares the sink's batches
+    while it runs with those while it is stopped: the same minutes, so the same checkpoints and the
     same load from whatever else the machine runs, which a before/after comparison on a shared
     machine cannot promise."""
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -208,7 +210,7 @@ def _with_retention(db_url: str, rows: int, duration: float,
 
     def alternate() -> None:
         since = time.monotonic()
-        while not done.wait(duration / 2):
+        while not done.wait(duration / 2 if turn["state"] == "running" else duration / 4):
             now = time.monotonic()
             if turn["state"] == "running":
                 turn["running_s"] += now - since
