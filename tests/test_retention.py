@@ -207,16 +207,16 @@ def test_a_run_scheduled_by_an_earlier_version_is_rescheduled_under_the_new_job_
 
 def test_the_pace_backs_off_when_batches_slow_down_and_comes_back() -> None:
     pace = retention.Pace()
-    # The first batch sets the table's fastest time per row; at that pace the rest is REST.
+    # The first batch sets the table's reference time per row; at that pace the rest is REST.
     assert retention.next_step(pace, "t", 1000, 0.010, waiting=0) == pytest.approx(
         0.010 * retention.REST)
-    # Three times slower per row than the fastest: the server is busy, the rest doubles.
+    # Three times slower per row than the reference: the server is busy, the rest doubles.
     rest = retention.next_step(pace, "t", 1000, 0.030, waiting=0)
     assert pace.rest == 2 * retention.REST and rest == pytest.approx(0.030 * pace.rest)
     assert retention.next_step(pace, "t", 1000, 0.030, waiting=0) == pytest.approx(
         0.030 * 4 * retention.REST)
     # It stays within MAX_REST times the batch, and MAX_REST_SECONDS.
-    for _ in range(20):
+    for _ in range(5):
         rest = retention.next_step(pace, "t", 1000, 0.050, waiting=0)
     assert pace.rest == retention.MAX_REST
     assert rest == min(retention.MAX_REST_SECONDS, 0.050 * retention.MAX_REST)
@@ -224,11 +224,24 @@ def test_the_pace_backs_off_when_batches_slow_down_and_comes_back() -> None:
     for _ in range(20):
         retention.next_step(pace, "t", 1000, 0.011, waiting=0)
     assert pace.rest == retention.REST
-    # Another table has its own fastest time: slower rows there are not a busy server.
+    assert pace.backed_off == 7 and pace.batches == 28 and pace.rows == 28_000
+    # Another table has its own reference: slower rows there are not a busy server.
     retention.next_step(pace, "u", 1000, 0.100, waiting=0)
     retention.next_step(pace, "u", 1000, 0.110, waiting=0)
+    assert pace.rest == retention.REST and pace.backed_off == 7
+
+
+def test_a_server_that_stays_slower_becomes_the_reference() -> None:
+    # One lucky fast batch (its rows still in memory) must not keep the whole run backed off.
+    pace = retention.Pace()
+    retention.next_step(pace, "t", 1000, 0.002, waiting=0)
+    slow = [retention.next_step(pace, "t", 1000, 0.010, waiting=0) > 0 and
+            pace.rest > retention.REST for _ in range(60)]
+    assert slow[0] and not slow[-1]
     assert pace.rest == retention.REST
-    assert pace.backed_off == 22 and pace.batches == 45 and pace.rows == 45_000
+    # ... and a batch much slower than those just before it still backs off.
+    retention.next_step(pace, "t", 1000, 0.030, waiting=0)
+    assert pace.rest == 2 * retention.REST
 
 
 def test_waiting_jobs_make_the_pace_back_off() -> None:

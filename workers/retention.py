@@ -14,9 +14,9 @@ the sink's ``ON CONFLICT (id)`` and ``(provider, dedup_key)`` need unique constr
 whole table, which a partitioned table only allows when they include the partition key.)
 
 The pace (:class:`Pace`, :func:`next_step`): after each batch the run rests several times as
-long as the batch took, so it deletes a tenth of the time at most. It backs off (smaller
-batches, longer rests) when a batch takes much longer per row than the fastest one of the run,
-a sign the server is busy with something else, and when jobs wait in the ingest or sink
+long as the batch took, so it deletes a tenth of the time at most. It backs off (longer
+rests) when a batch takes much longer per row than the fastest ones before it, a sign the
+server is busy with something else, and when jobs wait in the ingest or sink
 queues; it comes back to its full pace once neither holds. Each batch deletes by ``ctid``
 (the rows' places in the table), in ``received_at`` order from where the last one stopped:
 no lookup per row through the primary key, and no walk over the index entries of rows
@@ -50,8 +50,8 @@ from workers.runtime import Runtime, current_runtime
 
 log = logging.getLogger("workers.retention")
 
-__all__ = ["TABLES", "Pace", "cutoffs", "next_step", "queued_jobs", "remaining",
-           "run_retention", "run_slice", "schedule"]
+__all__ = ["DELETE_BATCH", "TABLES", "Pace", "cutoffs", "next_step", "queued_jobs",
+           "remaining", "run_retention", "run_slice", "schedule"]
 
 # Rows removed per transaction: each commit takes a few milliseconds of one server process
 # and writes well under a megabyte of WAL. (Fixed: the pace adapts the rests, so batch times
@@ -64,8 +64,13 @@ REST = 9.0
 MAX_REST = 64.0
 # ... and in seconds, whatever the batch took.
 MAX_REST_SECONDS = 5.0
-# A batch slower per row than this many times the run's fastest means the server is busy.
+# A batch slower per row than this many times the run's reference means the server is busy.
 SLOW = 2.0
+# The reference is the fastest batch per row so far, rising by this share per batch: one lucky
+# early batch (its rows still in memory) does not hold the run backed off for good, and a
+# server that stays slower (a larger table, steady traffic) becomes the new reference within
+# some 15 batches, while a batch slower than those just before still backs off.
+DRIFT = 0.05
 # Jobs waiting in the ingest and sink queues (together) past which the pace backs off, and a
 # scheduled slice ends to let its worker take them.
 BACKLOG_JOBS = 4
@@ -88,7 +93,7 @@ TABLES = ("webhook_deliveries", "webhook_events")
 # stay in the index until vacuum. The rows are locked in the subquery (SKIP LOCKED: a row a
 # replay or an erase is changing now waits for the next run) and deleted by ctid, so the
 # delete finds them without a lookup per row through the primary key.
-_DELETE = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
            "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
            "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -108,7 +113,7 @@ class Pace:
     after each batch; the totals are for reports (``ingest retention``, the bench)."""
 
     rest: float = REST
-    # Fastest seconds per row seen in this run, per table: the server's pace when not busy.
+    # Reference seconds per row, per table (DRIFT): the server's pace when not busy.
     fastest: dict[str, float] = field(default_factory=dict)
     working: float = 0.0  # seconds spent in batches
     resting: float = 0.0  # seconds spent resting between them
@@ -131,7 +136,7 @@ def next_step(pace: Pace, table: str, rows: int, seconds: float, waiting: int) -
     """After a batch of ``rows`` that took ``seconds``, with ``waiting`` jobs in the queues:
     adjust ``pace`` and return how long to rest before the next batch.
 
-    Busy (the batch was :data:`SLOW` times slower per row than the run's fastest, or more
+    Busy (the batch was :data:`SLOW` times slower per row than the run's reference, or more
     than :data:`BACKLOG_JOBS` jobs wait): double the rest, up to :data:`MAX_REST` times the
     batch's time. Otherwise halve it, down to :data:`REST`."""
     pace.rows += rows
@@ -139,9 +144,10 @@ def next_step(pace: Pace, table: str, rows: int, seconds: float, waiting: int) -
     pace.working += seconds
     per_row = seconds / rows if rows else 0.0
     fastest = pace.fastest.get(table)
-    if rows and (fastest is None or per_row < fastest):
-        pace.fastest[table] = per_row
     slow = fastest is not None and rows > 0 and per_row > SLOW * fastest
+    if rows:
+        pace.fastest[table] = per_row if fastest is None else min(per_row,
+                                                                  fastest * (1 + DRIFT))
     backlog = waiting > BACKLOG_JOBS
     if slow or backlog:
         pace.rest = min(MAX_REST, pace.rest * 2)
@@ -201,7 +207,7 @@ def run_retention(settings: Settings, dry_run: bool = False, now: datetime | Non
             finished = False
             while True:
                 started = time.monotonic()
-                cur = conn.execute(_DELETE.format(table=table), [since, cutoff, size])
+                cur = conn.execute(DELETE_BATCH.format(table=table), [since, cutoff, size])
                 got = [r[0] for r in cur.fetchall()]
                 took = time.monotonic() - started
                 done = len(got)
