@@ -596,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows in webhook_events for --lifecycle (default %(default)s)")
     parser.add_argument("--retention-rows", type=int, default=1_000_000,
                         help="expired rows --lifecycle's retention run removes per table")
+    parser.add_argument("--lifecycle-load", type=float, default=0.5,
+                        help="--lifecycle's fixed offered load, a share of the saturated rate")
+    parser.add_argument("--pg-set", metavar="NAME=VALUE", action="append", default=[],
+                        help="--lifecycle: a server setting for the embedded Postgres "
+                             "(ALTER SYSTEM; reloadable ones only), repeatable")
     args = parser.parse_args(argv)
     if args.lifecycle:
         return _lifecycle(args)
@@ -650,14 +655,19 @@ def _lifecycle(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     try:
         with servers(tmp) as (_redis_url, _redis_pid, db_url):
+            if args.pg_set:
+                if os.environ.get("DATABASE_URL"):
+                    raise SystemExit("--pg-set changes the server: only with the embedded one "
+                                     "(DATABASE_URL unset)")
+                lifecycle.configure(db_url, args.pg_set)
             results = lifecycle.run(db_url, args.lifecycle_rows, args.retention_rows,
-                                    args.duration)
+                                    args.duration, args.lifecycle_load)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(lifecycle.render(results))
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    return 0 if results["retention_ok"] and results["expired_left"] == 0 else 1
+    return 0 if results["retention_ok"] else 1
 
 
 if __name__ == "__main__":

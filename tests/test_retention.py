@@ -203,3 +203,94 @@ def test_a_run_scheduled_by_an_earlier_version_is_rescheduled_under_the_new_job_
         assert registry.get_job_ids() == [job_id]
     finally:
         rt.close()
+
+
+def test_the_pace_backs_off_when_batches_slow_down_and_comes_back() -> None:
+    pace = retention.Pace()
+    # The first batch sets the table's reference time per row; at that pace the rest is REST.
+    assert retention.next_step(pace, "t", 1000, 0.010, waiting=0) == pytest.approx(
+        0.010 * retention.REST)
+    # Three times slower per row than the reference: the server is busy, the rest doubles.
+    rest = retention.next_step(pace, "t", 1000, 0.030, waiting=0)
+    assert pace.rest == 2 * retention.REST and rest == pytest.approx(0.030 * pace.rest)
+    assert retention.next_step(pace, "t", 1000, 0.030, waiting=0) == pytest.approx(
+        0.030 * 4 * retention.REST)
+    # It stays within MAX_REST times the batch, and MAX_REST_SECONDS.
+    for _ in range(5):
+        rest = retention.next_step(pace, "t", 1000, 0.050, waiting=0)
+    assert pace.rest == retention.MAX_REST
+    assert rest == min(retention.MAX_REST_SECONDS, 0.050 * retention.MAX_REST)
+    # Fast again: the rest halves batch by batch back to REST, never below.
+    for _ in range(20):
+        retention.next_step(pace, "t", 1000, 0.011, waiting=0)
+    assert pace.rest == retention.REST
+    assert pace.backed_off == 7 and pace.batches == 28 and pace.rows == 28_000
+    # Another table has its own reference: slower rows there are not a busy server.
+    retention.next_step(pace, "u", 1000, 0.100, waiting=0)
+    retention.next_step(pace, "u", 1000, 0.110, waiting=0)
+    assert pace.rest == retention.REST and pace.backed_off == 7
+
+
+def test_a_server_that_stays_slower_becomes_the_reference() -> None:
+    # One lucky fast batch (its rows still in memory) must not keep the whole run backed off.
+    pace = retention.Pace()
+    retention.next_step(pace, "t", 1000, 0.002, waiting=0)
+    slow = [retention.next_step(pace, "t", 1000, 0.010, waiting=0) > 0 and
+            pace.rest > retention.REST for _ in range(60)]
+    assert slow[0] and not slow[-1]
+    assert pace.rest == retention.REST
+    # ... and a batch much slower than those just before it still backs off.
+    retention.next_step(pace, "t", 1000, 0.030, waiting=0)
+    assert pace.rest == 2 * retention.REST
+
+
+def test_waiting_jobs_make_the_pace_back_off() -> None:
+    pace = retention.Pace()
+    retention.next_step(pace, "t", 1000, 0.010, waiting=0)
+    # As fast as ever, but more jobs wait than BACKLOG_JOBS: back off, rest BACKLOG_REST at least.
+    rest = retention.next_step(pace, "t", 1000, 0.010, waiting=retention.BACKLOG_JOBS + 1)
+    assert pace.rest == 2 * retention.REST and rest == retention.BACKLOG_REST
+    assert pace.backed_off == 1
+    # A few jobs waiting is ordinary traffic.
+    assert retention.next_step(pace, "t", 1000, 0.010, waiting=retention.BACKLOG_JOBS) < 1.0
+    assert pace.rest == retention.REST
+
+
+def test_a_backlog_in_the_queues_ends_a_slice_and_slows_a_run(
+        make_env: Callable[..., dict[str, str]], database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    env = make_env(database_url, INGEST_RETENTION_DAYS="30", INGEST_EVENTS_RETENTION_DAYS="30")
+    settings = Settings.from_env(env)
+    rt = Runtime(settings)
+    monkeypatch.setattr(retention, "BACKLOG_REST", 0.01)
+    try:
+        fill_old(database_url, 2500, days_ago=60)
+        assert retention.queued_jobs(rt.redis, settings) == 0
+        # Jobs waiting in the sink queue (their content does not matter: only counted).
+        sink_key = f"rq:queue:{settings.names.sink_queue('postgres')}"
+        rt.redis.rpush(sink_key, *[f"job-{i}" for i in range(retention.BACKLOG_JOBS + 1)])
+        assert retention.queued_jobs(rt.redis, settings) == retention.BACKLOG_JOBS + 1
+
+        # A worker's slice removes one batch and stops, leaving its worker to the jobs.
+        pace = retention.Pace()
+        removed = retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace,
+                                          stop_on_backlog=True)
+        assert removed == {"webhook_deliveries": 1000, "webhook_events": 0}
+        assert retention.remaining(settings)
+
+        # The command goes on, backing off after every batch.
+        pace = retention.Pace()
+        removed = retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace)
+        assert removed == {"webhook_deliveries": 1500, "webhook_events": 2500}
+        assert pace.backed_off == pace.batches == 5 and pace.rest == retention.MAX_REST
+
+        # Without the backlog, nothing backs off for it.
+        rt.redis.delete(sink_key)
+        fill_old(database_url, 2000, days_ago=61)
+        pace = retention.Pace(rest=0.0)
+        retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace,
+                                stop_on_backlog=True)
+        assert not retention.remaining(settings)
+        assert pace.batches == 6  # 2 full and an empty last one per table
+    finally:
+        rt.close()

@@ -7,17 +7,27 @@ The worker runs it (:func:`schedule`, :func:`run_slice`); ``ingest retention``
 ``INGEST_EVENTS_RETENTION_DAYS`` to ``webhook_events``, both by ``received_at``. Unset keeps
 forever.
 
-Why batched deletes: rows go a few thousand at a time, each batch its own short transaction
+Why batched deletes: rows go a thousand at a time, each batch its own short transaction
 found through the ``received_at`` index, so no lock is held for long, writers never wait on
 it, and autovacuum keeps up. (Monthly partitions dropped whole would be cheaper still, but
 the sink's ``ON CONFLICT (id)`` and ``(provider, dedup_key)`` need unique constraints over the
 whole table, which a partitioned table only allows when they include the partition key.)
 
+The pace (:class:`Pace`, :func:`next_step`): after each batch the run rests several times as
+long as the batch took, so it deletes a tenth of the time at most. It backs off (longer
+rests) when a batch takes much longer per row than the fastest ones before it, a sign the
+server is busy with something else, and when jobs wait in the ingest or sink
+queues; it comes back to its full pace once neither holds. Each batch deletes by ``ctid``
+(the rows' places in the table), in ``received_at`` order from where the last one stopped:
+no lookup per row through the primary key, and no walk over the index entries of rows
+already deleted.
+
 Workers run it once a day (:func:`schedule`): the first worker to start claims the day's run
 with a Redis ``SET NX`` marker and schedules one job, with a fixed id, through RQ's scheduler
 on the ingest queue. The job works for at most ``SLICE_SECONDS`` and, when rows are left,
 enqueues its next slice behind the batches waiting in the queue: ingestion never waits long
-behind it, however many rows expire, and however many workers there are it runs once.
+behind it, however many rows expire, and however many workers there are it runs once. A slice
+also ends early when jobs are waiting in the queues, so the worker running it turns to them.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
@@ -37,13 +50,32 @@ from workers.runtime import Runtime, current_runtime
 
 log = logging.getLogger("workers.retention")
 
-__all__ = ["TABLES", "cutoffs", "remaining", "run_retention", "run_slice", "schedule"]
+__all__ = ["DELETE_BATCH", "TABLES", "Pace", "cutoffs", "next_step", "queued_jobs",
+           "remaining", "run_retention", "run_slice", "schedule"]
 
-# Rows removed per transaction: small enough that each commit is a few milliseconds.
-BATCH = 5000
-# After each batch, rest this many times as long as the batch took: the deletes use at most
-# about half of one server process, leaving the rest to ingestion.
-YIELD = 1.0
+# Rows removed per transaction: each commit takes a few milliseconds of one server process
+# and writes well under a megabyte of WAL. (Fixed: the pace adapts the rests, so batch times
+# stay comparable with each other.)
+BATCH = 1000
+# After each batch, rest this many times as long as the batch took (9: deleting a tenth of
+# the time at most, a tenth of one server process's core).
+REST = 9.0
+# Longest rest the pace backs off to, as a multiple of the batch's time ...
+MAX_REST = 64.0
+# ... and in seconds, whatever the batch took.
+MAX_REST_SECONDS = 5.0
+# A batch slower per row than this many times the run's reference means the server is busy.
+SLOW = 2.0
+# The reference is the fastest batch per row so far, rising by this share per batch: one lucky
+# early batch (its rows still in memory) does not hold the run backed off for good, and a
+# server that stays slower (a larger table, steady traffic) becomes the new reference within
+# some 15 batches, while a batch slower than those just before still backs off.
+DRIFT = 0.05
+# Jobs waiting in the ingest and sink queues (together) past which the pace backs off, and a
+# scheduled slice ends to let its worker take them.
+BACKLOG_JOBS = 4
+# Least rest (seconds) after a batch while jobs are waiting.
+BACKLOG_REST = 1.0
 # Longest a scheduled retention job works (seconds) before leaving the rest to its next slice.
 SLICE_SECONDS = 20.0
 # Hour of the day (UTC) of the daily run.
@@ -56,6 +88,16 @@ _OLD_SLICE_JOBS = ("ingest.retention.run_slice",)
 # The tables retention applies to, in the order reports print them.
 TABLES = ("webhook_deliveries", "webhook_events")
 
+# The oldest rows first, from where the last batch stopped (received_at >= its newest): the
+# index scan does not walk again over the entries of rows deleted earlier in the run, which
+# stay in the index until vacuum. The rows are locked in the subquery (SKIP LOCKED: a row a
+# replay or an erase is changing now waits for the next run) and deleted by ctid, so the
+# delete finds them without a lookup per row through the primary key.
+DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+           "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
+           "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
 
 def cutoffs(settings: Settings, now: datetime | None = None) -> dict[str, datetime]:
     """Table -> rows received before this instant expire. Tables kept forever are absent."""
@@ -65,35 +107,130 @@ def cutoffs(settings: Settings, now: datetime | None = None) -> dict[str, dateti
     return {t: now - timedelta(days=d) for t, d in days.items() if d is not None}
 
 
+@dataclass
+class Pace:
+    """How fast a retention run goes now, and what it has done. :func:`next_step` changes it
+    after each batch; the totals are for reports (``ingest retention``, the bench)."""
+
+    rest: float = REST
+    # Reference seconds per row, per table (DRIFT): the server's pace when not busy.
+    fastest: dict[str, float] = field(default_factory=dict)
+    working: float = 0.0  # seconds spent in batches
+    resting: float = 0.0  # seconds spent resting between them
+    rows: int = 0
+    batches: int = 0
+    backed_off: int = 0  # batches after which the pace backed off
+
+    def __post_init__(self) -> None:
+        if self.rest < 0:
+            raise ValueError(f"rest must be >= 0, got {self.rest!r}")
+
+    @property
+    def duty(self) -> float:
+        """Share of the run's time spent deleting."""
+        total = self.working + self.resting
+        return self.working / total if total else 0.0
+
+
+def next_step(pace: Pace, table: str, rows: int, seconds: float, waiting: int) -> float:
+    """After a batch of ``rows`` that took ``seconds``, with ``waiting`` jobs in the queues:
+    adjust ``pace`` and return how long to rest before the next batch.
+
+    Busy (the batch was :data:`SLOW` times slower per row than the run's reference, or more
+    than :data:`BACKLOG_JOBS` jobs wait): double the rest, up to :data:`MAX_REST` times the
+    batch's time. Otherwise halve it, down to :data:`REST`."""
+    pace.rows += rows
+    pace.batches += 1
+    pace.working += seconds
+    per_row = seconds / rows if rows else 0.0
+    fastest = pace.fastest.get(table)
+    slow = fastest is not None and rows > 0 and per_row > SLOW * fastest
+    if rows:
+        pace.fastest[table] = per_row if fastest is None else min(per_row,
+                                                                  fastest * (1 + DRIFT))
+    backlog = waiting > BACKLOG_JOBS
+    if slow or backlog:
+        pace.rest = min(MAX_REST, pace.rest * 2)
+        pace.backed_off += 1
+    else:
+        pace.rest = max(REST, pace.rest / 2)
+    rest = min(MAX_REST_SECONDS, seconds * pace.rest)
+    if backlog:
+        rest = max(rest, BACKLOG_REST)
+    return rest
+
+
+def queued_jobs(redis: Redis, settings: Settings) -> int:
+    """Jobs waiting (not yet started) in the ingest queue and every sink queue."""
+    names = settings.names
+    pipe = redis.pipeline(transaction=False)
+    for queue in [names.ingest_queue, *(names.sink_queue(s) for s in settings.sinks)]:
+        pipe.llen(f"rq:queue:{queue}")
+    return sum(int(n) for n in pipe.execute())
+
+
+def _waiting(redis: Redis | None, settings: Settings) -> int:
+    if redis is None:
+        return 0
+    try:
+        return queued_jobs(redis, settings)
+    except RedisError as exc:
+        # The pace still follows the batches' own times; the run does not stop for Redis.
+        log.warning("retention cannot read the queues' length (%s); pacing without it",
+                    type(exc).__name__)
+        return 0
+
+
 def run_retention(settings: Settings, dry_run: bool = False, now: datetime | None = None,
                   deadline: float | None = None, batch: int | None = None,
-                  progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
+                  progress: Callable[[str, int], None] | None = None,
+                  redis: Redis | None = None, pace: Pace | None = None,
+                  stop_on_backlog: bool = False) -> dict[str, int]:
     """Remove (or, dry, count) what is older than the retention; returns rows per table.
-    Stops at ``deadline`` (time.monotonic()) when one is given, after one batch at least."""
-    batch = batch or BATCH
-    removed: dict[str, int] = {}
+
+    Stops at ``deadline`` (time.monotonic()) when one is given, after one batch at least, and
+    with ``stop_on_backlog`` as soon as jobs wait in the queues (a worker's slice). With
+    ``redis``, the pace backs off while jobs wait; ``pace`` (else a new one at full pace)
+    holds the pace and, afterwards, what the run did. ``batch``: rows per batch."""
+    pace = pace or Pace()
+    size = batch or BATCH
     limits = cutoffs(settings, now)
+    removed = dict.fromkeys(limits, 0)
     with connect(settings.require_database(), autocommit=True) as conn:
         for table, cutoff in limits.items():
-            removed[table] = 0
             if dry_run:
                 row = conn.execute(f"SELECT count(*) FROM {table} WHERE received_at < %s",
                                    [cutoff]).fetchone()
                 removed[table] = int(row[0]) if row else 0
                 continue
+            since = _EPOCH
+            finished = False
             while True:
                 started = time.monotonic()
-                # SKIP LOCKED: a row a replay is updating now waits for the next run.
-                cur = conn.execute(
-                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
-                    f"WHERE received_at < %s LIMIT %s FOR UPDATE SKIP LOCKED)", [cutoff, batch])
-                done = cur.rowcount
+                cur = conn.execute(DELETE_BATCH.format(table=table), [since, cutoff, size])
+                got = [r[0] for r in cur.fetchall()]
+                took = time.monotonic() - started
+                done = len(got)
+                if got:
+                    since = max(got)
                 removed[table] += done
                 if progress is not None and done:
                     progress(table, done)
-                if done < batch or (deadline is not None and time.monotonic() >= deadline):
+                waiting = _waiting(redis, settings)
+                rest = next_step(pace, table, done, took, waiting)
+                log.debug("retention batch: %d rows from %s in %.1f ms, %d jobs waiting; "
+                          "resting %.1f ms", done, table, took * 1000, waiting, rest * 1000)
+                if done < size:
+                    finished = True
                     break
-                time.sleep((time.monotonic() - started) * YIELD)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if stop_on_backlog and waiting > BACKLOG_JOBS:
+                    break
+                time.sleep(rest)
+                pace.resting += rest
+            if not finished:
+                break  # out of time, or jobs are waiting: the rest is for the next slice
     return removed
 
 
@@ -155,7 +292,12 @@ def _repair(runtime: Runtime, job_id: str, day: str) -> bool:
 def run_slice(day: str, part: int) -> dict[str, int]:
     """RQ job: one slice of the day's run; enqueues the next slice, or schedules tomorrow."""
     rt = current_runtime()
-    removed = run_retention(rt.settings, deadline=time.monotonic() + SLICE_SECONDS)
+    pace = Pace()
+    # Jobs waiting end the slice: this worker turns to them, the next slice queues behind.
+    removed = run_retention(rt.settings, deadline=time.monotonic() + SLICE_SECONDS,
+                            redis=rt.redis, pace=pace, stop_on_backlog=True)
+    log.info("retention %s part %d: removed %s in %d batches, deleting %.0f%% of %.1f s",
+             day, part, removed, pace.batches, pace.duty * 100, pace.working + pace.resting)
     if remaining(rt.settings):
         queue = rt.ingest_queue
         enqueue_unique(queue, make_job(

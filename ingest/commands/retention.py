@@ -5,7 +5,8 @@ Example::
     INGEST_RETENTION_DAYS=30 INGEST_EVENTS_RETENTION_DAYS=400 ingest retention --dry-run
 
 The removal itself (batched deletes, paced so ingestion keeps its rate) is the workers' daily
-job, in workers.retention; this command runs it once, now, with a progress line.
+job, in workers.retention; this command runs it once, now, with a progress line. With
+``REDIS_URL`` set it also backs off while jobs wait in the queues.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from workers.retention import TABLES, cutoffs, run_retention
+    from ingest.redis_conn import worker_redis
+    from workers.retention import TABLES, Pace, cutoffs, run_retention
 
     settings = Settings.from_env()
     limits = cutoffs(settings)
@@ -42,7 +44,14 @@ def cmd_retention(args: argparse.Namespace) -> int:
             bar.update(task, description="removed " + ", ".join(
                 f"{c} from {t}" for t, c in counts.items()))
 
-        removed = run_retention(settings, dry_run=args.dry_run, progress=tick)
+        pace = Pace()
+        redis = worker_redis(settings.redis_url) if settings.redis_url else None
+        try:
+            removed = run_retention(settings, dry_run=args.dry_run, progress=tick, redis=redis,
+                                    pace=pace)
+        finally:
+            if redis is not None:
+                redis.close()
     table = Table(title="ingest retention" + (" (dry run: nothing changed)" if args.dry_run
                                               else ""))
     table.add_column("table")
@@ -54,6 +63,12 @@ def cmd_retention(args: argparse.Namespace) -> int:
         else:
             table.add_row(name, "(kept forever)", "0")
     console.print(table)
+    if pace.batches:
+        took = pace.working + pace.resting
+        console.print(f"{pace.rows} rows in {took:.1f} s ({pace.rows / took if took else 0:.0f}"
+                      f" rows/s), deleting {pace.duty:.0%} of the time"
+                      + (f"; backed off after {pace.backed_off} of {pace.batches} batches"
+                         if pace.backed_off else ""))
     return 0
 
 
