@@ -135,3 +135,24 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
     except (TimeoutError, ConnectionResetError):
         pass
     return data
+
+
+def redis_values(redis: Redis, namespace: str) -> Iterator[tuple[bytes, list[bytes]]]:
+    """(key, every value it holds, whatever its type) for each key of the namespace: what a
+    test searches to tell that nothing in Redis still holds some data."""
+    for key in redis.scan_iter(match=f"*{namespace}*", count=1000):
+        kind = redis.type(key)
+        values: list[bytes] = []
+        if kind == b"string":
+            values = [redis.get(key) or b""]
+        elif kind == b"hash":
+            values = [v for pair in redis.hgetall(key).items() for v in pair]
+        elif kind == b"list":
+            values = redis.lrange(key, 0, -1)
+        elif kind == b"set":
+            values = list(redis.smembers(key))
+        elif kind == b"zset":
+            values = redis.zrange(key, 0, -1)
+        elif kind == b"stream":
+            values = [v for _, entry in redis.xrange(key) for pair in entry.items() for v in pair]
+        yield key, values

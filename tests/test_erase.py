@@ -30,7 +30,7 @@ from ingest.commands.erase import EmailSubject, ResourceSubject, erase
 from ingest.events import Delivery, Event
 from ingest.acceptor.spool import encode_record, read_segment
 from sinks.outbox import Outbox
-from tests.helpers import drain, rows
+from tests.helpers import drain, redis_values, rows
 from tests.sinks.conftest import outboundry_delivery
 from workers.runtime import Runtime
 
@@ -53,21 +53,7 @@ def redis_mentions(rt: Runtime, namespace: str, needle: str) -> list[str]:
     ``needle``, case-insensitively."""
     redis, needle = rt.redis, needle.lower()
     found = []
-    for key in redis.scan_iter(match=f"*{namespace}*", count=1000):
-        kind = redis.type(key)
-        values: list[bytes] = []
-        if kind == b"string":
-            values = [redis.get(key) or b""]
-        elif kind == b"hash":
-            values = [v for pair in redis.hgetall(key).items() for v in pair]
-        elif kind == b"list":
-            values = redis.lrange(key, 0, -1)
-        elif kind == b"set":
-            values = list(redis.smembers(key))
-        elif kind == b"zset":
-            values = redis.zrange(key, 0, -1)
-        elif kind == b"stream":
-            values = [v for _, entry in redis.xrange(key) for pair in entry.items() for v in pair]
+    for key, values in redis_values(redis, namespace):
         if any(needle in text.lower() for v in values for text in _texts(v)):
             found.append(key.decode())
     return found

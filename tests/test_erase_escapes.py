@@ -30,7 +30,7 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.rq_jobs import enqueue_batch, make_job
 from sinks.outbox import Outbox
-from tests.helpers import drain, rows
+from tests.helpers import drain, redis_values, rows
 from tests.sinks.conftest import outboundry_delivery
 from tests.test_erase import event_jobs, job_args
 from workers.runtime import Runtime
@@ -79,19 +79,7 @@ def holds(raw: bytes | str, needle: str) -> bool:
 def redis_holding(rt: Runtime, namespace: str, needle: str) -> list[str]:
     """Keys of the namespace (any type) one of whose values holds ``needle``, decoded."""
     redis, found = rt.redis, []
-    for key in redis.scan_iter(match=f"*{namespace}*", count=1000):
-        kind = redis.type(key)
-        values: list[bytes] = []
-        if kind == b"string":
-            values = [redis.get(key) or b""]
-        elif kind == b"hash":
-            values = [v for pair in redis.hgetall(key).items() for v in pair]
-        elif kind == b"list":
-            values = redis.lrange(key, 0, -1)
-        elif kind in (b"set", b"zset"):
-            values = list(redis.smembers(key)) if kind == b"set" else redis.zrange(key, 0, -1)
-        elif kind == b"stream":
-            values = [v for _, entry in redis.xrange(key) for pair in entry.items() for v in pair]
+    for key, values in redis_values(redis, namespace):
         if any(holds(v, needle) for v in values):
             found.append(key.decode())
     return found
