@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import psutil
 import psycopg
+import psycopg.sql
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job
@@ -138,15 +140,39 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+def configure_postgres(url: str, settings: Sequence[str]) -> bool:
+    """``NAME=VALUE`` server settings, through ALTER SYSTEM and a reload. True when one of
+    them takes effect only once the server restarts (shared_buffers, for one)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            if not re.fullmatch(r"[a-z_]+", name) or not value:
+                raise SystemExit(f"--pg-set wants NAME=VALUE, got {setting!r}")
+            conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.2)  # the reload reaches every backend's view of pg_settings
+        row = conn.execute("SELECT count(*) FROM pg_settings WHERE pending_restart").fetchone()
+    return bool(row and row[0])
+
+
 @contextlib.contextmanager
-def servers(tmp: Path) -> Iterator[tuple[str, int, str]]:
+def servers(tmp: Path, pg_settings: Sequence[str] = ()) -> Iterator[tuple[str, int, str]]:
+    """Redis and Postgres (embedded unless DATABASE_URL is set) and a database of our own.
+    ``pg_settings``: ``NAME=VALUE`` for the embedded Postgres, restarted when one needs it."""
     redis = EmbeddedRedis(tmp / "redis", appendonly=True).start()
     assert redis.process is not None
     pg: EmbeddedPostgres | None = None
     admin = os.environ.get("DATABASE_URL")
+    if admin and pg_settings:
+        raise SystemExit("--pg-set changes the server: only with the embedded one "
+                         "(DATABASE_URL unset)")
     if not admin:
         pg = EmbeddedPostgres(tmp / "pg").start()
         admin = pg.url
+        if pg_settings and configure_postgres(admin, pg_settings):
+            pg.stop()  # shared_buffers and the like take effect at start only
+            pg.start()
     name = "bench_" + uuid.uuid4().hex[:10]
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -595,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lifecycle-rows", type=int, default=10_000_000,
                         help="rows in webhook_events for --lifecycle (default %(default)s)")
     parser.add_argument("--retention-rows", type=int, default=1_000_000,
-                        help="expired rows --lifecycle's retention run removes per table")
+                        help="expired rows --lifecycle's retention run removes per table "
+                             "(0: measure the large table only)")
     parser.add_argument("--lifecycle-load", type=float, default=0.5,
                         help="--lifecycle's fixed offered load, a share of the saturated rate")
     parser.add_argument("--pg-set", metavar="NAME=VALUE", action="append", default=[],
@@ -654,12 +681,7 @@ def _lifecycle(args: argparse.Namespace) -> int:
     log(machine())
     tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     try:
-        with servers(tmp) as (_redis_url, _redis_pid, db_url):
-            if args.pg_set:
-                if os.environ.get("DATABASE_URL"):
-                    raise SystemExit("--pg-set changes the server: only with the embedded one "
-                                     "(DATABASE_URL unset)")
-                lifecycle.configure(db_url, args.pg_set)
+        with servers(tmp, args.pg_set) as (_redis_url, _redis_pid, db_url):
             results = lifecycle.run(db_url, args.lifecycle_rows, args.retention_rows,
                                     args.duration, args.lifecycle_load)
     finally:

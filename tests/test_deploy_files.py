@@ -203,6 +203,17 @@ def test_postgres_keeps_its_data_and_reports_health_over_tcp() -> None:
     assert url.startswith("postgresql://ingest:") and url.endswith("@postgres:5432/ingest")
 
 
+def test_postgres_gets_shared_buffers_for_a_large_archive() -> None:
+    """Postgres's default 128 MB of shared buffers holds a 10-million-event table's hot
+    indexes no longer (bench --lifecycle): compose raises it, and .env.example says how."""
+    command = services()["postgres"]["command"]
+    assert command[0] == "postgres"
+    settings = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command)
+                    if arg == "-c")
+    assert settings["shared_buffers"] == "${POSTGRES_SHARED_BUFFERS:-1GB}"
+    assert "# POSTGRES_SHARED_BUFFERS=1GB" in (ROOT / ".env.example").read_text()
+
+
 def test_acceptor_healthcheck_is_readiness_and_its_spool_is_a_volume() -> None:
     acceptor = services()["acceptor"]
     assert parse(acceptor["command"], "acceptor").command == "serve"

@@ -127,6 +127,9 @@ def scene(runtime: Runtime, settings: Settings, namespace: str) -> dict[str, Any
     spooled_jane, spooled_bob = jane(), bob()
     (spool / "seg-00000000000000000001-1-aa.log").write_bytes(
         encode_record(spooled_jane) + encode_record(spooled_bob))
+    # The copy an earlier rewrite of that segment left when it was cut off before its rename.
+    (spool / ".rewrite-seg-00000000000000000001-1-aa.log.tmp").write_bytes(
+        encode_record(spooled_jane) + encode_record(spooled_bob))
     # The Slack outbox: both people's events waiting to be posted.
     box = Outbox(rt.redis, rt.names.key("slack:test:"), interval=1, digest_after=3,
                  digest_max=10, done_ttl=600, claim_seconds=10)
@@ -154,7 +157,7 @@ def test_erase_removes_the_address_everywhere_and_keeps_everyone_else(
     assert "dry run" in out and JANE.lower() not in out.lower()
     assert sorted(redis_mentions(rt, namespace, JANE)) == before_redis
     assert db_mentions(database_url, JANE)["webhook_events"] == 1
-    assert spool_mentions(spool, JANE) == 1
+    assert spool_mentions(spool, JANE) == 2  # the segment and the leftover copy
 
     # Not a terminal and no --yes: refuses, says what to pass.
     assert main(["erase", "--email", JANE]) == 2
@@ -176,6 +179,7 @@ def test_erase_removes_the_address_everywhere_and_keeps_everyone_else(
     assert counts["webhook_events"] == counts["webhook_deliveries"] == 1
     assert counts["webhook_records"] == 1
     assert counts["spool records"] == 1 and counts["slack outbox"] == 1
+    assert counts["spool rewrite leftovers"] == 1
     # finished stored batch, poison, queued mixed (rewritten), queued jane-only, crm retry
     assert counts["rq jobs removed"] == 2 and counts["rq jobs rewritten"] >= 3
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from ingest.acceptor.spool import (
     Spool,
     encode_record,
     read_segment,
+    remove_stale_rewrites,
     rewrite_segment,
     segment_files,
 )
@@ -302,6 +305,28 @@ def test_rewrite_segment_drops_an_unreadable_rest_on_request_and_removes_an_empt
     gone = rewrite_segment(path, lambda r: None)
     assert gone.deleted and not path.exists()
     assert rewrite_segment(path, lambda r: None).gone
+
+
+def test_copies_a_cut_off_rewrite_left_are_removed_unless_a_rewrite_holds_their_segment(
+        tmp_path: Path) -> None:
+    record = encode_record(envelope(1))
+    held, idle = (tmp_path / f"seg-0000000000000000000{n}-dead-0000.log" for n in (1, 2))
+    for segment in (held, idle):
+        segment.write_bytes(record)
+        (tmp_path / f".rewrite-{segment.name}.tmp").write_bytes(record)
+    (tmp_path / ".rewrite-seg-00000000000000000003-dead-0000.log.tmp").write_bytes(record)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a rewrite in progress
+        # The idle segment's copy and the copy of a segment drained since go; the held stays.
+        assert remove_stale_rewrites(tmp_path) == 2
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".rewrite-{held.name}.tmp", held.name, idle.name]
+    assert idle.read_bytes() == record  # segments themselves are never touched
+    assert remove_stale_rewrites(tmp_path) == 1
+    assert remove_stale_rewrites(tmp_path / "missing") == 0
 
 
 def test_rewrite_segment_leaves_a_segment_a_live_process_holds(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ forever.
 Why batched deletes: rows go a thousand at a time, each batch its own short transaction
 found through the ``received_at`` index, so no lock is held for long, writers never wait on
 it, and autovacuum keeps up. (Monthly partitions dropped whole would be cheaper still, but
-the sink's ``ON CONFLICT (id)`` and ``(provider, dedup_key)`` need unique constraints over the
-whole table, which a partitioned table only allows when they include the partition key.)
+the sink's ``ON CONFLICT`` needs the primary key, ``id`` (which keeps ``(provider,
+dedup_key)`` unique too), over the whole table, which a partitioned table only allows when it
+includes the partition key.)
 
 The pace (:class:`Pace`, :func:`next_step`): after each batch the run rests several times as
 long as the batch took, so it deletes a tenth of the time at most. It backs off (longer

@@ -63,7 +63,7 @@ from ingest import constants
 from ingest.rq_jobs import enqueue_batch
 
 __all__ = ["SegmentContents", "SegmentRewrite", "Spool", "encode_record", "read_segment",
-           "rewrite_segment", "segment_files"]
+           "remove_stale_rewrites", "rewrite_segment", "segment_files"]
 
 log = logging.getLogger("ingest.acceptor.spool")
 
@@ -208,6 +208,36 @@ def rewrite_segment(path: Path, edit: Callable[[dict[str, Any]], dict[str, Any] 
         return result
     finally:
         os.close(fd)
+
+
+def remove_stale_rewrites(directory: Path) -> int:
+    """Remove the temporary copies :func:`rewrite_segment` left when it was cut off before
+    its rename (a crash, a kill). Such a copy is never drained and would keep what it holds
+    (other people's deliveries) past any erase or retention. A copy whose segment is locked
+    belongs to a rewrite in progress (or a drainer) and stays. Returns how many went."""
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for tmp in directory.glob(".rewrite-*.tmp"):
+        segment = directory / tmp.name[len(".rewrite-"):-len(".tmp")]
+        try:
+            fd = os.open(segment, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # the segment was drained or removed since: the copy is of nothing
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being rewritten (or drained) right now
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    if removed:
+        _fsync_dir(directory)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

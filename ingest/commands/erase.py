@@ -78,7 +78,7 @@ _POLL = 0.5
 # without the subject's events (other people's stay); the other counts are of what went.
 PLACES = (
     "spool records", "spool records rewritten", "spool segments in use",
-    "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
+    "spool rewrite leftovers", "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
     "rq events removed", "rq jobs still running", "slack outbox",
     "webhook_events", "webhook_deliveries", "webhook_deliveries rewritten", "webhook_records",
 )
@@ -116,9 +116,13 @@ class _Scope:
 
 
 def _erase_spool(directory: Path, scope: _Scope) -> None:
-    from ingest.acceptor.spool import rewrite_segment, segment_files
+    from ingest.acceptor.spool import remove_stale_rewrites, rewrite_segment, segment_files
 
     counts, subject = scope.report.counts, scope.subject
+    if not scope.report.dry_run:
+        # Copies an earlier rewrite left when it was cut off: no drain ever reads them, and
+        # the subject may be in them. Their segments are intact (or drained), so they go.
+        counts["spool rewrite leftovers"] += remove_stale_rewrites(directory)
     for path in segment_files(directory):
         done = rewrite_segment(
             path, scope.delivery, dry_run=scope.report.dry_run,

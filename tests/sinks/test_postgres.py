@@ -112,16 +112,28 @@ def test_a_long_dedup_key_is_stored_once(database_url: str) -> None:
     assert len(rows(database_url, "SELECT id FROM webhook_events")) == 1
 
 
-def test_the_digest_index_keeps_provider_and_dedup_key_unique(database_url: str) -> None:
-    import psycopg
+def test_one_row_per_provider_and_dedup_key_whatever_else_the_copies_carry(
+        database_url: str) -> None:
+    """The primary key alone keeps (provider, dedup_key) unique (migration 0007): the event id
+    is derived from them, so a copy that differs in everything else is still the same row,
+    and the same key from another provider is another event."""
+    import dataclasses
 
-    with psycopg.connect(database_url) as conn:
-        insert = ("INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
-                  "occurred_at, received_at, data) VALUES (gen_random_uuid(), 'p', 'same', "
-                  "'t', 'unknown', now(), now(), '{}')")
-        conn.execute(insert)
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute(insert)
+    events, deliveries = _outboundry_events(database_url, 1)
+    first = events[0]
+    copy = dataclasses.replace(first, kind="email.bounced", data={"other": True},
+                               occurred_at=first.occurred_at.replace(year=2020))
+    other = dataclasses.replace(first, provider="mailstand")
+    assert copy.id == first.id and other.id != first.id
+    sink = PostgresSink(database_url)
+    try:
+        sink.send([first], deliveries=deliveries)
+        sink.send([copy, other], deliveries=deliveries)
+    finally:
+        sink.close()
+    stored = rows(database_url, "SELECT provider, kind FROM webhook_events ORDER BY provider")
+    assert [(r["provider"], r["kind"]) for r in stored] == [
+        ("mailstand", first.kind), ("outboundry", first.kind)]
 
 
 def test_one_batch_about_one_record_several_times_stores_every_event_and_the_newest_state(
