@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -147,3 +148,55 @@ def test_urls_queries_and_credentials_are_masked_in_lines(
     for leaked in ("k-123456", "abcdef123456", "slackpath", "/hooks/abc"):
         assert leaked not in message
     assert "https://crm.example/…" in message
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_worker_writes_one_line_per_job_of_its_own_and_rqs_only_at_debug(
+        make_env: Any, database_url: str, capsys: pytest.CaptureFixture[str], level: str) -> None:
+    """At info, each job gives our own line with its job id ("batch processed", "delivered");
+    RQ's own two lines per job (taken, OK) and its result-lifespan line are not written.
+    At debug, RQ's per-job lines are there again, for tracing."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from ingest.rq_jobs import enqueue_batch
+    from workers.runner import run_worker
+    from workers.runtime import Runtime, install_runtime
+
+    settings = Settings.from_env(make_env(database_url, INGEST_LOG_LEVEL=level))
+    setup_logging("json", level=log_level(settings))  # as `ingest worker` does
+    rt = Runtime(settings)
+    body = orjson.dumps({"event": "lead.created", "resource": "lead", "action": "created",
+                         "workspaceId": "ws", "timestamp": "2026-06-04T05:49:00Z",
+                         "data": {"id": "lead_1", "email": "p1@example.com"}}).decode()
+    job_id = rt.names.job_id("batch", uuid.uuid4().hex)
+    enqueue_batch(rt.ingest_queue, [{"id": str(uuid.uuid4()), "provider": "outcaller",
+                                     "received_at": datetime.now(timezone.utc).isoformat(),
+                                     "headers": {}, "body": body}], job_id)
+    previous = install_runtime(None)
+    try:
+        for queue in (rt.names.ingest_queue, rt.names.sink_queue("postgres")):
+            try:
+                assert run_worker(settings, [queue], burst=True) == 0
+            finally:
+                workers_own = install_runtime(None)  # run_worker installs one of its own
+                if workers_own is not None:
+                    workers_own.close()
+    finally:
+        install_runtime(previous)
+        rt.close()
+    records = [orjson.loads(line) for line in lines(capsys)]
+    ours = {r["message"].split(":")[0]: r for r in records if r["logger"] == "workers.jobs"}
+    assert ours["batch processed"]["job_id"] == job_id
+    assert ours["delivered 1 events to postgres"]["job_id"].startswith(
+        rt.names.job_id("deliver-postgres", ""))
+    rq_per_job = [r for r in records if r["logger"] == "rq.worker"
+                  and ("Job OK" in r["message"] or r["message"].endswith(job_id)
+                       or "result is kept" in r["message"])]
+    if level == "info":
+        assert rq_per_job == []
+        # RQ's other lines still pass: the worker saying it starts.
+        assert any("started with PID" in r["message"] for r in records
+                   if r["logger"] == "rq.worker")
+    else:
+        assert any("Job OK" in r["message"] for r in rq_per_job)

@@ -241,8 +241,10 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     for e in evs:
         metrics.LAG_SECONDS.labels(sink_name).observe((now - e.received_at).total_seconds())
     metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
+    job = get_current_job()
     log.info("delivered %d events to %s", len(evs), sink_name,
-             extra={"sink": sink_name, "count": len(evs)})
+             extra={"sink": sink_name, "count": len(evs),
+                    "job_id": job.id if job is not None else "direct"})
     return {"delivered": len(evs)}
 
 

@@ -111,6 +111,9 @@ def die_with_parent() -> None:
 class IngestWorker(SimpleWorker):
     """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned."""
 
+    # RQ's line per job saying how long its result is kept: always RESULT_TTL here.
+    log_result_lifespan = False
+
     def __init__(self, *args: Any, names: constants.Names,
                  abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
