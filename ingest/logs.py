@@ -22,8 +22,8 @@ import orjson
 from ingest.exceptions import ConfigError
 from ingest.redaction import clean_line, redact_text
 
-__all__ = ["ALLOWED_FIELDS", "JsonFormatter", "RedactFilter", "RqPerJobFilter", "TextFormatter", "log_level",
-           "setup_logging"]
+__all__ = ["ALLOWED_FIELDS", "JsonFormatter", "RedactFilter", "RqPerJobFilter", "TextFormatter",
+           "log_level", "setup_logging"]
 
 # The extra fields a line may carry; any other is dropped (it may hold a body or a contact).
 ALLOWED_FIELDS = frozenset({

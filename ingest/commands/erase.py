@@ -78,7 +78,8 @@ _POLL = 0.5
 # without the subject's events (other people's stay); the other counts are of what went.
 PLACES = (
     "spool records", "spool records rewritten", "spool segments in use",
-    "spool rewrite leftovers", "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
+    "spool rewrite leftovers",
+    "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
     "rq events removed", "rq jobs still running", "slack outbox",
     "webhook_events", "webhook_deliveries", "webhook_deliveries rewritten", "webhook_records",
 )
