@@ -126,9 +126,10 @@ class TextFormatter(logging.Formatter):
 
 class RqPerJobFilter(logging.Filter):
     """Drops the two INFO lines RQ's worker writes for every job (taken from the queue, done):
-    our own line per job ("batch processed", "delivered") says the same with the job id, and
-    RQ's two cost the workers about 3% of their CPU per event (docs/performance.md). RQ's other
-    lines (start, stop, warnings, failures) pass; at INGEST_LOG_LEVEL=debug these pass too."""
+    our own line per job ("batch processed", "delivered") says the same with the job id. With
+    RQ's result-lifespan line (off in workers.watchdog) they cost the workers a few percent of
+    their CPU per event (docs/performance.md). RQ's other lines (start, stop, warnings,
+    failures) pass; at INGEST_LOG_LEVEL=debug these pass too."""
 
     _PER_JOB = frozenset({"Worker %s: %s: %s", "Worker %s: %s: %s (%s)"})
 
