@@ -142,7 +142,9 @@ def _with_database(url: str, name: str) -> str:
 
 def configure_postgres(url: str, settings: Sequence[str]) -> bool:
     """``NAME=VALUE`` server settings, through ALTER SYSTEM and a reload. True when one of
-    them takes effect only once the server restarts (shared_buffers, for one)."""
+    them takes effect only once the server restarts (context "postmaster": shared_buffers,
+    for one)."""
+    names = []
     with psycopg.connect(url, autocommit=True) as conn:
         for setting in settings:
             name, _, value = setting.partition("=")
@@ -150,9 +152,10 @@ def configure_postgres(url: str, settings: Sequence[str]) -> bool:
                 raise SystemExit(f"--pg-set wants NAME=VALUE, got {setting!r}")
             conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
                 psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+            names.append(name)
         conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.2)  # the reload reaches every backend's view of pg_settings
-        row = conn.execute("SELECT count(*) FROM pg_settings WHERE pending_restart").fetchone()
+        row = conn.execute("SELECT count(*) FROM pg_settings WHERE name = ANY(%s) "
+                           "AND context = 'postmaster'", [names]).fetchone()
     return bool(row and row[0])
 
 

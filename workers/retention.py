@@ -95,8 +95,8 @@ TABLES = ("webhook_deliveries", "webhook_events")
 # replay or an erase is changing now waits for the next run) and deleted by ctid, so the
 # delete finds them without a lookup per row through the primary key.
 DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
-           "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
-           "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
+                "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
+                "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 

@@ -69,8 +69,8 @@ from ingest.config import Settings
 from ingest.events import Delivery
 from ingest.providers import Provider
 
-__all__ = ["DELIVERIES", "EVENTS_BY_INDEX", "PLACES", "EmailSubject", "ErasureReport", "ResourceSubject", "Subject",
-           "add_command", "erase", "parse_resource"]
+__all__ = ["DELIVERIES", "EVENTS_BY_INDEX", "PLACES", "EmailSubject", "ErasureReport",
+           "ResourceSubject", "Subject", "add_command", "erase", "parse_resource"]
 
 # Seconds between looks at started jobs that hold the subject, while erase waits for them.
 _POLL = 0.5
