@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import zlib
 from typing import Any
 
@@ -98,14 +99,29 @@ def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
     )
 
 
+# When this process last added each queue to RQ's set of queues (``rq:queues``), by key.
+_registered: dict[str, float] = {}
+
+
 def enqueue_unique(queue: Queue, job: Job) -> bool:
     """Write ``job`` unless a job with its id exists. True when this call wrote it; False
-    when an earlier attempt (whose reply was lost) or another worker already had."""
-    try:
-        queue.enqueue_job(job, unique=True)
-        return True
-    except DuplicateJobError:
-        return False
+    when an earlier attempt (whose reply was lost) or another worker already had.
+
+    RQ adds the queue to its set of queues in a round trip of its own before each write (the
+    write itself is one script call). Here that happens at most once per
+    ``QUEUE_REGISTER_EVERY`` seconds per queue: RQ queues it on the pipeline it is given, and
+    the pipeline is sent only when it is due."""
+    with queue.connection.pipeline(transaction=False) as registration:
+        try:
+            # With unique=True, RQ writes the job at once (the script ignores the pipeline).
+            queue.enqueue_job(job, pipeline=registration, unique=True)
+        except DuplicateJobError:
+            return False
+        last = _registered.get(queue.key)
+        if last is None or time.monotonic() - last >= constants.QUEUE_REGISTER_EVERY:
+            registration.execute()
+            _registered[queue.key] = time.monotonic()
+    return True
 
 
 def enqueue_new(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,

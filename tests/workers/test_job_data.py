@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+import redis.connection as rc
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -74,3 +75,27 @@ def test_job_data_is_compressed_at_level_1_and_plain_rq_reads_it(runtime: Any) -
     job = Job.fetch(job_id, connection=runtime.redis, serializer=JSONSerializer)
     assert list(job.args) == [envelopes]
 
+
+def test_a_queue_joins_rqs_set_of_queues_once_per_period_not_per_job(runtime: Any) -> None:
+    queue = runtime.sink_queue("postgres")
+    sent: list[bytes] = []
+    original = rc.AbstractConnection.send_packed_command
+
+    def counting(conn: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        original(conn, command, check_health)
+
+    job_ids = [runtime.names.job_id("deliver-postgres", uuid.uuid4().hex) for _ in range(3)]
+    rc.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        for job_id in job_ids:
+            assert enqueue_new(queue, constants.DELIVER, ("postgres", [], None), job_id, None,
+                               "deliver")
+        assert not enqueue_new(queue, constants.DELIVER, ("postgres", [], None), job_ids[0],
+                               None, "deliver")  # the same id again: not written twice
+    finally:
+        rc.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+    assert queue.get_job_ids() == job_ids
+    assert runtime.redis.sismember("rq:queues", queue.key)
+    assert sum(b"SADD" in command and b"rq:queues" in command for command in sent) == 1
+    assert sum(b"EVALSHA" in command for command in sent) == 4  # one script call per write
