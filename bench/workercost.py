@@ -31,7 +31,6 @@ import psutil
 import psycopg
 from redis import Redis
 from redis.connection import AbstractConnection
-from rq.serializers import JSONSerializer
 
 __all__ = ["main"]
 
@@ -97,6 +96,7 @@ def _servers(tmp: Path) -> Iterator[tuple[str, int, str]]:
 
 def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
            profile: str | None = None) -> dict[str, float]:
+    from ingest.rq_jobs import FastJSONSerializer
     from workers.watchdog import IngestWorker
 
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -111,7 +111,7 @@ def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
             return out
 
         jobs = rt.redis.llen(f"rq:queue:{queue}")
-        worker = IngestWorker([rt.queue(queue)], connection=rt.redis, serializer=JSONSerializer,
+        worker = IngestWorker([rt.queue(queue)], connection=rt.redis, serializer=FastJSONSerializer,
                               name=f"cost-{uuid.uuid4().hex[:8]}", names=rt.names,
                               log_job_description=False)
         pg_before = _cpu(backends())

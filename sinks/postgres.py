@@ -400,8 +400,13 @@ class PostgresSink:
         deliveries = deliveries or {}
         try:
             conn = self._connection()
-            with conn.transaction(), conn.cursor() as cur:
+            # In pipeline mode: BEGIN and the events and records statements go out together,
+            # then the deliveries (which depend on the events' reply) with the COMMIT: two
+            # round trips to Postgres per batch instead of five.
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur, \
+                    conn.cursor() as records:
                 cur.execute(_INSERT_EVENTS, [_json_rows([_event_values(e) for e in events])])
+                _upsert_records(records, events)
                 new_deliveries = {str(row[0]) for row in cur.fetchall() if row[0] is not None}
                 missing = new_deliveries - deliveries.keys()
                 if missing:
@@ -414,7 +419,6 @@ class PostgresSink:
                          "body": d.body,
                          "erased_at": d.erased_at.isoformat() if d.erased_at else None}
                         for d in (deliveries[i] for i in sorted(new_deliveries))])])
-                _upsert_records(cur, events)
         except (safejson.Unserializable, RecursionError) as exc:
             raise PermanentSinkError(f"event data cannot be stored: {reason(exc)}") from None
         except psycopg.Error as exc:

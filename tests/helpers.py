@@ -15,9 +15,9 @@ import psycopg
 import uvicorn
 from redis import Redis
 from rq import SimpleWorker, Worker
-from rq.serializers import JSONSerializer
 
 from ingest.commands.embedded import free_port
+from ingest.rq_jobs import FastJSONSerializer
 from workers.runtime import Runtime
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
@@ -66,7 +66,8 @@ def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
 
 def drain(rt: Runtime, rounds: int = 4) -> None:
     """Run real RQ SimpleWorkers in burst mode, queue by queue in pipeline order, until every
-    queue is empty (a few rounds: sink jobs appear while ingest jobs run)."""
+    queue is empty (a few rounds: sink jobs appear while ingest jobs run). They read jobs with
+    the serializer ``ingest worker`` reads them with."""
     for _ in range(rounds):
         busy = False
         for name in rt.queue_names():
@@ -74,7 +75,7 @@ def drain(rt: Runtime, rounds: int = 4) -> None:
             if queue.count == 0:
                 continue
             busy = True
-            worker = SimpleWorker([queue], connection=rt.redis, serializer=JSONSerializer,
+            worker = SimpleWorker([queue], connection=rt.redis, serializer=FastJSONSerializer,
                                   log_job_description=False)
             worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
         if not busy:

@@ -122,13 +122,16 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     events = suppression.drop_suppressed(rt.redis, rt.names, list(candidates.values()), produced)
     fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
     fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
+    kinds: Counter[tuple[str, str]] = Counter()  # counted once per (provider, kind)
     for event in fresh:
         produced[event.provider] -= 1
-        provider_label = label(event.provider)
-        metrics.EVENTS.labels(provider_label, kind_label(event.kind)).inc()
+        kinds[event.provider, event.kind] += 1
         if event.kind == UNKNOWN:
+            provider_label = label(event.provider)
             metrics.UNKNOWN_EVENTS.labels(
                 provider_label, event_type_label(rt, provider_label, event.event_type)).inc()
+    for (provider, kind), count in kinds.items():
+        metrics.EVENTS.labels(label(provider), kind_label(kind)).inc(count)
     metrics.count_fallbacks(fresh)
     for provider_name, count in produced.items():
         if count:
@@ -238,8 +241,9 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     finally:
         metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
     now = datetime.now(timezone.utc)
+    lag = metrics.LAG_SECONDS.labels(sink_name)
     for e in evs:
-        metrics.LAG_SECONDS.labels(sink_name).observe((now - e.received_at).total_seconds())
+        lag.observe((now - e.received_at).total_seconds())
     metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
     job = get_current_job()
     log.info("delivered %d events to %s", len(evs), sink_name,

@@ -30,10 +30,10 @@ from types import FrameType
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.serializers import JSONSerializer
 
 from ingest import constants
 from ingest.config import Settings
+from ingest.rq_jobs import FastJSONSerializer
 from ingest.startup import wait_for_redis
 from workers.runtime import Runtime, install_runtime
 from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
@@ -63,7 +63,8 @@ def _single(rt: Runtime, queue: str, burst: bool) -> int:
     scheduler: ResilientScheduler | None = None
     if not burst:  # (in burst mode RQ's worker promotes due retries itself, once)
         die_with_parent()  # the forked scheduler must not outlive a worker killed with SIGKILL
-        scheduler = ResilientScheduler([queue], connection=rt.redis, serializer=JSONSerializer,
+        scheduler = ResilientScheduler([queue], connection=rt.redis,
+                                       serializer=FastJSONSerializer,
                                        logging_level=_rq_level(rt))
         scheduler.start()  # type: ignore[no-untyped-call]
     try:
@@ -86,7 +87,7 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
         worker = IngestWorker(
             [rt.queue(queue)],
             connection=rt.redis,
-            serializer=JSONSerializer,
+            serializer=FastJSONSerializer,
             name=f"{queue}-{uuid.uuid4().hex[:12]}",
             maintenance_interval=constants.WATCHDOG_INTERVAL,
             worker_ttl=constants.WORKER_TTL,

@@ -40,7 +40,7 @@ class Runtime:
 
     def queue(self, name: str) -> Queue:
         # Jobs enqueued here are written with orjson (deliver jobs carry whole batches); any
-        # JSONSerializer reads them.
+        # JSONSerializer reads them, and the workers read them with orjson too.
         return Queue(name, connection=self.redis, serializer=FastJSONSerializer)
 
     def queue_names(self) -> list[str]:

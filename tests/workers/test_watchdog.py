@@ -12,6 +12,7 @@ import redis.connection as rc
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.suspension import resume, suspend
 
 from ingest.rq_jobs import enqueue_batch
 
@@ -196,3 +197,37 @@ def test_the_workers_own_heartbeat_is_sent_once_per_period(runtime: Any) -> None
         assert runtime.redis.hget(worker.key, "state") == b"idle"
     finally:
         worker.register_death()
+
+
+def test_a_job_starts_in_one_write_and_leaves_its_worker_idle(runtime: Any) -> None:
+    """The execution record waits for the job's own start bookkeeping, then both go at once;
+    the worker's "idle" goes with the job's success."""
+    enqueue_one(runtime, 8)
+    worker = make_worker(runtime)
+    worker.register_birth()
+    try:
+        job = pop(runtime)
+        execution = worker.prepare_execution(job)
+        started = StartedJobRegistry(runtime.ingest_queue.name, connection=runtime.redis)
+        assert started.get_job_ids() == []  # nothing written yet
+        assert runtime.redis.hget(job.key, "status") == b"queued"
+        assert worker.perform_job(job, runtime.ingest_queue, execution)
+        job.refresh()
+        assert job.get_status() == JobStatus.FINISHED
+        assert started.get_job_ids() == []
+        assert runtime.ingest_queue.intermediate_queue.get_job_ids() == []
+        assert runtime.redis.hget(worker.key, "state") == b"idle"
+    finally:
+        worker.register_death()
+
+
+def test_rq_suspend_still_pauses_the_workers(runtime: Any) -> None:
+    job = enqueue_one(runtime, 9)
+    suspend(runtime.redis)
+    try:
+        make_worker(runtime).work(burst=True, with_scheduler=False)
+        assert job.get_status(refresh=True) == JobStatus.QUEUED
+    finally:
+        resume(runtime.redis)
+    make_worker(runtime).work(burst=True, with_scheduler=False)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
