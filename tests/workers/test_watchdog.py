@@ -5,15 +5,22 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis.connection as rc
+from redis import Redis
+from rq import Queue
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.suspension import resume, suspend
 
+from ingest.commands.embedded import EmbeddedRedis
+from ingest.constants import Names
 from ingest.rq_jobs import enqueue_batch
 
 from tests.helpers import drain, rows, wait_until
@@ -221,13 +228,22 @@ def test_a_job_starts_in_one_write_and_leaves_its_worker_idle(runtime: Any) -> N
         worker.register_death()
 
 
-def test_rq_suspend_still_pauses_the_workers(runtime: Any) -> None:
-    job = enqueue_one(runtime, 9)
-    suspend(runtime.redis)
+def test_rq_suspend_still_stops_a_worker_within_about_a_second(tmp_path: Path) -> None:
+    """``rq suspend`` sets a key of RQ's own, outside any namespace: on a Redis of this test's
+    own. A burst worker that finds it stops (RQ raises StopRequested); it is read once a
+    second, not before every job."""
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
     try:
-        make_worker(runtime).work(burst=True, with_scheduler=False)
-        assert job.get_status(refresh=True) == JobStatus.QUEUED
+        connection = Redis.from_url(server.url)
+        worker = IngestWorker([Queue("q", connection=connection)], connection=connection,
+                              serializer=JSONSerializer, names=Names("suspend-test"))
+        worker.check_for_suspension(burst=True)  # not suspended: goes on
+        suspend(connection)
+        worker.check_for_suspension(burst=True)  # asked within the second: not yet seen
+        time.sleep(1.1)
+        with pytest.raises(StopRequested):
+            worker.check_for_suspension(burst=True)
+        resume(connection)
+        connection.close()
     finally:
-        resume(runtime.redis)
-    make_worker(runtime).work(burst=True, with_scheduler=False)
-    assert job.get_status(refresh=True) == JobStatus.FINISHED
+        server.stop(kill=True)
