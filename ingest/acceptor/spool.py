@@ -72,6 +72,8 @@ _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload
 _PREFIX = "seg-"
 _SUFFIX = ".log"
 _CORRUPT = ".corrupt"  # a damaged segment kept for a human (see read_segment)
+# rewrite_segment's copy of a segment, until it is renamed over it.
+_REWRITE_PREFIX, _REWRITE_SUFFIX = ".rewrite-", ".tmp"
 
 
 def encode_record(envelope: dict[str, Any]) -> bytes:
@@ -143,6 +145,12 @@ class SegmentRewrite:
         return bool(self.removed or self.replaced or self.rest_dropped)
 
 
+def _rewrite_copy(segment: Path) -> Path:
+    """Where :func:`rewrite_segment` writes a segment's new contents before renaming them
+    over it: not a segment name, so never drained."""
+    return segment.with_name(f"{_REWRITE_PREFIX}{segment.name}{_REWRITE_SUFFIX}")
+
+
 def rewrite_segment(path: Path, edit: Callable[[dict[str, Any]], dict[str, Any] | None], *,
                     keep_rest: Callable[[bytes], bool] = lambda rest: True,
                     dry_run: bool = False) -> SegmentRewrite:
@@ -192,7 +200,7 @@ def rewrite_segment(path: Path, edit: Callable[[dict[str, Any]], dict[str, Any] 
         if dry_run or not result.changed:
             return result
         if new_data:
-            tmp = path.with_name(f".rewrite-{path.name}.tmp")  # not a segment name: never drained
+            tmp = _rewrite_copy(path)
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 view = memoryview(new_data)
@@ -218,8 +226,8 @@ def remove_stale_rewrites(directory: Path) -> int:
     if not directory.is_dir():
         return 0
     removed = 0
-    for tmp in directory.glob(".rewrite-*.tmp"):
-        segment = directory / tmp.name[len(".rewrite-"):-len(".tmp")]
+    for tmp in directory.glob(f"{_REWRITE_PREFIX}*{_REWRITE_SUFFIX}"):
+        segment = directory / tmp.name[len(_REWRITE_PREFIX):-len(_REWRITE_SUFFIX)]
         try:
             fd = os.open(segment, os.O_RDONLY)
         except FileNotFoundError:
