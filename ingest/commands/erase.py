@@ -260,7 +260,7 @@ def _erase_jobs(settings: Settings, redis: Any, scope: _Scope) -> set[str]:
                 # it, and a retry of it then does nothing.
                 empty = [args[0], [], []] if func == constants.DELIVER else [[]]
                 data = FastJSONSerializer.dumps([func, None, new_args or empty, kwargs])
-                redis.hset(key, "data", zlib.compress(data))
+                redis.hset(key, "data", zlib.compress(data, constants.JOB_DATA_COMPRESSION))
                 _scrub_results(redis, job_id, key, subject, report)
     return running
 
