@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -58,9 +58,20 @@ def _digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
 
 
-def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
-                       deliveries: dict[str, Delivery]) -> int:
-    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op."""
+def _job_form(event: Event, rendered: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """``event.to_job()``, from what process_batch already rendered when it can: only
+    ``stale`` may have changed since (workers.records)."""
+    out = rendered.get(event.id)
+    if out is None:
+        return event.to_job()
+    return out if out["stale"] == event.stale else {**out, "stale": event.stale}
+
+
+def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[str, Delivery],
+                       rendered: Mapping[str, dict[str, Any]] | None = None) -> int:
+    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op.
+    ``rendered``: ``to_job()`` of events by id, as already made (see :func:`process_batch`)."""
+    rendered = rendered or {}
     created = 0
     for name, enabled in rt.sinks.items():
         chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
@@ -70,7 +81,8 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
         raw = None if wanted is None else [d.to_dict() for d in wanted.values()]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
         created += enqueue_new(
-            rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
+            rt.sink_queue(name), constants.DELIVER,
+            (name, [_job_form(e, rendered) for e in chosen], raw),
             job_id, deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
     return created
@@ -82,6 +94,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     owner = job.id if job is not None else "direct"
     deliveries: dict[str, Delivery] = {}
     candidates: dict[str, Event] = {}  # by event id: copies inside one batch collapse here
+    rendered: dict[str, dict[str, Any]] = {}  # their to_job(), made once for check and jobs
     poisoned = 0
     produced: Counter[str] = Counter()  # events per provider, copies included
 
@@ -91,10 +104,11 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
         try:
             delivery = Delivery.from_dict(envelope)
             events = normalize(rt.providers, delivery)
-            for event in events:
-                # What the deliver jobs will carry: an event no serializer can write must fail
-                # here, alone, not later in the enqueue of the whole batch.
-                safejson.dumps(event.to_job())
+            # What the deliver jobs will carry: an event no serializer can write must fail
+            # here, alone, not later in the enqueue of the whole batch.
+            forms = [event.to_job() for event in events]
+            for form in forms:
+                safejson.dumps(form)
         except Exception as exc:
             why = _poison_reason(exc)
             ids = _envelope_ids(envelope)
@@ -115,9 +129,11 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
                         f"process_batch(1 delivery, set aside: {type(exc).__name__})")
             continue
         deliveries[delivery.id] = delivery
-        for event in events:
+        for event, form in zip(events, forms):
             produced[event.provider] += 1
-            candidates.setdefault(event.id, event)
+            if event.id not in candidates:
+                candidates[event.id] = event
+                rendered[event.id] = form
 
     events = suppression.drop_suppressed(rt.redis, rt.names, list(candidates.values()), produced)
     fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
@@ -139,7 +155,7 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     duplicates = sum(produced.values())
 
     if fresh:
-        enqueue_deliveries(rt, fresh, deliveries)
+        enqueue_deliveries(rt, fresh, deliveries, rendered)
         dedup.mark_done(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     if log.isEnabledFor(logging.DEBUG):  # one line per delivery is too many at INFO
         new = Counter(e.delivery_id for e in fresh)
