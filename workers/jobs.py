@@ -35,7 +35,7 @@ from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
 
-__all__ = ["deliver", "process_batch"]
+__all__ = ["deliver", "deliver_group", "process_batch"]
 
 log = logging.getLogger("workers.jobs")
 
@@ -256,16 +256,71 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         raise
     finally:
         metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
+    job = get_current_job()
+    _delivered(sink_name, evs, job.id if job is not None else "direct")
+    return {"delivered": len(evs)}
+
+
+def _delivered(sink_name: str, evs: Sequence[Event], job_id: str, jobs: int = 1) -> None:
+    """Metrics and the log line of events a sink took."""
     now = datetime.now(timezone.utc)
     lag = metrics.LAG_SECONDS.labels(sink_name)
     for e in evs:
         lag.observe((now - e.received_at).total_seconds())
     metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
-    job = get_current_job()
-    log.info("delivered %d events to %s", len(evs), sink_name,
-             extra={"sink": sink_name, "count": len(evs),
-                    "job_id": job.id if job is not None else "direct"})
-    return {"delivered": len(evs)}
+    if jobs == 1:
+        log.info("delivered %d events to %s", len(evs), sink_name,
+                 extra={"sink": sink_name, "count": len(evs), "job_id": job_id})
+    else:
+        log.info("delivered %d events of %d jobs to %s", len(evs), jobs, sink_name,
+                 extra={"sink": sink_name, "count": len(evs), "job_id": job_id})
+
+
+def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> list[dict[str, int]]:
+    """Several deliver jobs of one sink (their arguments, ``calls``), as one send; the result of
+    each job, in order. Whatever goes wrong raises, and the worker then runs each job on its
+    own with :func:`deliver` (workers.grouping), which handles every failure as it always
+    does: so this needs no failure handling of its own."""
+    sink_name = calls[0][0]
+    rt = current_runtime()
+    enabled = rt.sinks.get(sink_name)
+    if enabled is None or any(call[0] != sink_name for call in calls):
+        raise PermanentSinkError(f"sink {sink_name!r} is not enabled here, or the jobs differ")
+    merged: dict[str, Event] = {}
+    raw: dict[str, dict[str, Any]] = {}
+    ids_of_call: list[set[str]] = []
+    for _, events, deliveries in (_deliver_args(*call) for call in calls):
+        ids = set()
+        for data in events:
+            event = Event.from_job(data)
+            merged.setdefault(event.id, event)
+            ids.add(event.id)
+        ids_of_call.append(ids)
+        for d in deliveries or ():
+            raw.setdefault(d["id"], d)
+    evs = records.still_current(rt.redis, rt.names, enabled, list(merged.values()))
+    if evs:
+        started = time.perf_counter()
+        try:
+            enabled.send(evs, {i: Delivery.from_dict(d) for i, d in raw.items()}
+                         if enabled.needs_raw else None)
+        finally:
+            metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
+        _delivered(sink_name, evs, job_ids[0], jobs=len(calls))
+    sent = {e.id for e in evs}
+    results = []
+    for ids in ids_of_call:
+        delivered = len(ids & sent)
+        results.append({"delivered": delivered} if delivered == len(ids)
+                       else {"delivered": delivered, "stale": len(ids) - delivered})
+    return results
+
+
+def _deliver_args(sink_name: str, events: list[dict[str, Any]],
+                  deliveries: list[dict[str, Any]] | None = None) -> tuple[
+                      str, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A deliver job's arguments, the optional one filled in."""
+    return sink_name, events, deliveries
 
 
 def _event_extra(sink: str, event: Event) -> dict[str, Any]:
