@@ -42,6 +42,13 @@ the worker's "idle" state goes out with the job's success, and whether ``rq susp
 workers to pause is read at most once per ``_SUSPENSION_EVERY`` seconds, not before every job.
 Per job that is 4 round trips of RQ's instead of 20.
 
+Given :class:`JobGroups` (workers.grouping), a worker that pops a job also takes the jobs
+waiting behind it that may join it, starts them all in one transaction, runs them as one and
+finishes them all in one pipeline: each keeps its own execution, started-registry entry,
+status and result, so everything above (renewals, the sweep of a dead worker's jobs) holds for
+each job of a group as for a job alone. If the group's run raises, each job then runs on its
+own, as RQ runs it.
+
 RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
 forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
 block every other scheduler for 61 s), that a worker only replaces every few maintenance
@@ -143,6 +150,8 @@ class IngestWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.names = names
         self.groups = groups
+        # Jobs waiting in the queue when the last success was written (None: not known).
+        self._waiting: int | None = None
         self.abandoned_after = abandoned_after
         self.beat_interval = max(1.0, abandoned_after / 3)
         # True once SIGTERM/SIGINT asked this worker to stop (as opposed to RQ quitting its loop
@@ -186,6 +195,7 @@ class IngestWorker(SimpleWorker):
         cleanup) in its one pipeline, without the WATCH and read of the job's dependents that
         RQ does first: no job of ours has dependents or repeats (those still go RQ's way)."""
         if job.repeats_left or job.has_rate_limit:
+            self._waiting = None
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         with self.connection.pipeline() as pipeline:
@@ -193,7 +203,16 @@ class IngestWorker(SimpleWorker):
             # SimpleWorker sets it right after this, in a round trip of its own; it is then
             # already written, and set_state skips it.
             self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+            self._finish(pipeline, queue)
+
+    def _finish(self, pipeline: Any, queue: Any) -> None:
+        """Send a job's (or a group's) success pipeline, reading on the way how many jobs wait
+        in the queue: a group is gathered next only if some did."""
+        if self.groups is None:
             pipeline.execute()
+            return
+        pipeline.llen(queue.key)
+        self._waiting = int(pipeline.execute()[-1])
 
     def _write_success(self, job: Job, execution: Execution, pipeline: Any) -> None:
         assert job.started_at is not None and job.ended_at is not None
@@ -285,6 +304,9 @@ class IngestWorker(SimpleWorker):
             room = self.groups.room(job)
         except Exception:  # its data cannot be read: RQ's own run reports that
             room = 0
+        if self._waiting is not None:  # as the last success found the queue, minus this job
+            room = min(room, self._waiting - 1)
+        self._waiting = None
         if room <= 0:
             return [job]
         intermediate = queue.intermediate_queue_key
@@ -339,7 +361,7 @@ class IngestWorker(SimpleWorker):
                 job._result = result
                 self._write_success(job, execution, pipeline)
             self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
-            pipeline.execute()
+            self._finish(pipeline, queue)
 
     def _start_group(self, jobs: list[Job], queue: Any) -> list[tuple[Job, Execution]]:
         """What :meth:`prepare_execution` and :meth:`prepare_job_execution` write for one
