@@ -19,7 +19,7 @@ from rq.scheduler import RQScheduler
 
 from ingest.rq_jobs import FastJSONSerializer, enqueue_batch
 from tests.helpers import drain, rows
-from workers.grouping import DeliverGroups
+from workers.grouping import Groups
 from workers.watchdog import IngestWorker
 
 
@@ -52,7 +52,7 @@ def worker(runtime: Any, abandoned_after: int = 45) -> IngestWorker:
                         serializer=FastJSONSerializer,
                         name=f"{runtime.names.namespace}-w-{uuid.uuid4().hex[:8]}",
                         names=runtime.names, abandoned_after=abandoned_after,
-                        log_job_description=False, groups=DeliverGroups(runtime))
+                        log_job_description=False, groups=Groups(runtime))
 
 
 def sends() -> float:
@@ -154,7 +154,108 @@ def test_a_sink_without_batch_events_gets_each_job_alone(runtime: Any) -> None:
     runtime.sinks["postgres"].batch_events = 0
     ids = deliver_jobs(runtime, [envelope(10)], [envelope(20)])
     first = Job.fetch(ids[0], connection=runtime.redis, serializer=FastJSONSerializer)
-    assert DeliverGroups(runtime).room(first) == 0
+    assert Groups(runtime).room(first) == 0
     before = sends()
     worker(runtime).work(burst=True, with_scheduler=False)
     assert sends() - before == 2
+
+
+def test_a_worker_that_last_found_its_queue_empty_takes_the_next_job_alone(
+        runtime: Any, database_url: str) -> None:
+    """Its last success pipeline read the queue's length: no round trip asks for more jobs
+    when none waited then. Jobs queued since are grouped from the next job on."""
+    w = worker(runtime)
+    deliver_jobs(runtime, [envelope(1)])
+    w.work(burst=True, with_scheduler=False)
+    deliver_jobs(runtime, *[[envelope(10 * b)] for b in range(1, 6)])
+    before = sends()
+    w.work(burst=True, with_scheduler=False)
+    assert sends() - before == 2  # the first alone, then the four behind it together
+    assert len(stored(database_url)) == 6
+
+
+# -- process_batch jobs ------------------------------------------------------------------------
+
+
+def batch_jobs(runtime: Any, *batches: list[dict[str, Any]]) -> list[str]:
+    ids = []
+    for envelopes in batches:
+        ids.append(runtime.names.job_id("batch", uuid.uuid4().hex))
+        enqueue_batch(runtime.ingest_queue, envelopes, ids[-1])
+    return ids
+
+
+def ingest_worker(runtime: Any) -> IngestWorker:
+    return IngestWorker([runtime.ingest_queue], connection=runtime.redis,
+                        serializer=FastJSONSerializer,
+                        name=f"{runtime.names.namespace}-w-{uuid.uuid4().hex[:8]}",
+                        names=runtime.names, log_job_description=False, groups=Groups(runtime))
+
+
+def test_waiting_batches_run_as_one_and_write_one_deliver_job_per_sink(
+        runtime: Any, database_url: str) -> None:
+    ids = batch_jobs(runtime, [envelope(10), envelope(11)], [envelope(20), envelope(10)],
+                     [envelope(30)])
+    ingest_worker(runtime).work(burst=True, with_scheduler=False)
+
+    (deliver,) = Job.fetch_many(sink_queue(runtime).get_job_ids(), connection=runtime.redis,
+                                serializer=FastJSONSerializer)
+    assert deliver is not None and len(deliver.args[1]) == 4  # lead_10 once
+    results = [j.return_value() for j in Job.fetch_many(ids, connection=runtime.redis,
+                                                        serializer=FastJSONSerializer) if j]
+    assert results == [{"deliveries": 2, "events": 2, "duplicates": 0, "poisoned": 0},
+                       {"deliveries": 2, "events": 1, "duplicates": 1, "poisoned": 0},
+                       {"deliveries": 1, "events": 1, "duplicates": 0, "poisoned": 0}]
+    drain(runtime)
+    assert stored(database_url) == ["lead_10", "lead_11", "lead_20", "lead_30"]
+
+
+def test_each_event_of_a_group_is_claimed_for_its_own_job_so_each_retry_delivers_its_own(
+        runtime: Any, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group fails after its claims (as a worker dying there would leave them): each job
+    then runs alone and finds its own events claimed by itself, not by the group's first."""
+    import workers.jobs
+
+    real = workers.jobs.enqueue_deliveries
+    calls = []
+
+    def fail_once(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("lost Redis after the claims")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workers.jobs, "enqueue_deliveries", fail_once)
+    batch_jobs(runtime, [envelope(10)], [envelope(20)], [envelope(30)])
+    ingest_worker(runtime).work(burst=True, with_scheduler=False)
+
+    assert len(calls) == 4  # the group's, then each job's own
+    drain(runtime)
+    assert stored(database_url) == ["lead_10", "lead_20", "lead_30"]
+
+
+def test_a_delivery_that_cannot_be_read_in_a_group_is_set_aside_by_its_own_job(
+        runtime: Any, database_url: str) -> None:
+    broken = {**envelope(21), "body": "{\"event\": \"lead.created\"}"}  # no resource, no data
+    batch_jobs(runtime, [envelope(10)], [envelope(20), broken], [envelope(30)])
+    ingest_worker(runtime).work(burst=True, with_scheduler=False)  # the set-aside job too
+
+    failed = FailedJobRegistry(runtime.ingest_queue.name, connection=runtime.redis,
+                               serializer=FastJSONSerializer)
+    (alone,) = [Job.fetch(i, connection=runtime.redis, serializer=FastJSONSerializer)
+                for i in failed.get_job_ids()]
+    assert alone.args[0] == [broken]
+    drain(runtime)
+    assert stored(database_url) == ["lead_10", "lead_20", "lead_30"]
+
+
+def test_a_set_aside_delivery_never_joins_a_group(runtime: Any) -> None:
+    groups = Groups(runtime)
+    (normal, alone) = (runtime.names.job_id("batch", "b1"), runtime.names.job_id("alone", "a1"))
+    enqueue_batch(runtime.ingest_queue, [envelope(1)], normal)
+    enqueue_batch(runtime.ingest_queue, [envelope(2)], alone)
+    first, other = Job.fetch_many([normal, alone], connection=runtime.redis,
+                                  serializer=FastJSONSerializer)
+    assert first is not None and other is not None
+    assert groups.room(first) > 0 and groups.room(other) == 0
+    assert groups.select(first, [other]) == 0
