@@ -76,10 +76,10 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.timeouts import JobTimeoutException
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.scheduler import RQScheduler
+from rq.timeouts import JobTimeoutException
 from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
@@ -126,7 +126,7 @@ def die_with_parent() -> None:
 
 class JobGroups(Protocol):
     """Which waiting jobs a worker may run together with the one it popped, and how
-    (workers.grouping has the deliver jobs' rules)."""
+    (workers.grouping has the rules for our jobs)."""
 
     def room(self, job: Job) -> int:
         """How many more jobs may join ``job`` (0: it runs alone, as RQ runs it)."""
