@@ -23,7 +23,8 @@ anywhere from six to twenty minutes.
 So a job whose worker died is retried within ``abandoned_after`` plus one sweep period. A job
 retried while its first run was in fact still going (a worker frozen longer than
 ``abandoned_after``) is harmless: both runs carry the same job id, so the second recognises the
-dedup claims as its own and writes the same deliver job ids, and sinks are idempotent.
+dedup claims as its own and writes the same deliver job ids (or, for a job that first ran in a
+group, deliver jobs of its own besides the group's), and sinks are idempotent.
 
 RQ's own bookkeeping is most of a job's cost that is not the job, and :class:`IngestWorker`
 trims what it does not need. RQ writes the worker's heartbeat (three commands, three round
