@@ -97,6 +97,7 @@ def _servers(tmp: Path) -> Iterator[tuple[str, int, str]]:
 def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
            profile: str | None = None) -> dict[str, float]:
     from ingest.rq_jobs import FastJSONSerializer
+    from workers.grouping import Groups
     from workers.watchdog import IngestWorker
 
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -113,7 +114,7 @@ def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
         jobs = rt.redis.llen(f"rq:queue:{queue}")
         worker = IngestWorker([rt.queue(queue)], connection=rt.redis, serializer=FastJSONSerializer,
                               name=f"cost-{uuid.uuid4().hex[:8]}", names=rt.names,
-                              log_job_description=False)
+                              log_job_description=False, groups=Groups(rt))
         pg_before = _cpu(backends())
         redis_before = _cpu([redis_proc])
         cpu_before = time.process_time()

@@ -41,6 +41,9 @@ MAX_BATCH_SIZE = 256
 # Longest the acceptor holds a batch open (seconds) to let it grow, and only while workers are
 # busy (jobs wait or run): a new job would wait for them anyway, and fewer jobs cost them less.
 GROUP_COMMIT_MAX_WAIT = 0.025
+# Most waiting jobs a worker runs together (workers.grouping): process_batch jobs up to
+# MAX_BATCH_SIZE deliveries in all, deliver jobs up to their sink's batch_events.
+MAX_GROUP_JOBS = 16
 # RQ job timeout for process_batch and deliver jobs (seconds).
 JOB_TIMEOUT = 300
 # The two job functions, by name: whoever enqueues or inspects jobs need not import them.

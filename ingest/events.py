@@ -18,6 +18,8 @@ __all__ = ["DELETE_ACTIONS", "Contact", "Delivery", "Event", "changes_between", 
 
 # Namespace of the stable event ids (uuid5 of "provider:dedup_key").
 _EVENT_ID_NAMESPACE = uuid.UUID("6f2b6c1e-9a57-4c8e-9d0a-1f3b5e7c9a21")
+# SHA-1 already fed with the namespace: uuid5 is SHA-1 of namespace bytes + name.
+_EVENT_ID_HASH = hashlib.sha1(_EVENT_ID_NAMESPACE.bytes, usedforsecurity=False)
 
 
 # Actions (an event's ``action``) that remove the record they are about; ``kind``s ending in
@@ -26,8 +28,18 @@ DELETE_ACTIONS = frozenset({"deleted", "destroyed", "bulk_deleted"})
 
 
 def event_id(provider: str, dedup_key: str) -> str:
-    """The stable id of an event: the same provider and dedup key always give the same id."""
-    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{provider}:{dedup_key}"))
+    """The stable id of an event: the same provider and dedup key always give the same id.
+
+    ``str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{provider}:{dedup_key}"))``, written out: without
+    the UUID object in between it costs half as much, and every event's id is computed twice
+    (when a worker makes the event and when a sink's job reads it back)."""
+    sha = _EVENT_ID_HASH.copy()
+    sha.update(f"{provider}:{dedup_key}".encode())
+    raw = bytearray(sha.digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = raw.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def isoformat(value: datetime) -> str:

@@ -20,6 +20,13 @@ under ``settings.names.key(...)`` so ``INGEST_NAMESPACE`` keeps deployments apar
 optional ``close()`` is called when the worker stops. A permanent error may name, in
 ``event_ids``, the only events of the batch that failed: each gets a job of its own that ends
 in the failed registry, and the others count as delivered.
+
+A sink whose ``send`` costs less per event for more events at once (one transaction, one
+request) may set ``batch_events`` (an int): when deliver jobs wait in its queue, a worker
+then takes several of them into one ``send`` of up to about that many events. If that send
+raises, each of those jobs runs again on its own, exactly as without grouping, so the sink
+sees the same events again (``send`` is idempotent anyway). Without ``batch_events`` each
+job's events are sent on their own.
 """
 
 from __future__ import annotations

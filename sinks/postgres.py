@@ -360,6 +360,9 @@ class PostgresSink:
     # The full log keeps stale events; webhook_records takes only newer data anyway.
     skip_stale_default: ClassVar[bool] = False
     needs_raw: ClassVar[bool] = True
+    # One transaction takes this many events as well as 64, for less per event: a worker
+    # joins waiting deliver jobs into one send up to this many (workers.grouping).
+    batch_events: ClassVar[int] = 256
 
     def __init__(self, url: str) -> None:
         self.url = url

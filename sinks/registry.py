@@ -42,7 +42,7 @@ class EnabledSink:
     (``event_ids``: all of them when the sink named none).
     """
 
-    __slots__ = ("events", "name", "needs_raw", "sink", "skip_stale")
+    __slots__ = ("batch_events", "events", "name", "needs_raw", "sink", "skip_stale")
 
     def __init__(self, sink: Sink, events: tuple[str, ...], skip_stale: bool = False) -> None:
         self.sink = sink
@@ -50,6 +50,10 @@ class EnabledSink:
         self.events = events
         self.skip_stale = skip_stale
         self.needs_raw = isinstance(sink, RawSink) and sink.needs_raw is True
+        # How many events one send may take: a worker joins waiting jobs up to this many
+        # (workers.grouping). 0, the default, sends each job's events on their own.
+        limit = getattr(sink, "batch_events", 0)
+        self.batch_events = limit if isinstance(limit, int) and limit > 0 else 0
 
     def __repr__(self) -> str:
         stale = " skip_stale" if self.skip_stale else ""

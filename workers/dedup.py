@@ -31,13 +31,15 @@ __all__ = ["claim", "mark_done"]
 
 _DONE = b"done"
 
-# KEYS: dedup keys. ARGV: owner mark, claim TTL. Per key: 1 when this job owns the event.
+# KEYS: dedup keys. ARGV: claim TTL, then each key's owner mark. Per key: 1 when its job owns
+# the event.
 _CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
-    if redis.call('SET', key, ARGV[1], 'NX', 'EX', ARGV[2]) then
+    local mine = ARGV[i + 1]
+    if redis.call('SET', key, mine, 'NX', 'EX', ARGV[1]) then
         out[i] = 1
-    elseif redis.call('GET', key) == ARGV[1] then
+    elseif redis.call('GET', key) == mine then
         out[i] = 1
     else
         out[i] = 0
@@ -71,14 +73,20 @@ def _key(names: Names, event: Event) -> str:
     return names.dedup_key(event.provider, digest)
 
 
-def claim(redis: Redis, names: Names, owner: str, events: Sequence[Event]) -> list[bool]:
-    """For each event, True when this job should deliver it (new, or already ours)."""
+def claim(redis: Redis, names: Names, owner: str | Sequence[str],
+          events: Sequence[Event]) -> list[bool]:
+    """For each event, True when its job should deliver it (new, or already that job's).
+    ``owner``: the job id, or one per event when the events come from several jobs run
+    together (workers.grouping): each job's retry then recognises its own claims."""
     if not events:
         return []
-    mine = f"claimed:{owner}".encode()
+    owners = [owner] * len(events) if isinstance(owner, str) else list(owner)
+    if len(owners) != len(events):
+        raise ValueError(f"{len(owners)} owners for {len(events)} events")
+    marks = {o: f"claimed:{o}".encode() for o in set(owners)}
     claim_script, _ = _registered(redis)
-    replies = claim_script(keys=[_key(names, e) for e in events], args=[mine, CLAIM_TTL],
-                           client=redis)
+    replies = claim_script(keys=[_key(names, e) for e in events],
+                           args=[CLAIM_TTL, *(marks[o] for o in owners)], client=redis)
     return [bool(r) for r in replies]
 
 

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,7 +35,7 @@ from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
 
-__all__ = ["deliver", "process_batch"]
+__all__ = ["GroupSetAside", "deliver", "deliver_group", "process_batch", "process_group"]
 
 log = logging.getLogger("workers.jobs")
 
@@ -58,9 +58,20 @@ def _digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
 
 
-def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
-                       deliveries: dict[str, Delivery]) -> int:
-    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op."""
+def _job_form(event: Event, rendered: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """``event.to_job()``, from what process_batch already rendered when it can: only
+    ``stale`` may have changed since (workers.records)."""
+    out = rendered.get(event.id)
+    if out is None:
+        return event.to_job()
+    return out if out["stale"] == event.stale else {**out, "stale": event.stale}
+
+
+def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[str, Delivery],
+                       rendered: Mapping[str, dict[str, Any]] | None = None) -> int:
+    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op.
+    ``rendered``: ``to_job()`` of events by id, as already made (see :func:`process_batch`)."""
+    rendered = rendered or {}
     created = 0
     for name, enabled in rt.sinks.items():
         chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
@@ -70,61 +81,84 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event],
         raw = None if wanted is None else [d.to_dict() for d in wanted.values()]
         job_id = rt.names.job_id(f"deliver-{name}", _digest([e.id for e in chosen]))
         created += enqueue_new(
-            rt.sink_queue(name), constants.DELIVER, (name, [e.to_job() for e in chosen], raw),
+            rt.sink_queue(name), constants.DELIVER,
+            (name, [_job_form(e, rendered) for e in chosen], raw),
             job_id, deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
     return created
 
 
 def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
-    rt = current_runtime()
     job = get_current_job()
-    owner = job.id if job is not None else "direct"
+    return _process([(job.id if job is not None else "direct", envelopes)], job)[0]
+
+
+class GroupSetAside(Exception):
+    """A delivery of jobs run together cannot be processed: each job then runs on its own
+    (process_batch), which sets that delivery aside as it always does."""
+
+
+def process_group(calls: Sequence[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, int]]:
+    """Several process_batch jobs (job id, envelopes) run as one (workers.grouping): their
+    events claimed each under its own job's id, one deliver job per sink for them all. The
+    result of each job, in order. Raises :class:`GroupSetAside` when a delivery cannot be
+    processed: that, and anything else going wrong, makes the worker run each job alone."""
+    return _process(calls, None)
+
+
+def _process(calls: Sequence[tuple[str, list[dict[str, Any]]]],
+             job: Any) -> list[dict[str, int]]:
+    """process_batch for the envelopes of one job, or of several run together (``job`` is
+    then None): each envelope's events are claimed under the id of the job it came in."""
+    rt = current_runtime()
+    alone = len(calls) == 1
     deliveries: dict[str, Delivery] = {}
     candidates: dict[str, Event] = {}  # by event id: copies inside one batch collapse here
+    rendered: dict[str, dict[str, Any]] = {}  # their to_job(), made once for check and jobs
+    owner_of: dict[str, str] = {}  # event id -> the job whose envelope brought it first
     poisoned = 0
     produced: Counter[str] = Counter()  # events per provider, copies included
+    per_job: dict[str, Counter[str]] = {owner: Counter() for owner, _ in calls}
 
-    for envelope in envelopes:
-        # Everything that depends on one delivery's content happens inside this try: whatever
-        # it raises (RecursionError included) fails that delivery alone.
-        try:
-            delivery = Delivery.from_dict(envelope)
-            events = normalize(rt.providers, delivery)
-            for event in events:
+    for owner, envelopes in calls:
+        per_job[owner]["deliveries"] += len(envelopes)
+        for envelope in envelopes:
+            # Everything that depends on one delivery's content happens inside this try:
+            # whatever it raises (RecursionError included) fails that delivery alone.
+            try:
+                delivery = Delivery.from_dict(envelope)
+                events = normalize(rt.providers, delivery)
                 # What the deliver jobs will carry: an event no serializer can write must fail
                 # here, alone, not later in the enqueue of the whole batch.
-                safejson.dumps(event.to_job())
-        except Exception as exc:
-            why = _poison_reason(exc)
-            ids = _envelope_ids(envelope)
-            if len(envelopes) == 1:
-                # Alone in its batch: fail here, with the reason, into the failed registry.
-                # Parsing is deterministic, so RQ's retries could not help: skip them.
-                if job is not None:
-                    job.retries_left = 0
-                metrics.POISON.labels(label(ids["provider"])).inc()
-                log.error("delivery cannot be processed; it goes to the failed registry: %s",
-                          why, extra={**ids, "job_id": owner})
-                raise NormalizationError(why) from None
-            poisoned += 1  # counted in POISON when its own job fails, not twice
-            log.warning("setting aside a delivery that cannot be processed: %s", why,
-                        extra=ids)
-            enqueue_new(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
-                        rt.names.job_id("alone", _alone_token(envelope)), None,
-                        f"process_batch(1 delivery, set aside: {type(exc).__name__})")
-            continue
-        deliveries[delivery.id] = delivery
-        for event in events:
-            produced[event.provider] += 1
-            candidates.setdefault(event.id, event)
+                forms = [event.to_job() for event in events]
+                for form in forms:
+                    safejson.dumps(form)
+            except Exception as exc:
+                if not alone:
+                    raise GroupSetAside(type(exc).__name__) from None
+                _set_aside(rt, job, envelope, exc, len(envelopes) == 1, owner)
+                poisoned += 1
+                continue
+            deliveries[delivery.id] = delivery
+            for event, form in zip(events, forms):
+                produced[event.provider] += 1
+                per_job[owner]["produced"] += 1
+                if event.id not in candidates:
+                    candidates[event.id] = event
+                    rendered[event.id] = form
+                    owner_of[event.id] = owner
 
     events = suppression.drop_suppressed(rt.redis, rt.names, list(candidates.values()), produced)
-    fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owner, events)) if ok]
+    kept = {e.id for e in events}
+    for event_id in candidates.keys() - kept:
+        per_job[owner_of[event_id]]["suppressed"] += 1
+    owners = [owner_of[e.id] for e in events]
+    fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owners, events)) if ok]
     fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     kinds: Counter[tuple[str, str]] = Counter()  # counted once per (provider, kind)
     for event in fresh:
         produced[event.provider] -= 1
+        per_job[owner_of[event.id]]["events"] += 1
         kinds[event.provider, event.kind] += 1
         if event.kind == UNKNOWN:
             provider_label = label(event.provider)
@@ -139,19 +173,49 @@ def process_batch(envelopes: list[dict[str, Any]]) -> dict[str, int]:
     duplicates = sum(produced.values())
 
     if fresh:
-        enqueue_deliveries(rt, fresh, deliveries)
+        enqueue_deliveries(rt, fresh, deliveries, rendered)
         dedup.mark_done(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
+    first = calls[0][0]
     if log.isEnabledFor(logging.DEBUG):  # one line per delivery is too many at INFO
         new = Counter(e.delivery_id for e in fresh)
         for delivery in deliveries.values():
             log.debug("delivery processed: %d new events", new[delivery.id],
                       extra={"provider": delivery.provider, "delivery_id": delivery.id,
-                             "job_id": owner, "count": new[delivery.id]})
-    log.info("batch processed: %d deliveries, %d new events, %d duplicates, %d set aside",
-             len(envelopes), len(fresh), duplicates, poisoned,
-             extra={"job_id": owner, "count": len(envelopes)})
-    return {"deliveries": len(envelopes), "events": len(fresh), "duplicates": duplicates,
-            "poisoned": poisoned}
+                             "job_id": first, "count": new[delivery.id]})
+    received = sum(len(envelopes) for _, envelopes in calls)
+    if alone:
+        log.info("batch processed: %d deliveries, %d new events, %d duplicates, %d set aside",
+                 received, len(fresh), duplicates, poisoned,
+                 extra={"job_id": first, "count": received})
+        return [{"deliveries": received, "events": len(fresh), "duplicates": duplicates,
+                 "poisoned": poisoned}]
+    log.info("batches processed: %d jobs, %d deliveries, %d new events, %d duplicates",
+             len(calls), received, len(fresh), duplicates,
+             extra={"job_id": first, "count": received})
+    return [{"deliveries": c["deliveries"], "events": c["events"],
+             "duplicates": c["produced"] - c["events"] - c["suppressed"], "poisoned": 0}
+            for c in (per_job[owner] for owner, _ in calls)]
+
+
+def _set_aside(rt: Runtime, job: Any, envelope: Any, exc: Exception, only: bool,
+               owner: str) -> None:
+    """A delivery that cannot be processed: when it is its job's only one, the job fails
+    (into the failed registry, no retries: parsing is deterministic); else it gets a job of
+    its own, which then fails alone."""
+    why = _poison_reason(exc)
+    ids = _envelope_ids(envelope)
+    if only:
+        if job is not None:
+            job.retries_left = 0
+        metrics.POISON.labels(label(ids["provider"])).inc()
+        log.error("delivery cannot be processed; it goes to the failed registry: %s",
+                  why, extra={**ids, "job_id": owner})
+        raise NormalizationError(why) from None
+    # Counted in POISON when its own job fails, not twice.
+    log.warning("setting aside a delivery that cannot be processed: %s", why, extra=ids)
+    enqueue_new(rt.ingest_queue, constants.PROCESS_BATCH, ([envelope],),
+                rt.names.job_id("alone", _alone_token(envelope)), None,
+                f"process_batch(1 delivery, set aside: {type(exc).__name__})")
 
 
 def _poison_reason(exc: BaseException) -> str:
@@ -240,16 +304,71 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         raise
     finally:
         metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
+    job = get_current_job()
+    _delivered(sink_name, evs, job.id if job is not None else "direct")
+    return {"delivered": len(evs)}
+
+
+def _delivered(sink_name: str, evs: Sequence[Event], job_id: str, jobs: int = 1) -> None:
+    """Metrics and the log line of events a sink took."""
     now = datetime.now(timezone.utc)
     lag = metrics.LAG_SECONDS.labels(sink_name)
     for e in evs:
         lag.observe((now - e.received_at).total_seconds())
     metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs))
-    job = get_current_job()
-    log.info("delivered %d events to %s", len(evs), sink_name,
-             extra={"sink": sink_name, "count": len(evs),
-                    "job_id": job.id if job is not None else "direct"})
-    return {"delivered": len(evs)}
+    if jobs == 1:
+        log.info("delivered %d events to %s", len(evs), sink_name,
+                 extra={"sink": sink_name, "count": len(evs), "job_id": job_id})
+    else:
+        log.info("delivered %d events of %d jobs to %s", len(evs), jobs, sink_name,
+                 extra={"sink": sink_name, "count": len(evs), "job_id": job_id})
+
+
+def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> list[dict[str, int]]:
+    """Several deliver jobs of one sink (their arguments, ``calls``), as one send; the result of
+    each job, in order. Whatever goes wrong raises, and the worker then runs each job on its
+    own with :func:`deliver` (workers.grouping), which handles every failure as it always
+    does: so this needs no failure handling of its own."""
+    sink_name = calls[0][0]
+    rt = current_runtime()
+    enabled = rt.sinks.get(sink_name)
+    if enabled is None or any(call[0] != sink_name for call in calls):
+        raise PermanentSinkError(f"sink {sink_name!r} is not enabled here, or the jobs differ")
+    merged: dict[str, Event] = {}
+    raw: dict[str, dict[str, Any]] = {}
+    ids_of_call: list[set[str]] = []
+    for _, events, deliveries in (_deliver_args(*call) for call in calls):
+        ids = set()
+        for data in events:
+            event = Event.from_job(data)
+            merged.setdefault(event.id, event)
+            ids.add(event.id)
+        ids_of_call.append(ids)
+        for d in deliveries or ():
+            raw.setdefault(d["id"], d)
+    evs = records.still_current(rt.redis, rt.names, enabled, list(merged.values()))
+    if evs:
+        started = time.perf_counter()
+        try:
+            enabled.send(evs, {i: Delivery.from_dict(d) for i, d in raw.items()}
+                         if enabled.needs_raw else None)
+        finally:
+            metrics.SINK_SECONDS.labels(sink_name).observe(time.perf_counter() - started)
+        _delivered(sink_name, evs, job_ids[0], jobs=len(calls))
+    sent = {e.id for e in evs}
+    results = []
+    for ids in ids_of_call:
+        delivered = len(ids & sent)
+        results.append({"delivered": delivered} if delivered == len(ids)
+                       else {"delivered": delivered, "stale": len(ids) - delivered})
+    return results
+
+
+def _deliver_args(sink_name: str, events: list[dict[str, Any]],
+                  deliveries: list[dict[str, Any]] | None = None) -> tuple[
+                      str, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A deliver job's arguments, the optional one filled in."""
+    return sink_name, events, deliveries
 
 
 def _event_extra(sink: str, event: Event) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ingest.config import Settings
 from ingest.rq_jobs import FastJSONSerializer
 from ingest.startup import wait_for_redis
 from workers.runtime import Runtime, install_runtime
+from workers.grouping import Groups
 from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
 
 __all__ = ["run_worker"]
@@ -94,6 +95,7 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
             log_job_description=False,
             names=rt.names,
             abandoned_after=rt.settings.abandoned_after,
+            groups=Groups(rt),
         )
         worker.max_connection_wait_time = constants.WORKER_RECONNECT_MAX
         log.info("worker listening", extra={"queue": queue})

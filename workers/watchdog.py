@@ -23,7 +23,8 @@ anywhere from six to twenty minutes.
 So a job whose worker died is retried within ``abandoned_after`` plus one sweep period. A job
 retried while its first run was in fact still going (a worker frozen longer than
 ``abandoned_after``) is harmless: both runs carry the same job id, so the second recognises the
-dedup claims as its own and writes the same deliver job ids, and sinks are idempotent.
+dedup claims as its own and writes the same deliver job ids (or, for a job that first ran in a
+group, deliver jobs of its own besides the group's), and sinks are idempotent.
 
 RQ's own bookkeeping is most of a job's cost that is not the job, and :class:`IngestWorker`
 trims what it does not need. RQ writes the worker's heartbeat (three commands, three round
@@ -41,6 +42,13 @@ execution record, then the job's status: nothing happens between them in a ``Sim
 the worker's "idle" state goes out with the job's success, and whether ``rq suspend`` asked
 workers to pause is read at most once per ``_SUSPENSION_EVERY`` seconds, not before every job.
 Per job that is 4 round trips of RQ's instead of 20.
+
+Given :class:`JobGroups` (workers.grouping), a worker that pops a job also takes the jobs
+waiting behind it that may join it, starts them all in one transaction, runs them as one and
+finishes them all in one pipeline: each keeps its own execution, started-registry entry,
+status and result, so everything above (renewals, the sweep of a dead worker's jobs) holds for
+each job of a group as for a job alone. If the group's run raises, each job then runs on its
+own, as RQ runs it.
 
 RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
 forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
@@ -61,8 +69,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from rq import SimpleWorker
@@ -71,12 +80,13 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.scheduler import RQScheduler
-from rq.utils import now, utcformat
+from rq.timeouts import JobTimeoutException
+from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
 from ingest import constants
 
-__all__ = ["IngestWorker", "ResilientScheduler", "die_with_parent"]
+__all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "die_with_parent"]
 
 log = logging.getLogger("workers.watchdog")
 
@@ -115,6 +125,20 @@ def die_with_parent() -> None:
     _installed = True
 
 
+class JobGroups(Protocol):
+    """Which waiting jobs a worker may run together with the one it popped, and how
+    (workers.grouping has the rules for our jobs)."""
+
+    def room(self, job: Job) -> int:
+        """How many more jobs may join ``job`` (0: it runs alone, as RQ runs it)."""
+
+    def select(self, first: Job, others: Sequence[Job]) -> int:
+        """How many of ``others`` (a prefix, in queue order) join ``first``."""
+
+    def run(self, jobs: Sequence[Job]) -> list[Any]:
+        """Run ``jobs`` as one; each job's result, in order. Raising makes each run alone."""
+
+
 class IngestWorker(SimpleWorker):
     """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned."""
 
@@ -122,15 +146,19 @@ class IngestWorker(SimpleWorker):
     log_result_lifespan = False
 
     def __init__(self, *args: Any, names: constants.Names,
-                 abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER, **kwargs: Any) -> None:
+                 abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER,
+                 groups: JobGroups | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.names = names
+        self.groups = groups
+        # Jobs waiting in the queue when the last success was written (None: not known).
+        self._waiting: int | None = None
         self.abandoned_after = abandoned_after
         self.beat_interval = max(1.0, abandoned_after / 3)
         # True once SIGTERM/SIGINT asked this worker to stop (as opposed to RQ quitting its loop
         # on a Redis error, after which the runner starts a new worker).
         self.stop_requested_by_signal = False
-        self._running: tuple[Job, Execution] | None = None
+        self._running: list[tuple[Job, Execution]] = []  # the job, or the group, running now
         self._running_lock = threading.Lock()
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
@@ -168,34 +196,46 @@ class IngestWorker(SimpleWorker):
         cleanup) in its one pipeline, without the WATCH and read of the job's dependents that
         RQ does first: no job of ours has dependents or repeats (those still go RQ's way)."""
         if job.repeats_left or job.has_rate_limit:
+            self._waiting = None
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
-        assert job.started_at is not None and job.ended_at is not None
         with self.connection.pipeline() as pipeline:
-            self.increment_successful_job_count(pipeline=pipeline)
-            self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
-            result_ttl = job.get_result_ttl(self.default_result_ttl)
-            job._status = JobStatus.FINISHED
-            if result_ttl != 0:
-                # What RQ's Job._handle_success writes, but of the job hash only the fields
-                # that changed: RQ saves the whole hash again, the arguments (a whole batch)
-                # compressed anew, sent and appended to the AOF once more.
-                pipeline.hset(job.key, mapping={
-                    "status": JobStatus.FINISHED, "ended_at": utcformat(job.ended_at),
-                    "started_at": utcformat(job.started_at), "worker_name": self.name,
-                    "last_heartbeat": utcformat(job.last_heartbeat or job.ended_at)})
-                Result.create(job, Result.Type.SUCCESSFUL, return_value=job._result,
-                              ttl=result_ttl, worker_name=self.name, pipeline=pipeline,
-                              execution_id=execution.id,
-                              execution_started_at=execution.created_at,
-                              execution_ended_at=job.ended_at)
-                job.finished_job_registry.add(job, result_ttl, pipeline)
-            job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)
-            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            self._write_success(job, execution, pipeline)
             # SimpleWorker sets it right after this, in a round trip of its own; it is then
             # already written, and set_state skips it.
             self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+            self._finish(pipeline, queue)
+
+    def _finish(self, pipeline: Any, queue: Any) -> None:
+        """Send a job's (or a group's) success pipeline, reading on the way how many jobs wait
+        in the queue: a group is gathered next only if some did."""
+        if self.groups is None:
             pipeline.execute()
+            return
+        pipeline.llen(queue.key)
+        self._waiting = int(pipeline.execute()[-1])
+
+    def _write_success(self, job: Job, execution: Execution, pipeline: Any) -> None:
+        assert job.started_at is not None and job.ended_at is not None
+        self.increment_successful_job_count(pipeline=pipeline)
+        self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
+        result_ttl = job.get_result_ttl(self.default_result_ttl)
+        job._status = JobStatus.FINISHED
+        if result_ttl != 0:
+            # What RQ's Job._handle_success writes, but of the job hash only the fields that
+            # changed: RQ saves the whole hash again, the arguments (a whole batch) compressed
+            # anew, sent and appended to the AOF once more.
+            pipeline.hset(job.key, mapping={
+                "status": JobStatus.FINISHED, "ended_at": utcformat(job.ended_at),
+                "started_at": utcformat(job.started_at), "worker_name": self.name,
+                "last_heartbeat": utcformat(job.last_heartbeat or job.ended_at)})
+            Result.create(job, Result.Type.SUCCESSFUL, return_value=job._result,
+                          ttl=result_ttl, worker_name=self.name, pipeline=pipeline,
+                          execution_id=execution.id, execution_started_at=execution.created_at,
+                          execution_ended_at=job.ended_at)
+            job.finished_job_registry.add(job, result_ttl, pipeline)
+        job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)
+        self.cleanup_execution(job, pipeline=pipeline, execution=execution)
 
     def handle_execution_ended(self, job: Job, queue: Any, heartbeat_ttl: int) -> None:
         """RQ writes one more job heartbeat here, for the job's callbacks; ours have none."""
@@ -223,7 +263,7 @@ class IngestWorker(SimpleWorker):
         self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
         self._starting = pipeline
         with self._running_lock:
-            self._running = (job, execution)
+            self._running = [(job, execution)]
         return execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
@@ -246,10 +286,104 @@ class IngestWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Any) -> None:
         try:
-            super().execute_job(job, queue)
+            jobs = self._gather(job, queue) if self.groups is not None else [job]
+            if len(jobs) == 1:
+                super().execute_job(job, queue)
+            else:
+                self._execute_group(jobs, queue)
         finally:
             with self._running_lock:
-                self._running = None
+                self._running = []
+
+    # -- groups: waiting jobs run together with the one popped (see workers.grouping) ---------
+
+    def _gather(self, job: Job, queue: Any) -> list[Job]:
+        """``job`` and the waiting jobs that join it, taken off the queue as RQ takes one
+        (onto its intermediate queue, so a worker dying now leaves them to :meth:`sweep`)."""
+        assert self.groups is not None
+        try:
+            room = self.groups.room(job)
+        except Exception:  # its data cannot be read: RQ's own run reports that
+            room = 0
+        if self._waiting is not None:  # as the last success found the queue, minus this job
+            room = min(room, self._waiting - 1)
+        self._waiting = None
+        if room <= 0:
+            return [job]
+        intermediate = queue.intermediate_queue_key
+        with self.connection.pipeline(transaction=False) as pipe:
+            for _ in range(room):
+                pipe.lmove(queue.key, intermediate)
+            ids = [as_text(i) for i in pipe.execute() if i is not None]
+        if not ids:
+            return [job]
+        fetched = self.job_class.fetch_many(ids, connection=self.connection,
+                                            serializer=self.serializer)
+        others = [j for j in fetched if j is not None]
+        try:
+            joining = self.groups.select(job, others)
+        except Exception:
+            joining = 0
+        rest = others[joining:]
+        with self.connection.pipeline() as pipe:
+            for job_id, found in zip(ids, fetched):
+                if found is None:  # gone since it was queued: RQ skips such ids too
+                    pipe.lrem(intermediate, 1, job_id)
+            for other in reversed(rest):  # back to the head of the queue, in their order
+                pipe.lrem(intermediate, 1, other.id)
+                pipe.lpush(queue.key, other.id)
+            if len(pipe):
+                pipe.execute()
+        return [job, *others[:joining]]
+
+    def _execute_group(self, jobs: list[Job], queue: Any) -> None:
+        """Start every job of the group (one pipeline), run them as one, and finish each (one
+        pipeline). If the group run raises, each job runs on its own, as RQ would run it."""
+        assert self.groups is not None
+        started = self._start_group(jobs, queue)
+        try:
+            timeout = max(j.timeout or self.queue_class.DEFAULT_TIMEOUT for j in jobs)
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                results = self.groups.run(jobs)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"{len(results)} results for {len(jobs)} jobs")
+        except Exception as exc:
+            log.warning("%d jobs run together failed (%s); running each on its own",
+                        len(jobs), type(exc).__name__, extra={"job_id": jobs[0].id,
+                                                               "count": len(jobs)})
+            for job, execution in started:
+                self.perform_job(job, queue, execution)
+            self.set_state(WorkerStatus.IDLE)
+            return
+        ended = now()
+        with self.connection.pipeline() as pipeline:
+            for (job, execution), result in zip(started, results):
+                job.ended_at = ended
+                job._result = result
+                self._write_success(job, execution, pipeline)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+            self._finish(pipeline, queue)
+
+    def _start_group(self, jobs: list[Job], queue: Any) -> list[tuple[Job, Execution]]:
+        """What :meth:`prepare_execution` and :meth:`prepare_job_execution` write for one
+        job, for each job of the group, in one transaction."""
+        started: list[tuple[Job, Execution]] = []
+        with self.connection.pipeline() as pipeline:
+            for job in jobs:
+                ttl = self.get_heartbeat_ttl(job)
+                execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
+                self.executions[execution.id] = execution
+                job.heartbeat(now(), ttl, pipeline=pipeline)
+                job.prepare_for_execution(self.name, pipeline=pipeline)
+                pipeline.persist(job.key)
+                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
+                started.append((job, execution))
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            self.heartbeat(self.abandoned_after, pipeline=pipeline)
+            with self._running_lock:
+                self._running = list(started)
+            pipeline.execute()
+        return started
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested_by_signal = True
@@ -284,14 +418,14 @@ class IngestWorker(SimpleWorker):
     def renew(self) -> None:
         """Push back the expiry of the running job's entry in the started registry."""
         with self._running_lock:
-            running = self._running
-        if running is None:
+            running = list(self._running)
+        if not running:
             return
         # Renewing just after the job ended is harmless: the registry update only touches
         # entries that still exist (XX), and the execution hash it touches expires by itself.
-        job, execution = running
         with self.connection.pipeline() as pipe:
-            execution.heartbeat(job.started_job_registry, self.abandoned_after, pipe)
+            for job, execution in running:
+                execution.heartbeat(job.started_job_registry, self.abandoned_after, pipe)
             self.heartbeat(self.abandoned_after + 60, pipeline=pipe)
             pipe.execute()
 

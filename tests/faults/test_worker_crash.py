@@ -139,3 +139,36 @@ def test_sigterm_finishes_the_job_in_hand_before_exiting(stack: Stack) -> None:
     log = (stack.logs / "worker-1.log").read_text()
     assert "warm shut down requested" in log
     stack.assert_invariants(traffic)
+
+
+def test_sigkill_of_a_sink_worker_mid_group_retries_each_job_alone(stack: Stack) -> None:
+    """Deliver jobs wait while no sink worker runs; the one started then takes them as one
+    group (workers.grouping), whose insert the test holds on a lock; killed there, every job
+    of the group is retried alone, and nothing is lost or doubled."""
+    sink_queue = stack.names.sink_queue("postgres")
+    stack.start_workers(stack.names.ingest_queue)
+    redis = stack.redis()
+    queue = Queue(sink_queue, connection=redis, serializer=JSONSerializer)
+    try:
+        with serve(create_app(stack.settings)) as acceptor:
+            traffic = Traffic(acceptor.url)
+            with traffic.flowing(60):
+                wait_until(lambda: queue.count >= 4, 30, "deliver jobs waiting")
+            with psycopg.connect(stack.database_url) as locker:
+                locker.execute("LOCK TABLE webhook_events IN SHARE ROW EXCLUSIVE MODE")
+                sink = psutil.Process(stack.start_workers(sink_queue).pid)
+                wait_until(lambda: _insert_waiting(stack.database_url), 30,
+                           "the group's insert blocked on the lock")
+                running = queue.started_job_registry.get_job_ids()
+                assert len(running) >= 2, f"one job ran alone, not a group: {running}"
+                left = kill(sink)
+            stack.start_workers(sink_queue)
+            stack.wait_for_pipeline(traffic, timeout=90)
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                   for p in left), 15, "the killed worker's scheduler to exit")
+        stack.assert_invariants(traffic)
+        for job_id in running:  # each finished on its own retry
+            assert Job.fetch(job_id, connection=redis,
+                             serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    finally:
+        redis.close()
