@@ -116,6 +116,7 @@ def _process(calls: Sequence[tuple[str, list[dict[str, Any]]]],
     candidates: dict[str, Event] = {}  # by event id: copies inside one batch collapse here
     rendered: dict[str, dict[str, Any]] = {}  # their to_job(), made once for check and jobs
     owner_of: dict[str, str] = {}  # event id -> the job whose envelope brought it first
+    delivered_by: dict[str, str] = {}  # delivery id -> the job it came in
     poisoned = 0
     produced: Counter[str] = Counter()  # events per provider, copies included
     per_job: dict[str, Counter[str]] = {owner: Counter() for owner, _ in calls}
@@ -140,6 +141,7 @@ def _process(calls: Sequence[tuple[str, list[dict[str, Any]]]],
                 poisoned += 1
                 continue
             deliveries[delivery.id] = delivery
+            delivered_by[delivery.id] = owner
             for event, form in zip(events, forms):
                 produced[event.provider] += 1
                 per_job[owner]["produced"] += 1
@@ -181,7 +183,7 @@ def _process(calls: Sequence[tuple[str, list[dict[str, Any]]]],
         for delivery in deliveries.values():
             log.debug("delivery processed: %d new events", new[delivery.id],
                       extra={"provider": delivery.provider, "delivery_id": delivery.id,
-                             "job_id": first, "count": new[delivery.id]})
+                             "job_id": delivered_by[delivery.id], "count": new[delivery.id]})
     received = sum(len(envelopes) for _, envelopes in calls)
     if alone:
         log.info("batch processed: %d deliveries, %d new events, %d duplicates, %d set aside",

@@ -259,3 +259,15 @@ def test_a_set_aside_delivery_never_joins_a_group(runtime: Any) -> None:
     assert first is not None and other is not None
     assert groups.room(first) > 0 and groups.room(other) == 0
     assert groups.select(first, [other]) == 0
+
+
+def test_each_delivery_of_a_group_is_logged_with_the_job_it_came_in(
+        runtime: Any, caplog: pytest.LogCaptureFixture) -> None:
+    one, two = envelope(10), envelope(20)
+    ids = batch_jobs(runtime, [one], [two])
+    with caplog.at_level(logging.DEBUG, logger="workers.jobs"):
+        ingest_worker(runtime).work(burst=True, with_scheduler=False)
+    lines = {r.delivery_id: r.job_id for r in caplog.records
+             if r.getMessage().startswith("delivery processed")}
+    assert lines == {one["id"]: ids[0], two["id"]: ids[1]}
+    assert any(r.getMessage().startswith("batches processed: 2 jobs") for r in caplog.records)
