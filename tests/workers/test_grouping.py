@@ -1,5 +1,6 @@
-"""Deliver jobs waiting in a sink's queue, sent together (workers.grouping), with real RQ
-workers on real Redis and Postgres."""
+"""Jobs waiting in a queue, run together with the one a worker popped (workers.grouping):
+deliver jobs in one send, process_batch jobs as one batch. Real RQ workers on real Redis and
+Postgres."""
 
 from __future__ import annotations
 
