@@ -257,9 +257,7 @@ class IngestWorker(SimpleWorker):
         """RQ's execution record and "busy" state, written by :meth:`prepare_job_execution`
         in its pipeline (RQ sends each in a pipeline of its own)."""
         pipeline = self.connection.pipeline()
-        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipeline,
-                                     worker_name=self.name)
-        self.executions[execution.id] = execution
+        execution = self._new_execution(job, pipeline)
         self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
         self._starting = pipeline
         with self._running_lock:
@@ -274,15 +272,27 @@ class IngestWorker(SimpleWorker):
         if pipeline is None:
             pipeline = self.connection.pipeline()
         with pipeline:
-            heartbeat_ttl = self.get_heartbeat_ttl(job)
-            self.heartbeat(heartbeat_ttl, pipeline=pipeline)
-            job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
-            job.prepare_for_execution(self.name, pipeline=pipeline)
-            pipeline.persist(job.key)
-            if remove_from_intermediate_queue:
-                pipeline.lrem(self.queue_class(job.origin, connection=self.connection)
-                              .intermediate_queue_key, 1, job.id)
+            self.heartbeat(self.get_heartbeat_ttl(job), pipeline=pipeline)
+            intermediate = self.queue_class(job.origin, connection=self.connection) \
+                .intermediate_queue_key if remove_from_intermediate_queue else None
+            self._write_job_start(job, pipeline, intermediate)
             pipeline.execute()
+
+    def _new_execution(self, job: Job, pipeline: Any) -> Execution:
+        """RQ's execution record of ``job`` (and its started-registry entry), on ``pipeline``."""
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipeline,
+                                     worker_name=self.name)
+        self.executions[execution.id] = execution
+        return execution
+
+    def _write_job_start(self, job: Job, pipeline: Any, intermediate: str | None) -> None:
+        """What RQ writes on the job when it starts: its heartbeat, its status, no expiry, and
+        off the intermediate queue (``intermediate``: that queue's key, None to leave it)."""
+        job.heartbeat(now(), self.get_heartbeat_ttl(job), pipeline=pipeline)
+        job.prepare_for_execution(self.name, pipeline=pipeline)
+        pipeline.persist(job.key)
+        if intermediate is not None:
+            pipeline.lrem(intermediate, 1, job.id)
 
     def execute_job(self, job: Job, queue: Any) -> None:
         try:
@@ -370,14 +380,8 @@ class IngestWorker(SimpleWorker):
         started: list[tuple[Job, Execution]] = []
         with self.connection.pipeline() as pipeline:
             for job in jobs:
-                ttl = self.get_heartbeat_ttl(job)
-                execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
-                self.executions[execution.id] = execution
-                job.heartbeat(now(), ttl, pipeline=pipeline)
-                job.prepare_for_execution(self.name, pipeline=pipeline)
-                pipeline.persist(job.key)
-                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
-                started.append((job, execution))
+                started.append((job, self._new_execution(job, pipeline)))
+                self._write_job_start(job, pipeline, queue.intermediate_queue_key)
             self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
             self.heartbeat(self.abandoned_after, pipeline=pipeline)
             with self._running_lock:
