@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -168,12 +170,24 @@ class TokenProvider:
 # -- helpers for events() ------------------------------------------------------------------
 
 
+# Nineteen digits in a row: the shortest integer outside what orjson reads exactly (a signed or
+# unsigned 64-bit integer) has that many. Digits inside strings match too, which costs only a
+# second, exact parse.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
 def load_object(delivery: Delivery) -> dict[str, Any]:
-    """The delivery's body as a dict (the acceptor already checked it is a JSON object)."""
+    """The delivery's body as a dict (the acceptor already checked it is a JSON object).
+
+    orjson reads it, fast; but orjson turns an integer past 64 bits into a float, so a body
+    that may hold one is read again by the standard library, which keeps every integer exact
+    (a 20-digit id stays that id)."""
     try:
         value = orjson.loads(delivery.body)
     except orjson.JSONDecodeError as exc:
         raise NormalizationError(f"body is not valid JSON: {exc}") from None
+    if _LONG_DIGITS.search(delivery.body):
+        value = json.loads(delivery.body)  # valid: orjson, which is stricter, just read it
     if not isinstance(value, dict):
         raise NormalizationError("body is not a JSON object")
     return value
