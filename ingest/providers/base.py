@@ -11,13 +11,13 @@ import hashlib
 import hmac
 import json
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import orjson
 
+from ingest import safejson
 from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import NormalizationError, SignatureError
 
@@ -170,24 +170,14 @@ class TokenProvider:
 # -- helpers for events() ------------------------------------------------------------------
 
 
-# Nineteen digits in a row: the shortest integer outside what orjson reads exactly (a signed or
-# unsigned 64-bit integer) has that many. Digits inside strings match too, which costs only a
-# second, exact parse.
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
-
-
 def load_object(delivery: Delivery) -> dict[str, Any]:
-    """The delivery's body as a dict (the acceptor already checked it is a JSON object).
-
-    orjson reads it, fast; but orjson turns an integer past 64 bits into a float, so a body
-    that may hold one is read again by the standard library, which keeps every integer exact
-    (a 20-digit id stays that id)."""
+    """The delivery's body as a dict (the acceptor already checked it is a JSON object), read
+    by :func:`ingest.safejson.loads`: fast, and an integer past 64 bits stays exact (a 20-digit
+    id stays that id, where orjson alone would make it a float)."""
     try:
-        value = orjson.loads(delivery.body)
+        value = safejson.loads(delivery.body)
     except orjson.JSONDecodeError as exc:
         raise NormalizationError(f"body is not valid JSON: {exc}") from None
-    if _LONG_DIGITS.search(delivery.body):
-        value = json.loads(delivery.body)  # valid: orjson, which is stricter, just read it
     if not isinstance(value, dict):
         raise NormalizationError("body is not a JSON object")
     return value
@@ -256,7 +246,12 @@ def time_key(value: Any) -> str | None:
 
 def canonical_digest(value: Any) -> str:
     """A digest of a JSON value that does not depend on key order or whitespace."""
-    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer past 64 bits: the standard library, in the same form
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+    return hashlib.sha256(text).hexdigest()[:32]
 
 
 def contact(email: Any = None, name: Any = None, phone: Any = None) -> Contact | None:
