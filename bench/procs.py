@@ -8,6 +8,7 @@ the report can say how the two cores were shared, including by things outside th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -152,6 +153,16 @@ class CpuMeter:
         out["other"] = max(0.0, out["machine"] - ours)
         out["wall"] = wall
         return out
+
+
+def preemptions(processes: Sequence[psutil.Process]) -> int:
+    """Involuntary context switches so far, summed: how often the kernel took a CPU away from
+    these processes while they still had work (more processes than cores)."""
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.num_ctx_switches().involuntary
+    return total
 
 
 def pids_of(*procs: Proc | None) -> Callable[[], list[psutil.Process]]:

@@ -95,7 +95,7 @@ def _servers(tmp: Path) -> Iterator[tuple[str, int, str]]:
 
 
 def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
-           profile: str | None = None) -> dict[str, float]:
+           profile: str | None = None, alone: bool = False) -> dict[str, float]:
     from ingest.rq_jobs import FastJSONSerializer
     from workers.grouping import Groups
     from workers.watchdog import IngestWorker
@@ -114,7 +114,8 @@ def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
         jobs = rt.redis.llen(f"rq:queue:{queue}")
         worker = IngestWorker([rt.queue(queue)], connection=rt.redis, serializer=FastJSONSerializer,
                               name=f"cost-{uuid.uuid4().hex[:8]}", names=rt.names,
-                              log_job_description=False, groups=Groups(rt))
+                              log_job_description=False,
+                              groups=None if alone else Groups(rt))
         pg_before = _cpu(backends())
         redis_before = _cpu([redis_proc])
         cpu_before = time.process_time()
@@ -137,8 +138,8 @@ def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
             "round_trips": trips.count}
 
 
-def run(batches: int, batch: int, repeat: int,
-        profile: str | None = None) -> list[dict[str, Any]]:
+def run(batches: int, batch: int, repeat: int, profile: str | None = None,
+        alone: bool = False) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="wi-cost-"))
     results: list[dict[str, Any]] = []
     with _servers(tmp) as (redis_url, redis_pid, db_url):
@@ -164,7 +165,7 @@ def run(batches: int, batch: int, repeat: int,
             row: dict[str, Any] = {"round": round_ + 1, "events": events}
             for name in (rt.names.ingest_queue, rt.names.sink_queue("postgres")):
                 row[name] = _drain(rt, name, redis_proc, db_url,
-                                   f"{profile}-{name}.prof" if profile else None)
+                                   f"{profile}-{name}.prof" if profile else None, alone)
             with psycopg.connect(db_url) as conn:
                 (stored,), = conn.execute("SELECT count(*) FROM webhook_events").fetchall()
                 conn.execute("TRUNCATE webhook_events, webhook_deliveries, webhook_records")
@@ -201,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", metavar="PREFIX", default=None,
                         help="write cProfile stats of each drain to PREFIX-<queue>.prof")
+    parser.add_argument("--alone", action="store_true",
+                        help="run each job alone, as a worker does when none wait behind it")
     args = parser.parse_args(argv)
     random.seed(7)
-    results = run(args.batches, args.batch, args.repeat, args.profile)
+    results = run(args.batches, args.batch, args.repeat, args.profile, args.alone)
     print(render(results))
     return 0 if all(r["stored"] == r["events"] for r in results) else 1
 

@@ -1,6 +1,7 @@
 """The one normalized event shape every provider produces and every sink receives.
 
-Imports only the standard library and orjson: workers and sinks use it without Starlette.
+Imports only the standard library and ingest.safejson (orjson): workers and sinks use it
+without Starlette.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import orjson
+from ingest import safejson
 
 __all__ = ["DELETE_ACTIONS", "Contact", "Delivery", "Event", "changes_between", "event_id",
            "isoformat"]
@@ -198,7 +199,7 @@ class Event:
         }
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        return safejson.dumps(self.to_dict())
 
     def to_job(self) -> dict[str, Any]:
         """The public shape plus what a worker needs to find the row again."""

@@ -6,6 +6,7 @@ Redis, Postgres, RQ workers and spool files."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,3 +204,25 @@ def test_a_delivery_whose_events_all_mention_the_subject_goes_whole(
     assert report.counts["webhook_events"] == 3
     assert stored_emails(database_url) == []
     assert not rows(database_url, "SELECT 1 FROM webhook_deliveries")
+
+
+def test_a_rewritten_body_keeps_integers_past_64_bits_exact(
+        runtime: Runtime, settings: Settings, database_url: str) -> None:
+    """The others' part of a rewritten body is the bytes they sent, in meaning: a number past
+    64 bits stays that number, and the body is rewritten, not removed whole."""
+    stored = array(escaped=False)
+    payload = json.loads(stored["body"])
+    payload["data"][0]["crm_id"] = 2**64 + 1  # Bob's
+    stored["body"] = json.dumps(payload)
+    enqueue_batch(runtime.ingest_queue, [stored], runtime.names.job_id("batch", "big"))
+    drain(runtime)
+
+    report = erase(settings, EmailSubject(JANE))
+
+    assert report.counts["webhook_deliveries rewritten"] == 1
+    (archived,) = rows(database_url, "SELECT body FROM webhook_deliveries")
+    people = json.loads(bytes(archived["body"]))["data"]
+    assert [p["email_address"] for p in people] == [BOB, CAROL]
+    assert people[0]["crm_id"] == 2**64 + 1
+    (bob,) = rows(database_url, "SELECT data FROM webhook_events WHERE contact_email = %s", BOB)
+    assert bob["data"]["crm_id"] == 2**64 + 1

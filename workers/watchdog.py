@@ -389,11 +389,23 @@ class IngestWorker(SimpleWorker):
             pipeline.execute()
         return started
 
+    def _stop_before_first_job(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested_by_signal = True
+        self._stop_requested = True
+        self.log.info("Worker %s: warm shut down requested while starting", self.name)
+
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested_by_signal = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        # RQ registers the worker (so `rq info`, and whoever waits for it, sees it listening)
+        # a few calls before work() installs its SIGTERM handler. A signal in between would end
+        # the process at once, by the default action, leaving its registration behind. Until
+        # RQ's handlers take over, a signal asks for a stop, which the loop honours before it
+        # pops a job.
+        signal.signal(signal.SIGTERM, self._stop_before_first_job)
+        signal.signal(signal.SIGINT, self._stop_before_first_job)
         super().bootstrap(*args, **kwargs)
         self._stop_beating.clear()
         self._beater = threading.Thread(target=self._beat_loop, name="rq-heartbeat", daemon=True)

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from ingest import safejson
 from ingest.events import Delivery, isoformat
 from ingest.providers import Provider
 
@@ -367,7 +368,7 @@ def without_subject(envelope: dict[str, Any], subject: Subject,
         return None
     try:
         events = provider.events(Delivery.from_dict(envelope))
-        payload = orjson.loads(envelope["body"])
+        payload = safejson.loads(envelope["body"])
     except Exception:  # it cannot be split if it cannot be read
         return None
     others = [job for job in (e.to_job() for e in events) if not subject.in_event(job)]
@@ -380,7 +381,7 @@ def without_subject(envelope: dict[str, Any], subject: Subject,
         if not theirs or len(theirs) == len(items):
             continue
         body = _replaced(payload, path, [x for i, x in enumerate(items) if i not in theirs])
-        candidate = dict(envelope, body=orjson.dumps(body).decode(), erased_at=erased_at)
+        candidate = dict(envelope, body=safejson.dumps(body).decode(), erased_at=erased_at)
         if subject.in_envelope(candidate):
             continue  # the subject is also elsewhere in it
         try:
@@ -398,7 +399,7 @@ def _is_subjects(item: Any, path: tuple[str | int, ...], payload: Any,
     it alone normalizes into one of the subject's events (a record is found that way)."""
     if subject.in_value(item):
         return True
-    alone = dict(envelope, body=orjson.dumps(_replaced(payload, path, [item])).decode())
+    alone = dict(envelope, body=safejson.dumps(_replaced(payload, path, [item])).decode())
     try:
         return any(subject.in_event(e.to_job()) for e in provider.events(
             Delivery.from_dict(alone)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import orjson
 
+from ingest import safejson
 from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import NormalizationError, SignatureError
 
@@ -169,9 +171,11 @@ class TokenProvider:
 
 
 def load_object(delivery: Delivery) -> dict[str, Any]:
-    """The delivery's body as a dict (the acceptor already checked it is a JSON object)."""
+    """The delivery's body as a dict (the acceptor already checked it is a JSON object), read
+    by :func:`ingest.safejson.loads`: fast, and an integer past 64 bits stays exact (a 20-digit
+    id stays that id, where orjson alone would make it a float)."""
     try:
-        value = orjson.loads(delivery.body)
+        value = safejson.loads(delivery.body)
     except orjson.JSONDecodeError as exc:
         raise NormalizationError(f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -242,7 +246,12 @@ def time_key(value: Any) -> str | None:
 
 def canonical_digest(value: Any) -> str:
     """A digest of a JSON value that does not depend on key order or whitespace."""
-    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer past 64 bits: the standard library, in the same form
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+    return hashlib.sha256(text).hexdigest()[:32]
 
 
 def contact(email: Any = None, name: Any = None, phone: Any = None) -> Contact | None:

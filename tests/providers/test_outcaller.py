@@ -1,3 +1,4 @@
+import json
 from typing import Any, ClassVar
 
 import orjson
@@ -80,3 +81,23 @@ class TestOutCaller(ProviderSuite):
                              params={"token": SECRETS["outcaller"][1]})
         assert response.status_code == 200
         assert runtime.ingest_queue.count == 1
+
+    def test_integers_past_64_bits_are_kept_exact(self, acceptor: Any, runtime: Any,
+                                                  database_url: str) -> None:
+        """A numeric id past 64 bits names its resource exactly, and every such integer in the
+        payload is stored as sent, not rounded to a float."""
+        from tests.helpers import SECRETS, drain
+
+        payload = json.loads(self.raw("lead_created.raw"))
+        payload["data"]["id"] = 123456789012345678901
+        payload["data"]["crm_id"] = 2**64 + 1
+        payload["data"]["balance"] = -(2**63) - 1
+        body = json.dumps(payload).encode()
+        response = self.post(acceptor, body, self.sign(body, SECRETS["outcaller"][0]))
+        assert response.status_code == 200
+        drain(runtime)
+        (row,) = self.events_in(database_url)
+        assert row["resource_id"] == "123456789012345678901"
+        assert row["data"]["crm_id"] == 2**64 + 1
+        assert row["data"]["id"] == 123456789012345678901
+        assert row["data"]["balance"] == -(2**63) - 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from datetime import datetime, timezone
@@ -18,6 +20,7 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.suspension import resume, suspend
+from rq.worker_registration import get_keys
 
 from ingest.commands.embedded import EmbeddedRedis
 from ingest.constants import Names
@@ -226,6 +229,36 @@ def test_a_job_starts_in_one_write_and_leaves_its_worker_idle(runtime: Any) -> N
         assert runtime.redis.hget(worker.key, "state") == b"idle"
     finally:
         worker.register_death()
+
+
+def test_sigterm_just_after_the_worker_registers_stops_it_cleanly(
+        runtime: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ registers a worker a few calls before it installs its own SIGTERM handler. A SIGTERM
+    in that window (a deploy stopping a worker that just started) stops it before it pops a job,
+    and unregisters it, instead of killing the process by the signal's default action."""
+    job = enqueue_one(runtime, 9)
+    worker = make_worker(runtime)
+    register_birth = worker.register_birth
+
+    def register_then_signal() -> None:
+        register_birth()
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode
+
+    monkeypatch.setattr(worker, "register_birth", register_then_signal)
+    escaped: list[int] = []  # stands in for the default action, which would end pytest
+    previous = {sig: signal.signal(sig, lambda signum, frame: escaped.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.work(burst=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert escaped == []
+    assert worker.stop_requested_by_signal
+    assert runtime.ingest_queue.get_job_ids() == [job.id]  # left for the next worker
+    # Unregistered on the way out, as after any warm shutdown.
+    assert worker.key not in get_keys(runtime.ingest_queue)
+    assert runtime.redis.hget(worker.key, "death") is not None
 
 
 def test_rq_suspend_still_stops_a_worker_within_about_a_second(tmp_path: Path) -> None:
