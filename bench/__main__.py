@@ -578,14 +578,15 @@ def phase_drain(ctx: Context, per_queue: int) -> dict[str, Any]:
         stack = Stack(ctx, ns, per_queue=0, acceptor=False)
         try:
             stack.start_workers(per_queue)
+            meter = stack.meter()
 
-            def pipeline() -> list[psutil.Process]:
-                return [*pids_of(*stack.workers)(), *by_pid(lambda: [ctx.redis_pid])(),
-                        *by_pid(ctx.pg_backends)()]
+            def pipeline() -> list[psutil.Process]:  # the meter's own groups of these
+                return [p for name in ("workers", "redis", "postgres")
+                        for p in meter.groups[name]()]
 
             counters = ctx.counters()
             switched = preemptions(pipeline())
-            meter = stack.meter().start()
+            meter.start()
             released = time.time()
             for i in range(0, len(held), 1000):
                 r.rpush(key, *held[i:i + 1000])
