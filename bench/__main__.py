@@ -13,8 +13,8 @@ ports, and removes them afterwards. Then, in order:
 4. receipt-to-row latency (``stored_at - received_at``) at 10/50/90% of that throughput, open
    loop;
 5. scaling: the same end to end with two worker processes per queue, closed loop and then
-   open loop at 50% and 90% of one per queue's maximum (the same offered load, so the same
-   jobs arrive: the fair comparison of CPU per event end to end); and the workers alone
+   open loop at 50% and 90% of one per queue's maximum (the same deliveries at the same
+   times: CPU per event end to end at the same load); and the workers alone
    draining a pre-filled queue with one and with two processes per queue, ``--pairs`` times
    each, interleaved, compared pair by pair;
 6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS

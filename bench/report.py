@@ -214,7 +214,8 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
 
 def _same_rate(r: dict[str, Any]) -> list[tuple[Any, dict[str, Any], dict[str, Any]]]:
     """(share, one per queue, two per queue) for each open-loop rate both ran: the same
-    deliveries arriving at the same rate, so the same jobs; ``events`` and ``cpu`` in both."""
+    deliveries at the same times (the jobs they make may differ: fewer wait with two per
+    queue, so fewer are grouped); ``events`` and ``cpu`` in both."""
     one_side, two_side = r["latency"], r.get("latency2") or {}
     return [(share, one_side[share], two_side[share]) for share in sorted(two_side, key=float)
             if share in one_side and "events" in one_side[share]]
