@@ -12,7 +12,9 @@ ports, and removes them afterwards. Then, in order:
    accepted delivery is a row: events/s, none lost or doubled;
 4. receipt-to-row latency (``stored_at - received_at``) at 10/50/90% of that throughput, open
    loop;
-5. scaling: the same end to end with two worker processes per queue; and the workers alone
+5. scaling: the same end to end with two worker processes per queue, closed loop and then
+   open loop at 50% and 90% of one per queue's maximum (the same deliveries at the same
+   times: CPU per event end to end at the same load); and the workers alone
    draining a pre-filled queue with one and with two processes per queue, ``--pairs`` times
    each, interleaved, compared pair by pair;
 6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS
@@ -64,6 +66,10 @@ from sinks.postgres import migrate
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-outreach-secret-" + uuid.uuid4().hex[:8]
 QUEUES = ("ingest", "sink-postgres")
+# Open-loop rates, as shares of the end-to-end maximum with one worker process per queue: all
+# three with one per queue (receipt-to-row latency), the last two again with two per queue.
+LATENCY_SHARES = (0.1, 0.5, 0.9)
+SAME_RATE_SHARES = (0.5, 0.9)
 # Variables of the caller's environment that must not leak into the processes we start.
 _OWN_PREFIXES = ("INGEST_", "REDIS_URL", "DATABASE_URL", "CRM_", "SLACK_", "PROMETHEUS_",
                  "OUTREACH_", "SALESLOFT_", "OUTCALLER_", "OUTBOUNDRY_", "MAILSTAND_")
@@ -493,6 +499,20 @@ def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[st
             "events_per_s": len(accepted) / elapsed}
 
 
+def open_loop(ctx: Context, stack: Stack, rate: float) -> dict[str, Any]:
+    """Deliveries at a fixed ``rate`` for ``--duration`` s (open loop), until each is a row:
+    receipt-to-row latency, where it went, and what it cost (CPU, shared servers) per event."""
+    since = time.time()
+    counters = ctx.counters()
+    meter = stack.meter().start()
+    lg = loadgen(ctx, stack.url, ctx.args.duration, rate=rate)
+    wait_for_rows(ctx, lg["start_seq"], lg["end_seq"], lg["ok"])
+    cpu = meter.stop({"loadgen": lg["cpu_s"]})
+    return {**latency_ms(ctx, lg["start_seq"], lg["end_seq"]), "events": lg["ok"],
+            "rate": lg["ok"] / ctx.args.duration, "http_p99": lg["p99_ms"], "cpu": cpu,
+            "costs": ctx.costs(counters, lg["ok"]), "stages": stage_times(stack, since)}
+
+
 def phase_pipeline(ctx: Context) -> None:
     log("end to end, one worker process per queue")
     stack = Stack(ctx, "e2e1", per_queue=1)
@@ -500,17 +520,9 @@ def phase_pipeline(ctx: Context) -> None:
         ctx.results["e2e1"] = e2e(ctx, stack, "e2e1", profile=True)
         top = ctx.results["e2e1"]["events_per_s"]
         ctx.results["latency"] = {}
-        for share in (0.1, 0.5, 0.9):
+        for share in LATENCY_SHARES:
             log(f"latency at {share:.0%} of {top:.0f} events/s")
-            since = time.time()
-            meter = stack.meter().start()
-            lg = loadgen(ctx, stack.url, ctx.args.duration, rate=top * share)
-            wait_for_rows(ctx, lg["start_seq"], lg["end_seq"], lg["ok"])
-            cpu = meter.stop({"loadgen": lg["cpu_s"]})
-            ctx.results["latency"][share] = {**latency_ms(ctx, lg["start_seq"], lg["end_seq"]),
-                                             "rate": lg["ok"] / ctx.args.duration,
-                                             "http_p99": lg["p99_ms"], "cpu": cpu,
-                                             "stages": stage_times(stack, since)}
+            ctx.results["latency"][share] = open_loop(ctx, stack, top * share)
     finally:
         stack.stop()
     ctx.reset()
@@ -519,6 +531,10 @@ def phase_pipeline(ctx: Context) -> None:
     stack = Stack(ctx, "e2e2", per_queue=2)
     try:
         ctx.results["e2e2"] = e2e(ctx, stack, "e2e2")
+        ctx.results["latency2"] = {}
+        for share in SAME_RATE_SHARES:  # the rates of one per queue, for target 4 at equal load
+            log(f"2 per queue at {share:.0%} of one per queue's {top:.0f} events/s")
+            ctx.results["latency2"][share] = open_loop(ctx, stack, top * share)
     finally:
         stack.stop()
     ctx.reset()

@@ -158,6 +158,12 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         per_event[key] = cpu_per_event(r[key]["cpu"], events)
         per_event_rows.append([label, f"{events:,}", f"{r[key]['cpu']['other']:.2f}"]
                               + [f"{per_event[key][c]:.0f}" for c in per_event_cols])
+    for share, single, double in _same_rate(r):
+        for side, res in ((1, single), (2, double)):
+            spent = cpu_per_event(res["cpu"], res["events"])
+            per_event_rows.append([f"open loop at {float(share):.0%}, {side} per queue",
+                                   f"{res['events']:,}", f"{res['cpu']['other']:.2f}"]
+                                  + [f"{spent[c]:.0f}" for c in per_event_cols])
     for one, two, label in [("e2e1", "e2e2", "end to end"), ("drain1", "drain2", "draining")]:
         cost = per_event[two]["pipeline"] / per_event[one]["pipeline"]
         ratio = f"{cost:.2f}x one per queue"
@@ -167,6 +173,19 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
                         f"{per_event[two]['pipeline']:.0f} us "
                         f"(1 per queue: {per_event[one]['pipeline']:.0f} us)",
                         ratio, "<= 1.10x", cost <= 1.10))
+    for share, single, double in _same_rate(r):
+        key = f"{float(share):.0%}"
+        per_event[f"open1-{key}"] = a = cpu_per_event(single["cpu"], single["events"])
+        per_event[f"open2-{key}"] = b = cpu_per_event(double["cpu"], double["events"])
+        rows.append(Row(f"CPU per event, all pipeline processes, 2 per queue (open loop at "
+                        f"{key} of max, {_n(single['rate'])} / {_n(double['rate'])} "
+                        "deliveries/s)",
+                        f"{b['pipeline']:.0f} us (1 per queue: {a['pipeline']:.0f} us)",
+                        f"{b['pipeline'] / a['pipeline']:.2f}x one per queue", "<= 1.10x",
+                        b["pipeline"] <= 1.10 * a["pipeline"]))
+        rows.append(Row(f"  2 per queue at {key}: receipt to Postgres row",
+                        f"p50 {double['p50']:.0f} ms, p99 {double['p99']:.0f} ms",
+                        f"1 per queue: p50 {single['p50']:.0f} ms, p99 {single['p99']:.0f} ms"))
     r["cpu_per_event"] = per_event
 
     out = ["## Ceilings (this machine, this run)", "",
@@ -191,6 +210,15 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
            *_costs(r, per_event),
            f"Machine: {r['machine']}. Run took {r['seconds']:.0f} s."]
     return "\n".join(out)
+
+
+def _same_rate(r: dict[str, Any]) -> list[tuple[Any, dict[str, Any], dict[str, Any]]]:
+    """(share, one per queue, two per queue) for each open-loop rate both ran: the same
+    deliveries at the same times (the jobs they make may differ: fewer wait with two per
+    queue, so fewer are grouped); ``events`` and ``cpu`` in both."""
+    one_side, two_side = r["latency"], r.get("latency2") or {}
+    return [(share, one_side[share], two_side[share]) for share in sorted(two_side, key=float)
+            if share in one_side and "events" in one_side[share]]
 
 
 def _pairs(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
@@ -227,11 +255,15 @@ def _pairs(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
 def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[str]:
     """The scale model's inputs: what one event costs Redis and Postgres (bench.scale)."""
     rows = []
-    for key, label in [("acceptor", "acceptor alone"), ("e2e1", "end to end, 1 per queue"),
-                       ("e2e2", "end to end, 2 per queue"),
-                       ("drain1", "workers draining, 1 per queue"),
-                       ("drain2", "workers draining, 2 per queue")]:
-        c = r[key].get("costs")
+    phases = [(r[key], label) for key, label in [
+        ("acceptor", "acceptor alone"), ("e2e1", "end to end, 1 per queue"),
+        ("e2e2", "end to end, 2 per queue"), ("drain1", "workers draining, 1 per queue"),
+        ("drain2", "workers draining, 2 per queue")]]
+    for share, single, double in _same_rate(r):
+        phases += [(single, f"open loop at {float(share):.0%}, 1 per queue"),
+                   (double, f"open loop at {float(share):.0%}, 2 per queue")]
+    for phase, label in phases:
+        c = phase.get("costs")
         if not c:
             continue
         top = ", ".join(f"{k} {v:.3f}" for k, v in list(c["redis_by_command"].items())[:6])
