@@ -149,22 +149,30 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
         cpu_rows.append([label] + [f"{cpu[c]:.2f}" if c in cpu else "" for c in cpu_cols])
 
     per_event_cols = [*PIPELINE, "pipeline"]
-    per_event_rows, per_event = [], {}
-    for key, label, events in [("acceptor", "acceptor alone", acc["ok"]),
-                               ("e2e1", "end to end, 1 per queue", e1["events"]),
-                               ("e2e2", "end to end, 2 per queue", e2["events"]),
-                               ("drain1", "workers draining, 1 per queue", d1["events"]),
-                               ("drain2", "workers draining, 2 per queue", d2["events"])]:
-        per_event[key] = cpu_per_event(r[key]["cpu"], events)
-        per_event_rows.append([label, f"{events:,}", f"{r[key]['cpu']['other']:.2f}"]
-                              + [f"{per_event[key][c]:.0f}" for c in per_event_cols])
+    # (key in per_event, label, results, events): the phases of the per-event tables.
+    phases: list[tuple[str, str, dict[str, Any], int]] = [
+        ("acceptor", "acceptor alone", acc, acc["ok"]),
+        ("e2e1", "end to end, 1 per queue", e1, e1["events"]),
+        ("e2e2", "end to end, 2 per queue", e2, e2["events"]),
+        ("drain1", "workers draining, 1 per queue", d1, d1["events"]),
+        ("drain2", "workers draining, 2 per queue", d2, d2["events"])]
+    # (one per queue, two per queue, label, the open-loop pair or None): target 4's comparisons.
+    comparisons: list[tuple[str, str, str,
+                            tuple[str, dict[str, Any], dict[str, Any]] | None]] = [
+        ("e2e1", "e2e2", "end to end", None), ("drain1", "drain2", "draining", None)]
     for share, single, double in _same_rate(r):
-        for side, res in ((1, single), (2, double)):
-            spent = cpu_per_event(res["cpu"], res["events"])
-            per_event_rows.append([f"open loop at {float(share):.0%}, {side} per queue",
-                                   f"{res['events']:,}", f"{res['cpu']['other']:.2f}"]
-                                  + [f"{spent[c]:.0f}" for c in per_event_cols])
-    for one, two, label in [("e2e1", "e2e2", "end to end"), ("drain1", "drain2", "draining")]:
+        key = f"{float(share):.0%}"
+        phases += [(f"open1-{key}", f"open loop at {key}, 1 per queue", single, single["events"]),
+                   (f"open2-{key}", f"open loop at {key}, 2 per queue", double, double["events"])]
+        comparisons.append((f"open1-{key}", f"open2-{key}",
+                            f"open loop at {key} of max, {_n(single['rate'])} / "
+                            f"{_n(double['rate'])} deliveries/s", (key, single, double)))
+    per_event_rows, per_event = [], {}
+    for key, label, res, events in phases:
+        per_event[key] = cpu_per_event(res["cpu"], events)
+        per_event_rows.append([label, f"{events:,}", f"{res['cpu']['other']:.2f}"]
+                              + [f"{per_event[key][c]:.0f}" for c in per_event_cols])
+    for one, two, label, open_pair in comparisons:
         cost = per_event[two]["pipeline"] / per_event[one]["pipeline"]
         ratio = f"{cost:.2f}x one per queue"
         if one == "drain1" and len(pairs) > 1:
@@ -173,19 +181,12 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
                         f"{per_event[two]['pipeline']:.0f} us "
                         f"(1 per queue: {per_event[one]['pipeline']:.0f} us)",
                         ratio, "<= 1.10x", cost <= 1.10))
-    for share, single, double in _same_rate(r):
-        key = f"{float(share):.0%}"
-        per_event[f"open1-{key}"] = a = cpu_per_event(single["cpu"], single["events"])
-        per_event[f"open2-{key}"] = b = cpu_per_event(double["cpu"], double["events"])
-        rows.append(Row(f"CPU per event, all pipeline processes, 2 per queue (open loop at "
-                        f"{key} of max, {_n(single['rate'])} / {_n(double['rate'])} "
-                        "deliveries/s)",
-                        f"{b['pipeline']:.0f} us (1 per queue: {a['pipeline']:.0f} us)",
-                        f"{b['pipeline'] / a['pipeline']:.2f}x one per queue", "<= 1.10x",
-                        b["pipeline"] <= 1.10 * a["pipeline"]))
-        rows.append(Row(f"  2 per queue at {key}: receipt to Postgres row",
-                        f"p50 {double['p50']:.0f} ms, p99 {double['p99']:.0f} ms",
-                        f"1 per queue: p50 {single['p50']:.0f} ms, p99 {single['p99']:.0f} ms"))
+        if open_pair is not None:
+            share_label, single, double = open_pair
+            rows.append(Row(f"  2 per queue at {share_label}: receipt to Postgres row",
+                            f"p50 {double['p50']:.0f} ms, p99 {double['p99']:.0f} ms",
+                            f"1 per queue: p50 {single['p50']:.0f} ms, "
+                            f"p99 {single['p99']:.0f} ms"))
     r["cpu_per_event"] = per_event
 
     out = ["## Ceilings (this machine, this run)", "",
@@ -207,7 +208,7 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
                   [[k] + [_n(1e6 / per_event[ph][k]) if per_event[ph][k] >= 0.5 else ""
                           for ph in ("e2e1", "drain1", "acceptor")] for k in PIPELINE]), "",
            *_pairs(pairs),
-           *_costs(r, per_event),
+           *_costs(r, [(res, label) for _, label, res, _ in phases]),
            f"Machine: {r['machine']}. Run took {r['seconds']:.0f} s."]
     return "\n".join(out)
 
@@ -252,16 +253,10 @@ def _pairs(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
             "pipeline process (more processes than cores).", ""]
 
 
-def _costs(r: dict[str, Any], per_event: dict[str, dict[str, float]]) -> list[str]:
-    """The scale model's inputs: what one event costs Redis and Postgres (bench.scale)."""
+def _costs(r: dict[str, Any], phases: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """The scale model's inputs: what one event costs Redis and Postgres (bench.scale), for
+    each (results, label) of ``phases`` that measured them."""
     rows = []
-    phases = [(r[key], label) for key, label in [
-        ("acceptor", "acceptor alone"), ("e2e1", "end to end, 1 per queue"),
-        ("e2e2", "end to end, 2 per queue"), ("drain1", "workers draining, 1 per queue"),
-        ("drain2", "workers draining, 2 per queue")]]
-    for share, single, double in _same_rate(r):
-        phases += [(single, f"open loop at {float(share):.0%}, 1 per queue"),
-                   (double, f"open loop at {float(share):.0%}, 2 per queue")]
     for phase, label in phases:
         c = phase.get("costs")
         if not c:
