@@ -1,7 +1,7 @@
 """The one normalized event shape every provider produces and every sink receives.
 
-Imports only the standard library and ingest.safejson (orjson): workers and sinks use it
-without Starlette.
+Imports only the standard library, ingest.safejson (orjson) and ingest.kinds: workers and
+sinks use it without Starlette.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ingest import safejson
+from ingest.kinds import is_activity
 
 __all__ = ["DELETE_ACTIONS", "Contact", "Delivery", "Event", "changes_between", "event_id",
            "isoformat"]
@@ -143,9 +144,11 @@ class Event:
 
     ``data`` is the resource object the event is about (for a Salesloft array, its element);
     ``previous`` holds prior values when the provider sends them, and ``changes`` the same as
-    ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``stale`` is set by
-    the worker (workers.records): an event about the same record that happened later was
-    already processed.
+    ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``activity`` says
+    whether the event is a fact of its own (an open, a reply, a call) rather than a new version
+    of its record (``ingest.kinds``; set by the normalize step from the provider's tables).
+    ``stale`` is set by the worker (workers.records): a state event about the same record that
+    happened later was already processed. An activity event is never stale.
     """
 
     provider: str
@@ -165,6 +168,7 @@ class Event:
     delivery_id: str | None = None
     changes: dict[str, dict[str, Any]] | None = None
     stale: bool = False
+    activity: bool = False
     # Normalized fields this event had to fall back on (ingest.providers.base.FALLBACK_FIELDS),
     # counted by the worker; not part of the public shape.
     fallbacks: tuple[str, ...] = field(default=(), compare=False)
@@ -202,10 +206,12 @@ class Event:
         return safejson.dumps(self.to_dict())
 
     def to_job(self) -> dict[str, Any]:
-        """The public shape plus what a worker needs to find the row again."""
+        """The public shape plus what a worker needs to find the row again, and whether the
+        event is activity."""
         out = self.to_dict()
         out["dedup_key"] = self.dedup_key
         out["delivery_id"] = self.delivery_id
+        out["activity"] = self.activity
         return out
 
     @classmethod
@@ -229,6 +235,8 @@ class Event:
             delivery_id=data.get("delivery_id"),
             changes=data.get("changes"),
             stale=bool(data.get("stale", False)),
+            # Jobs written before events carried it: the vocabulary's judgement of the kind.
+            activity=bool(data["activity"]) if "activity" in data else is_activity(data["kind"]),
         )
         if data.get("id") not in (None, event.id):
             raise ValueError(f"event id {data['id']} does not match its provider and dedup key")
@@ -241,6 +249,12 @@ class Event:
         if not self.resource_type or not self.resource_id:
             return None
         return (self.provider, self.resource_type, self.resource_id)
+
+    @property
+    def state_record(self) -> tuple[str, str, str] | None:
+        """:attr:`record` for a state event, the record it is a new version of; None for an
+        activity event, which is never a version of anything (``ingest.kinds``)."""
+        return None if self.activity else self.record
 
     @property
     def deletes(self) -> bool:

@@ -10,7 +10,9 @@ from collections.abc import Mapping
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
+from ingest.kinds import is_activity
 from ingest.providers import Provider
+from ingest.providers.base import kind_classes
 
 __all__ = ["normalize"]
 
@@ -18,8 +20,18 @@ __all__ = ["normalize"]
 def normalize(providers: Mapping[str, Provider], delivery: Delivery) -> list[Event]:
     """The events of ``delivery``. Raises :class:`NormalizationError` when its provider is not
     installed, and whatever the provider raises on input it cannot read: the caller decides
-    how that delivery fails alone."""
+    how that delivery fails alone. Each event says whether it is activity (``ingest.kinds``),
+    by the vocabulary and the provider's own ``kind_classes``."""
     provider = providers.get(delivery.provider)
     if provider is None:
         raise NormalizationError(f"no provider {delivery.provider!r} is installed")
-    return provider.events(delivery)
+    overrides = kind_classes(provider)
+    out = provider.events(delivery)
+    for event in out:
+        activity = is_activity(event.kind, event.event_type, overrides)
+        if activity != event.activity:
+            # The provider just made this event and nothing else holds it yet: set the flag in
+            # place. dataclasses.replace would build it again (its id is a uuid5), which cost
+            # 15 µs an event, more than the stale check itself.
+            object.__setattr__(event, "activity", activity)
+    return out

@@ -35,6 +35,7 @@ __all__ = [
     "as_id",
     "canonical_digest",
     "iso_ms",
+    "kind_classes",
     "load_object",
     "parse_time",
     "recent",
@@ -88,9 +89,17 @@ class Provider(Protocol):
 class KindTable(Protocol):
     """A provider whose event names map onto the shared vocabulary through a data table:
     ``{event name: kind}``, read with :func:`ingest.kinds.lookup`. Every built-in has one; the
-    meta-tests check every kind in every loaded provider's table."""
+    meta-tests check every kind in every loaded provider's table.
+
+    Optionally also ``kind_classes``: ``{event name: "state" | "activity"}`` for the event
+    names whose kind the vocabulary cannot judge for this provider (``ingest.kinds``)."""
 
     kinds: ClassVar[Mapping[str, str]]
+
+
+def kind_classes(provider: object) -> Mapping[str, str]:
+    """The provider's ``kind_classes`` overrides (``{}`` when it has none)."""
+    return getattr(provider, "kind_classes", None) or {}
 
 
 @runtime_checkable

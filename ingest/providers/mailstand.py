@@ -32,7 +32,7 @@ import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import lookup
+from ingest.kinds import ACTIVITY, lookup
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -69,11 +69,22 @@ KINDS: dict[str, str] = {
     "removed_from_campaign": "campaign.removed",
     "delete": "contact.deleted",
 }
+# Mailstand reports every event against the contact. Its campaign events say what happened to
+# the contact in a campaign, they are not a new version of the contact (nor of a membership,
+# which Mailstand never names): activity, so a pause never makes the contact's stage change
+# stale. Its other kinds the vocabulary judges: stage_change and delete are the contact's state.
+KIND_CLASSES: dict[str, str] = {
+    "pause": ACTIVITY,
+    "resume": ACTIVITY,
+    "added_to_campaign": ACTIVITY,
+    "removed_from_campaign": ACTIVITY,
+}
 
 
 class MailstandProvider(TokenProvider):
     name: ClassVar[str] = "mailstand"
     kinds: ClassVar[Mapping[str, str]] = KINDS
+    kind_classes: ClassVar[Mapping[str, str]] = KIND_CLASSES
     secret_setting: ClassVar[str] = "MAILSTAND_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset()
 

@@ -28,7 +28,7 @@ import orjson
 
 from ingest.events import Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
-from ingest.kinds import lookup
+from ingest.kinds import STATE, lookup
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -57,11 +57,16 @@ KINDS: dict[str, str] = {
     "agent.updated": "user.updated",
     "agent.deleted": "user.deleted",
 }
+# Every task event is about the task record (created, updated, ...): state, whatever action a
+# new one names. Calls need no entry: the vocabulary judges call.* (a call that happened is
+# activity, an update of its record state).
+KIND_CLASSES: dict[str, str] = {"task.*": STATE}
 
 
 class OutCallerProvider(TokenProvider):
     name: ClassVar[str] = "outcaller"
     kinds: ClassVar[Mapping[str, str]] = KINDS
+    kind_classes: ClassVar[Mapping[str, str]] = KIND_CLASSES
     secret_setting: ClassVar[str] = "OUTCALLER_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset(
         {
