@@ -253,8 +253,9 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     if enabled is None:
         raise PermanentSinkError(f"sink {sink_name!r} is not enabled here (INGEST_SINKS)")
     evs = records.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
+    skipped = {"stale": len(events) - len(evs)} if len(evs) < len(events) else {}
     if not evs:
-        return {"delivered": 0, "stale": len(events)}
+        return {"delivered": 0, **skipped}
     try:
         # The events themselves cannot be written (a PermanentSinkError naming them): a batch
         # of several is split, each then fails or succeeds alone.
@@ -279,7 +280,7 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
                             extra=_event_extra(sink_name, e))
             metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
             metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
-            return {"delivered": len(evs) - len(failed), "split": len(failed)}
+            return {"delivered": len(evs) - len(failed), "split": len(failed), **skipped}
         job = get_current_job()
         if job is not None:
             job.retries_left = 0  # retrying cannot help; go straight to the failed registry
@@ -305,7 +306,7 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         raise
     job = get_current_job()
     _delivered(sink_name, evs, job.id if job is not None else "direct")
-    return {"delivered": len(evs)}
+    return {"delivered": len(evs), **skipped}
 
 
 def _send(enabled: EnabledSink, evs: Sequence[Event], raw: Iterable[dict[str, Any]]) -> None:

@@ -1,7 +1,9 @@
-"""Stale events: which events are older than what was already processed for their record.
+"""Stale events: which state events are older than what was already processed for their record.
 
 Providers send concurrently and retry late, and batches run on several workers at once, so an
-update can be processed after a newer one about the same record. Each record
+update can be processed after a newer one about the same record. Only state events take part
+(``ingest.kinds``): an activity event (an open, a reply, a call) is a fact of its own, never
+stale, and never moves a mark, so it cannot make a later state event stale either. Each record
 (provider, resource_type, resource_id) has a mark in Redis, ``<occurred_at in µs> <event id>``
 of the newest event processed for it. Events compare by (occurred_at, event id), the order the
 Postgres sink applies to ``webhook_records`` too, so every worker breaks ties the same way.
@@ -98,7 +100,9 @@ def _script(redis: Redis) -> Script:
 def _key(names: Names, record: tuple[str, str, str]) -> str:
     provider, resource_type, resource_id = record
     digest = hashlib.sha256(f"{resource_type}\0{resource_id}".encode()).hexdigest()[:40]
-    return names.key(f"record:{provider}:{digest}")
+    # "state:", not the "record:" of releases whose activity events moved marks too: those
+    # marks are ignored (and expire), so no pre-upgrade open makes a state event stale.
+    return names.key(f"state:{provider}:{digest}")
 
 
 def _order(event: Event) -> tuple[int, str]:
@@ -108,11 +112,12 @@ def _order(event: Event) -> tuple[int, str]:
 
 
 def mark_stale(redis: Redis, names: Names, events: Sequence[Event], ttl: int) -> list[Event]:
-    """``events`` in the same order, ``stale`` set on those older than what their record has
-    seen (in this batch or before). Events about no record are never stale. One Redis call."""
+    """``events`` in the same order, ``stale`` set on the state events older than what their
+    record has seen (in this batch or before). Activity events and events about no record are
+    never stale. One Redis call."""
     newest: dict[tuple[str, str, str], Event] = {}
     for event in events:
-        record = event.record
+        record = event.state_record
         if record is not None and (record not in newest
                                    or _order(event) > _order(newest[record])):
             newest[record] = event
@@ -124,18 +129,18 @@ def mark_stale(redis: Redis, names: Names, events: Sequence[Event], ttl: int) ->
         args += [micros, event_id]
     replies = _script(redis)(keys=[_key(names, r) for r in newest], args=args, client=redis)
     winners = {event.id for event, stale in zip(newest.values(), replies) if not stale}
-    return [e if e.record is None or e.id in winners or e.stale else replace(e, stale=True)
-            for e in events]
+    return [e if e.state_record is None or e.id in winners or e.stale
+            else replace(e, stale=True) for e in events]
 
 
 def superseded(redis: Redis, names: Names, events: Sequence[Event]) -> set[str]:
-    """Ids of ``events`` whose record's mark now holds a newer event (one MGET)."""
-    about = [e for e in events if e.record is not None]
+    """Ids of the state ``events`` whose record's mark now holds a newer event (one MGET)."""
+    about = [(e, r) for e in events if (r := e.state_record) is not None]
     if not about:
         return set()
-    marks = redis.mget([_key(names, e.record) for e in about if e.record is not None])
+    marks = redis.mget([_key(names, r) for _, r in about])
     out: set[str] = set()
-    for event, mark in zip(about, marks):
+    for (event, _), mark in zip(about, marks):
         if mark is None:
             continue
         at, _, mark_id = (mark.decode() if isinstance(mark, bytes) else str(mark)).partition(" ")
@@ -160,8 +165,9 @@ def for_sink(enabled: EnabledSink, events: Sequence[Event]) -> list[Event]:
 
 def still_current(redis: Redis, names: Names, enabled: EnabledSink,
                   events: Sequence[Event]) -> list[Event]:
-    """Right before a delivery attempt: for a sink that skips stale events, drop those whose
-    record has seen a newer event since they were processed (counted like :func:`for_sink`)."""
+    """Right before a delivery attempt: for a sink that skips stale events, drop the state
+    events whose record has seen a newer one since they were processed (counted like
+    :func:`for_sink`). Activity always goes through."""
     if not enabled.skip_stale:
         return list(events)
     gone = superseded(redis, names, events)
