@@ -21,6 +21,7 @@ are about (see ``_UPSERT_RECORD``).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,6 +50,7 @@ __all__ = [
     "migrate",
     "normalized_values",
     "stored_differences",
+    "superseded_in_records",
 ]
 
 log = logging.getLogger("sinks.postgres")
@@ -58,7 +60,8 @@ _MIGRATION_LOCK = 7_201_514_101
 
 # The columns of webhook_events that normalization decides: what a replay compares with today's
 # normalizers and, when they differ, updates in place (received_at, delivery_id, stored_at and
-# stale keep their original values).
+# stale keep their original values, except that an activity event is never stale: a row stored
+# stale by a release that judged activity like state is cleared).
 NORMALIZED_COLUMNS = (
     "event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
     "workspace_id", "contact_email", "contact_name", "contact_phone", "campaign_id",
@@ -94,7 +97,7 @@ RETURNING delivery_id
 
 _UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
                       + ", ".join(f"{c} = %({c})s" for c in NORMALIZED_COLUMNS)
-                      + " WHERE id = %(id)s")
+                      + ", stale = stale AND NOT %(activity)s WHERE id = %(id)s")
 
 # The body is the exact text received (UTF-8, checked by the acceptor): its bytes again.
 _INSERT_DELIVERIES = """
@@ -314,12 +317,13 @@ def archived_deliveries(conn: psycopg.Connection[Any], query: ArchiveQuery,
 def stored_differences(conn: psycopg.Connection[Any], events: Sequence[Event],
                        ) -> dict[str, dict[str, tuple[Any, Any]]]:
     """For each event already in webhook_events, by id: the normalized columns whose stored
-    value differs from the event's, as (stored, event's). Empty: unchanged. Events not stored
-    yet are absent."""
+    value differs from the event's, as (stored, event's), and ``stale`` for an activity event
+    stored stale (see NORMALIZED_COLUMNS). Empty: unchanged. Events not stored yet are
+    absent."""
     if not events:
         return {}
     found = conn.cursor(row_factory=dict_row).execute(
-        "SELECT id, " + ", ".join(NORMALIZED_COLUMNS) + " FROM webhook_events "
+        "SELECT id, stale, " + ", ".join(NORMALIZED_COLUMNS) + " FROM webhook_events "
         "WHERE id = ANY(%s::uuid[])", [[e.id for e in events]]).fetchall()
     stored = {str(r["id"]): r for r in found}
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
@@ -330,6 +334,32 @@ def stored_differences(conn: psycopg.Connection[Any], events: Sequence[Event],
         today = normalized_values(e)
         # Timestamps compare as instants (aware datetimes), jsonb columns as decoded JSON.
         out[e.id] = {c: (row[c], today[c]) for c in NORMALIZED_COLUMNS if row[c] != today[c]}
+        if e.activity and row["stale"]:
+            out[e.id]["stale"] = (True, False)
+    return out
+
+
+def superseded_in_records(conn: psycopg.Connection[Any], events: Sequence[Event]) -> set[str]:
+    """Ids of the state ``events`` whose record in webhook_records holds a newer event, by
+    the order every worker uses (occurred_at, then event id): what a replay must not hand to a
+    sink that skips stale events. One query."""
+    about = [(e, r) for e in events if (r := e.state_record) is not None]
+    if not about:
+        return set()
+    keys = sorted({r for _, r in about})
+    found = conn.execute(
+        "SELECT r.provider, r.resource_type, r.resource_id, r.occurred_at, r.event_id"
+        " FROM webhook_records r JOIN unnest(%s::text[], %s::text[], %s::text[])"
+        " AS k(provider, resource_type, resource_id)"
+        " USING (provider, resource_type, resource_id)",
+        [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]).fetchall()
+    stored = {(p, t, i): (at, str(event_id)) for p, t, i, at, event_id in found}
+    out: set[str] = set()
+    for event, record in about:
+        mark = stored.get(record)
+        if mark is not None and (mark[0], uuid.UUID(mark[1])) > (event.occurred_at,
+                                                                  uuid.UUID(event.id)):
+            out.add(event.id)
     return out
 
 
@@ -339,7 +369,7 @@ def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
     same order instead of deadlocking."""
     newest: dict[tuple[str, str, str], Event] = {}
     for e in events:
-        record = e.record
+        record = e.state_record  # activity is a fact of its own, not a record's state
         if record is not None:
             seen = newest.get(record)
             if seen is None or (e.occurred_at, e.id) > (seen.occurred_at, seen.id):
@@ -448,7 +478,8 @@ class PostgresSink:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(_UPDATE_NORMALIZED, [
-                    dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=True)), id=e.id)
+                    dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=True)), id=e.id,
+                         activity=e.activity)
                     for e in events])
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
             self.close()

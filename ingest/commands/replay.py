@@ -14,9 +14,12 @@ Why it is safe to run twice: every sink is idempotent on the event id, which is 
 provider and dedup key. The Postgres sink inserts what is missing, and for rows that exist but
 that today's normalizer would fill differently (a fixed mapping, a new field), replay updates
 the normalized columns in place (``received_at``, ``delivery_id`` and ``stored_at`` keep
-their original values). The events handed to the Postgres sink bring ``webhook_records`` up
-to date as live ones do: a record takes the newest replayed event's data unless a newer event
-is stored. ``--dry-run`` changes nothing and lists what would change, column by
+their original values; an activity event stored as stale by an older release is cleared).
+The events handed to the Postgres sink bring ``webhook_records`` up to date as live ones do: a
+record takes the newest replayed event's data unless a newer event is stored. A sink that
+skips stale events (``<SINK>_SKIP_STALE``) gets no state event whose record already holds a
+newer one in ``webhook_records``, so replaying a window to the CRM re-sends every activity
+and never puts an older update after a newer one; activity always goes. ``--dry-run`` changes nothing and lists what would change, column by
 column. Sink errors are counted and shown in the summary (exit status 1); replay again after
 the fix.
 
@@ -91,6 +94,8 @@ class ReplayReport:
     not_normalized: dict[str, str] = field(default_factory=dict)  # delivery id -> reason
     changes: list[Change] = field(default_factory=list)
     sent: Counter[str] = field(default_factory=Counter)
+    # Per sink that skips stale events: state events not sent, their record holding a newer one.
+    stale: Counter[str] = field(default_factory=Counter)
     failed: dict[str, list[str]] = field(default_factory=dict)  # sink -> reasons
 
     @property
@@ -125,7 +130,13 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
            total: Callable[[int], None] | None = None) -> ReplayReport:
     """Run the replay; ``progress(n)`` is told each time ``n`` more deliveries are done."""
     from ingest.providers import load_providers
-    from sinks.postgres import archived_deliveries, connect, count_archived, stored_differences
+    from sinks.postgres import (
+        archived_deliveries,
+        connect,
+        count_archived,
+        stored_differences,
+        superseded_in_records,
+    )
     from sinks.registry import build_sinks
     from workers.normalize import normalize
 
@@ -169,10 +180,13 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                         changed.append(event)
                         if len(report.changes) < SHOWN:
                             report.changes.append(Change(event_id, event.dedup_key, diff))
-                if not dry_run and events:
-                    by_delivery = {d.id: d for d in batch}
-                    for name in chosen:
-                        _send(enabled[name], list(events.values()), by_delivery, changed, report)
+                superseded = set()
+                if any(enabled[name].skip_stale for name in chosen):
+                    superseded = superseded_in_records(conn, list(events.values()))
+                by_delivery = {d.id: d for d in batch}
+                for name in chosen:
+                    _send(enabled[name], list(events.values()), by_delivery, changed,
+                          superseded, report, dry_run)
                 if progress is not None:
                     progress(len(batch))
     finally:
@@ -182,10 +196,19 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
 
 
 def _send(enabled: EnabledSink, events: list[Event], deliveries: dict[str, Delivery],
-          changed: list[Event], report: ReplayReport) -> None:
-    """Hand the events a sink wants to it, and where it keeps events, rewrite the ones stored
-    with an earlier normalization."""
+          changed: list[Event], superseded: set[str], report: ReplayReport,
+          dry_run: bool) -> None:
+    """Hand the events a sink wants to it (without the ``superseded`` state events when it
+    skips stale ones), and where it keeps events, rewrite the ones stored with an earlier
+    normalization. ``dry_run``: only count."""
     chosen = [e for e in events if enabled.wants(e)]
+    if enabled.skip_stale:
+        kept = [e for e in chosen if e.id not in superseded]
+        report.stale[enabled.name] += len(chosen) - len(kept)
+        chosen = kept
+    if dry_run:
+        report.sent[enabled.name] += len(chosen)
+        return
     if chosen:
         try:
             enabled.send(chosen, deliveries)
@@ -230,8 +253,8 @@ def _print_report(report: ReplayReport, dry_run: bool, sinks: Sequence[str]) -> 
     for name in sinks:
         verb = "would go to" if dry_run else "sent to"
         failed = f", failures: {len(report.failed[name])}" if name in report.failed else ""
-        count = report.events if dry_run else report.sent[name]
-        table.add_row(f"{verb} {name}", f"{count}{failed}")
+        stale = (f", {report.stale[name]} stale updates skipped" if report.stale[name] else "")
+        table.add_row(f"{verb} {name}", f"{report.sent[name]}{failed}{stale}")
     console.print(table)
     for change in report.changes:
         # Payload text is data, not markup: "[/x]" in a dedup key or a value must print as is.
