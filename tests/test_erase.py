@@ -31,7 +31,7 @@ from ingest.events import Delivery, Event
 from ingest.acceptor.spool import encode_record, read_segment
 from sinks.outbox import Outbox
 from tests.helpers import drain, redis_values, rows
-from tests.sinks.conftest import outboundry_delivery
+from tests.sinks.conftest import outboundry_delivery, outcaller_lead
 from workers.runtime import Runtime
 
 JANE = "Jane.Doe@Example.com"
@@ -94,7 +94,9 @@ def scene(runtime: Runtime, settings: Settings, namespace: str) -> dict[str, Any
     jane = lambda: outboundry_delivery(name="Jane Doe", email=JANE)  # noqa: E731
     bob = lambda: outboundry_delivery(name="Bob Stone", email=BOB)  # noqa: E731
     # Stored in Postgres; the jobs that did it stay in the finished registries for a while.
-    stored_jane, stored_bob = jane(), bob()
+    # Lead updates: state events, so each person also has a row in webhook_records.
+    stored_jane = outcaller_lead("Jane Doe", email=JANE)
+    stored_bob = outcaller_lead("Bob Stone", email=BOB)
     enqueue_batch(rt.ingest_queue, [stored_jane, stored_bob], rt.names.job_id("batch", "stored"))
     drain(rt)
     # Dead letter: a delivery that mentions Jane and cannot be normalized, alone in its job.
@@ -222,11 +224,11 @@ def test_a_segment_a_live_acceptor_holds_is_left_alone_and_reported(
 
 def test_erase_one_record_by_resource(runtime: Runtime, settings: Settings,
                                       database_url: str) -> None:
-    keep, gone = outboundry_delivery(email=BOB), outboundry_delivery(email=JANE)
+    keep, gone = outcaller_lead(email=BOB), outcaller_lead(email=JANE)
     enqueue_batch(runtime.ingest_queue, [keep, gone], runtime.names.job_id("batch", "r"))
     drain(runtime)
     (event,) = event_jobs(runtime, gone)
-    queued = outboundry_delivery(email=JANE, lead_id=event["resource_id"])
+    queued = outcaller_lead(email=JANE, lead_id=event["resource_id"])
     enqueue_batch(runtime.ingest_queue, [queued, keep], runtime.names.job_id("batch", "q"))
     subject = ResourceSubject(event["provider"], event["resource_type"], event["resource_id"])
 

@@ -3,7 +3,7 @@
 It drives a real acceptor over HTTP and real RQ workers into a real Postgres, and checks what
 a user relies on: a signed delivery becomes exactly one correct row; bad credentials get 401
 and enqueue nothing; rotated secrets both work; copies land once; every documented event maps
-to its kind. A meta-test (tests/providers/test_registry.py) fails when a registered provider
+to its kind, which says whether it is state or activity. A meta-test (tests/providers/test_registry.py) fails when a registered provider
 has no subclass here.
 """
 
@@ -19,8 +19,11 @@ import orjson
 import pytest
 
 from ingest.events import Delivery, event_id
+from ingest.kinds import is_activity, kind_class
 from ingest.providers import load_providers
+from ingest.providers.base import kind_classes
 from tests.helpers import SECRETS, drain, rows
+from workers.normalize import normalize
 
 SAMPLES = Path(__file__).parent.parent / "samples"
 # webhook_events columns a sample's expectation must name (the contract's, minus the ones
@@ -29,6 +32,15 @@ EXPECTED_COLUMNS = frozenset({
     "dedup_key", "event_type", "kind", "resource_type", "resource_id", "action", "occurred_at",
     "workspace_id", "contact_email", "campaign_id", "data", "previous",
 })
+
+
+def classified(provider: Any, event_type: str, kind: str) -> bool:
+    """True when the provider's ``kind_classes`` or the vocabulary says whether an event of
+    this type and kind is state or activity (ingest.kinds), rather than the fallback."""
+    overrides = kind_classes(provider)
+    resource, dot, _ = event_type.partition(".")
+    return (event_type in overrides or bool(dot and f"{resource}.*" in overrides)
+            or kind_class(kind) is not None)
 
 
 def _utc(value: str) -> datetime:
@@ -237,7 +249,11 @@ class ProviderSuite:
                             received_at=datetime.now(timezone.utc),
                             headers=self.headers_for_event(event_type),
                             body=self.body_for_event(event_type).decode())
-        events = provider.events(delivery)
+        events = normalize({self.provider: provider}, delivery)
         assert events, event_type
         assert {e.kind for e in events} == {kind}, event_type
         assert all(e.event_type == event_type for e in events)
+        # ... and says whether it is state or activity (a new kind needs kind_classes).
+        assert classified(provider, event_type, kind), f"{event_type}: state or activity?"
+        assert all(e.activity is is_activity(kind, event_type, kind_classes(provider))
+                   for e in events)

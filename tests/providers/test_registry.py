@@ -1,18 +1,23 @@
-"""Meta-tests: every registered provider is tested, and every kind is in the vocabulary."""
+"""Meta-tests: every registered provider is tested, every kind is in the vocabulary and says
+whether it is state or activity, and docs/providers.md gives every table as the code has it."""
 
 from __future__ import annotations
 
 import random
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from ingest.events import Delivery
 
-from ingest.kinds import UNKNOWN, is_known_kind, lookup
+from ingest.kinds import ACTIVITY, STATE, UNKNOWN, is_activity, is_known_kind, kind_class, lookup
 from ingest.providers import Provider, load_providers
-from ingest.providers.base import KindTable, SampleSource
-from tests.providers.suite import ProviderSuite
+from ingest.providers.base import KindTable, SampleSource, kind_classes
+from tests.providers.suite import ProviderSuite, classified
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 
 
 def _suites() -> dict[str, type[ProviderSuite]]:
@@ -68,6 +73,43 @@ def test_every_kind_in_the_tables_is_a_known_kind(provider: str) -> None:
         concrete = kind[:-1] + "completed" if kind.endswith(".*") else kind
         assert is_known_kind(concrete), (provider, event_type, kind)
         assert kind != UNKNOWN
+
+
+@pytest.mark.parametrize("provider", sorted(_tables()))
+def test_every_kind_in_the_tables_says_state_or_activity(provider: str) -> None:
+    table = _tables()[provider]
+    unclassified = [(event_type, kind) for event_type, kind in table.kinds.items()
+                    if not classified(table, event_type, kind)]
+    assert not unclassified, f"say state or activity for these (kind_classes): {unclassified}"
+    assert set(kind_classes(table).values()) <= {STATE, ACTIVITY}
+    assert kind_class(UNKNOWN) == ACTIVITY
+
+
+_SECTIONS = {"Outreach": "outreach", "Salesloft": "salesloft", "OutCallerAI": "outcaller",
+             "Outboundry": "outboundry", "Mailstand": "mailstand"}
+_ROW = re.compile(r"^\| `([^`]+)` \| `([^`]+)` \| (state|activity)\b")
+
+
+def test_the_docs_give_every_event_its_kind_and_class() -> None:
+    """docs/providers.md's "event | kind | class" tables are the code's tables, line for line."""
+    documented: dict[str, dict[str, tuple[str, str]]] = {}
+    provider = None
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("## "):
+            provider = _SECTIONS.get(line[3:].strip())
+        found = _ROW.match(line)
+        if provider and found:
+            event_type, kind, cls = found.groups()
+            documented.setdefault(provider, {})[event_type] = (kind, cls)
+    providers = load_providers()
+    assert set(documented) == set(_SECTIONS.values())
+    for name, rows in documented.items():
+        table = _tables()[name]
+        assert set(rows) == set(table.kinds), name
+        for event_type, (kind, cls) in rows.items():
+            assert table.kinds[event_type] == kind, (name, event_type)
+            activity = is_activity(kind, event_type, kind_classes(providers[name]))
+            assert cls == (ACTIVITY if activity else STATE), (name, event_type)
 
 
 @pytest.mark.parametrize("provider", sorted(_tables()))

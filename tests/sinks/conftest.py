@@ -263,6 +263,22 @@ def outboundry_delivery(event: str = "email-replied", *, name: str = "Amit Joshi
                     body=orjson.dumps(payload).decode()).to_dict()
 
 
+def outcaller_lead(name: str = "Priya Sharma", *, email: str | None = None,
+                   lead_id: str | None = None) -> dict[str, Any]:
+    """An OutCallerAI ``lead.updated`` envelope: a state event, so it also writes the lead's
+    row in webhook_records (Outboundry's events are all activity and write none)."""
+    lead_id = lead_id or f"lead_{uuid.uuid4().hex[:12]}"
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    payload = {"event": "lead.updated", "resource": "lead", "action": "updated",
+               "workspaceId": "cmpxz43bl00032c6udndznzdg", "timestamp": now,
+               "data": {"id": lead_id, "name": name, "status": "contacted",
+                        "email": email or f"{name.split()[0].lower()}.{lead_id[-6:]}@example.com"},
+               "previousData": {"status": "new"}}
+    return Delivery(id=str(uuid.uuid4()), provider="outcaller",
+                    received_at=datetime.now(timezone.utc), headers={},
+                    body=orjson.dumps(payload).decode()).to_dict()
+
+
 def enqueue(rt: Runtime, *envelopes: dict[str, Any]) -> None:
     """Write one batch job, exactly as the acceptor's group commit does."""
     enqueue_batch(rt.ingest_queue, list(envelopes), rt.names.job_id("batch", uuid.uuid4().hex))

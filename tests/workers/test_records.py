@@ -76,7 +76,7 @@ def test_events_about_no_record_are_never_stale_and_touch_nothing(runtime: Any) 
     r, n = runtime.redis, runtime.names
     anonymous = [update("", 10), update("1", 5, resource_type=None)]
     assert stale(records.mark_stale(r, n, anonymous, 60)) == [False, False]
-    assert not list(r.scan_iter(match=n.key("record:*")))
+    assert not list(r.scan_iter(match=n.key("state:*")))
 
 
 class CountingRedis(Redis):
@@ -98,7 +98,7 @@ def test_marks_expire_like_dedup_records_and_one_call_serves_a_batch(
     records.mark_stale(r, n, batch, 120)
     records.mark_stale(r, n, batch, 120)
     assert r.sent.count("EVALSHA") == 2 and len(r.sent) <= 3, r.sent  # + one SCRIPT LOAD
-    keys = list(r.scan_iter(match=n.key("record:*")))
+    keys = list(r.scan_iter(match=n.key("state:*")))
     assert len(keys) == 50
     assert all(0 < r.ttl(k) <= 120 for k in keys)
     r.close()

@@ -16,7 +16,7 @@ import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import lookup
+from ingest.kinds import STATE, lookup
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -38,11 +38,16 @@ KINDS = {
     "deal.won": "deal.won",
     "deal.lost": "deal.lost",
 }
+# Which of them are a new version of their record (state) rather than a fact of its own
+# (activity), where the vocabulary cannot tell from the name (ingest.kinds): a deal's outcome
+# is its state, so a late "won" never overwrites a newer "lost".
+KIND_CLASSES = {"deal.won": STATE, "deal.lost": STATE}
 
 
 class AcmeProvider(TokenProvider):
     name: ClassVar[str] = "acme"
     kinds: ClassVar[Mapping[str, str]] = KINDS
+    kind_classes: ClassVar[Mapping[str, str]] = KIND_CLASSES
     secret_setting: ClassVar[str] = "ACME_WEBHOOK_TOKENS"
     kept_headers: ClassVar[frozenset[str]] = frozenset()
 
