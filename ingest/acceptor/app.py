@@ -6,8 +6,9 @@ when a sender trickles its body past ``INGEST_BODY_TIMEOUT``; 401 when the signa
 does not match any configured secret; 400 when the body is not a JSON object or nests deeper
 than ``MAX_JSON_DEPTH`` (64) levels; otherwise the delivery is made durable (Redis, or the
 local spool) and only then answered 200. Request heads past ``MAX_HEADER_BYTES`` or
-``MAX_HEADER_COUNT`` are answered 431 by the server protocol (:mod:`ingest.acceptor.http_limits`)
-before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
+``MAX_HEADER_COUNT`` are answered 431, heads not received within ``INGEST_HEAD_TIMEOUT`` 408,
+and connections past ``INGEST_MAX_CONNECTIONS`` make room, by the server protocol
+(:mod:`ingest.acceptor.http_limits`), before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
 its ``Location`` would repeat a query string, which may hold a token).
 """
 
