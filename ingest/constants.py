@@ -40,6 +40,19 @@ LISTEN_BACKLOG = 2048
 FD_RESERVE = 256
 # Seconds between two "connection limit reached" log lines (each counts what happened since).
 CONNECTION_LIMIT_LOG_EVERY = 10.0
+# A body with more JSON containers ([ and {) than this, or more commas than INLINE_MAX_COMMAS,
+# is parsed in a separate process: in line, it would hold the event loop for milliseconds.
+INLINE_MAX_CONTAINERS = 2048
+# See INLINE_MAX_CONTAINERS: commas count the values of arrays and objects.
+INLINE_MAX_COMMAS = 16384
+# Expensive bodies of one provider checked at once; that provider's others wait their turn.
+EXPENSIVE_BODIES_PER_PROVIDER = 1
+# Longest an expensive body waits for its provider's turn (seconds): then 503 (Outreach: the
+# connection is dropped), well inside senders' own deadlines (Outreach: 5 s), so they retry.
+EXPENSIVE_BODY_WAIT = 3.0
+# Most processes checking expensive bodies; fewer on small machines (one core stays with the
+# event loop).
+MAX_STRUCTURE_WORKERS = 4
 # Seconds a finished event's dedup record lives in Redis (7 days): redelivery window.
 DEFAULT_DEDUP_TTL = 7 * 24 * 3600
 # Seconds an in-flight claim lives: a worker that dies holding one frees it after this.

@@ -66,6 +66,12 @@ CONNECTIONS_CLOSED = Counter(
     "and every open connection had a request in hand: the new one).",
     ["reason"],
 )
+EXPENSIVE_BODIES = Counter(
+    "ingest_expensive_bodies",
+    "Bodies parsed in the structure-check processes rather than on the event loop, by "
+    "provider and outcome: checked, busy (waited too long for the provider's turn: 503).",
+    ["provider", "outcome"],
+)
 
 # -- observability (ingest.activity; the Redis-derived gauges are read at scrape time) -------
 REFUSED = Counter(
