@@ -141,7 +141,10 @@ class StructureCheck:
         self.in_hand[provider] = n = self.in_hand.get(provider, 0) + 1
         self.most_in_hand[provider] = max(n, self.most_in_hand.get(provider, 0))
         try:
-            pool = await self._ready()
+            try:
+                pool = await self._ready()
+            except OSError as exc:  # no process could start (out of memory, of processes)
+                raise Unavailable(f"could not start a structure-check process: {exc}") from None
             try:
                 result: int = await asyncio.get_running_loop().run_in_executor(
                     pool, verdict, body, containers)
