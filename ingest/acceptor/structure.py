@@ -25,6 +25,8 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -91,6 +93,18 @@ def verdict(body: bytes, containers: int | None = None) -> int:
     if containers > constants.MAX_JSON_DEPTH and nests_deeper(parsed, constants.MAX_JSON_DEPTH):
         return TOO_DEEP
     return OK
+
+
+def _watch_parent(parent: int) -> None:
+    """In each checking process: exit once the acceptor that started it is gone. A pool's
+    processes hold both ends of its task pipe, so a parent killed without shutting the pool
+    down would leave them waiting for work forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def _workers() -> int:
@@ -172,7 +186,8 @@ class StructureCheck:
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_watch_parent, initargs=(os.getpid(),))
         # Start them now rather than on the event loop at the first submit.
         for future in [pool.submit(int) for _ in range(self.workers)]:
             future.result()

@@ -401,3 +401,31 @@ def _queued_jobs(settings: Settings) -> list[Any]:
                           serializer=JSONSerializer).get_jobs())
     finally:
         redis.close()
+
+
+def test_the_structure_check_processes_end_with_a_killed_acceptor(
+        make_env: Callable[..., dict[str, str]], database_url: str, fault_logs: Path) -> None:
+    """An acceptor killed outright (OOM killer, SIGKILL) cannot shut its checking processes
+    down; they notice it is gone and exit rather than wait for work forever."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(make_env(database_url, PYTHONUNBUFFERED="1"))
+    log = open(fault_logs / "acceptor.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen([sys.executable, "-m", "ingest.commands.cli", "serve", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, cwd=ROOT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(url), 30, "ingest serve to start", interval=0.1)
+        wide = b'{"rows": [' + b",".join([b"[]"] * 5_000) + b"]}"
+        answer = httpx.post(f"{url}/webhooks/outboundry?token={SECRETS['outboundry'][0]}",
+                            content=wide, timeout=30)
+        assert answer.status_code == 200
+        checkers = psutil.Process(server.pid).children(recursive=True)
+        assert checkers, "the body was not checked in a separate process"
+    finally:
+        server.kill()
+        server.wait(timeout=20)
+    _, alive = psutil.wait_procs(checkers, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
