@@ -11,13 +11,16 @@ import re
 import tomllib
 from pathlib import Path
 
+from importlib.metadata import PackageNotFoundError, distribution
+
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
 # Each lock file and the extras it holds (runtime: the Docker image; dev: `ingest dev`).
 LOCKS = {"runtime": [], "dev": ["embedded"], "test": ["test"], "bench": ["test", "bench"]}
 
@@ -63,9 +66,13 @@ def test_every_lock_pins_exact_versions_with_hashes(lock: str) -> None:
     for name, (_, hashes) in locked.items():
         assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h.strip()) for h in hashes), \
             f"requirements/{lock}.txt: {name} has no sha256 hash"
-    # The editable install builds with the locked setuptools (--no-build-isolation).
-    assert "setuptools" in locked, f"requirements/{lock}.txt: no setuptools to build with"
     assert "webhook-ingest" not in locked
+    # This repository is installed with --no-build-isolation: built with what the lock holds.
+    for raw in PYPROJECT["build-system"]["requires"]:
+        req = Requirement(raw)
+        name = canonicalize_name(req.name)
+        assert name in locked and req.specifier.contains(locked[name][0]), \
+            f"requirements/{lock}.txt: {req} (build-system.requires) not locked within its range"
 
 
 @pytest.mark.parametrize("lock", LOCKS)
@@ -80,6 +87,44 @@ def test_every_declared_dependency_is_locked_within_its_range(lock: str) -> None
                                f"run `bash .ci/lock --upgrade-package {req.name}`"
         assert req.specifier.contains(locked[name][0], prereleases=True), \
             f"requirements/{lock}.txt pins {name}=={locked[name][0]}, outside {req}"
+
+
+# The interpreters the README's "Python 3.11+" covers, on Linux. pip-compile evaluates markers
+# for the one it runs on only; requirements/additions.in adds what the others need.
+INTERPRETERS = ["3.11.0", "3.11.2", "3.11.7", "3.12.0", "3.13.0", "3.14.0"]
+
+
+def test_what_a_locked_package_needs_on_any_supported_interpreter_is_locked() -> None:
+    """Read from the installed packages' metadata, where their versions are the lock's (a run on
+    other versions, .ci/run-latest's, checks what it can)."""
+    locked = pins("bench")
+    extras: dict[str, set[str]] = {}
+    for req in declared(list(PROJECT["optional-dependencies"])):
+        extras.setdefault(canonicalize_name(req.name), set()).update(req.extras)
+    missing = set()
+    checked = 0
+    for name, (version, _) in locked.items():
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        checked += 1
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            for python in INTERPRETERS:
+                environment = {**default_environment(), "python_full_version": python,
+                               "python_version": ".".join(python.split(".")[:2]),
+                               "sys_platform": "linux", "platform_system": "Linux"}
+                wanted = req.marker is None or any(
+                    req.marker.evaluate({**environment, "extra": extra})
+                    for extra in {"", *extras.get(name, ())})
+                if wanted and canonicalize_name(req.name) not in locked:
+                    missing.add(f"{name}=={version} needs {req} on CPython {python}")
+    assert checked, "no locked package is installed at its locked version"
+    assert not missing, "add to requirements/additions.in, then bash .ci/lock --upgrade-package " \
+                        f"NAME: {sorted(missing)}"
 
 
 def test_a_package_has_the_same_version_in_every_lock() -> None:
