@@ -10,8 +10,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from ingest import constants
 from ingest.config import Settings
@@ -39,6 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ingest.acceptor.app import create_app
     from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
 
+    # uvicorn ends its graceful shutdown by raising the signal that asked for it once more,
+    # with the handlers it found restored: by default SIGTERM then kills the process, and a
+    # platform sees exit code 143 (docker) for a clean stop. With this handler it exits 0, as
+    # the workers do; a SIGTERM before uvicorn takes over (start-up) stops it at once, with 0.
+    signal.signal(signal.SIGTERM, _stopped)
     settings = _settings()
     _setup_logging(settings)
     _report_redis_at_start(settings)
@@ -49,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 http=LimitedHttpToolsProtocol, loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _report_redis_at_start(settings: Settings) -> None:
