@@ -2,7 +2,7 @@
 
 Every `ingest worker` exits with code 0 within 2 s of SIGTERM when idle, and within the job in
 hand plus 2 s when busy (having finished that job); the whole Procfile set stops together in
-2 s. A redis-py release once made every worker take up to 60 s (workers/watchdog.py, the
+2 s, each process with code 0 (the acceptor too: a platform reads anything else as a crash). A redis-py release once made every worker take up to 60 s (workers/watchdog.py, the
 module docstring's last paragraph), mostly when several processes stopped at once on a busy
 machine: so each scenario runs 10 times, and the Procfile's processes get SIGTERM together.
 
@@ -186,47 +186,71 @@ def test_a_busy_worker_finishes_its_job_and_stops_within_2_s_after_it(
     assert not slow, f"over {bound} s: {report(slow)}\n{slow[0].tail()}"
 
 
+class PortTaken(Exception):
+    """Another process bound a port free_port() chose before ours did (other test runs share
+    the machine): that round starts again on new ports."""
+
+
+def start_procfile(label: str, stack_env: dict[str, str], logs: Path,
+                   started: list[Watched]) -> tuple[list[Watched], list[str]]:
+    """Every Procfile line as its own process, as a platform runs it; their readiness URLs."""
+    stack: list[Watched] = []
+    urls: list[str] = []
+    for name, command in procfile().items():
+        port = free_port()
+        env = {**stack_env, "PORT" if name == "web" else "INGEST_METRICS_PORT": str(port)}
+        stack.append(Watched(f"{name}-{label}", ["/bin/sh", "-c", f"exec {command}"], env, logs))
+        urls.append(f"http://127.0.0.1:{port}/{'readyz' if name == 'web' else 'metrics'}")
+    started.extend(stack)
+    return stack, urls
+
+
 def test_the_procfile_set_stops_together_within_2_s_of_sigterm(
         stack_env: dict[str, str], started: list[Watched], tmp_path: Path) -> None:
     names = Names(stack_env["INGEST_NAMESPACE"])
     queues = [names.ingest_queue, *(names.sink_queue(n.removeprefix("sink-"))
                                     for n in procfile() if n.startswith("sink-"))]
+
+    def ready(stack: list[Watched], urls: list[str]) -> bool:
+        for proc in stack:
+            if proc.popen.poll() is not None:
+                if "already in use" in proc.tail():
+                    raise PortTaken(proc.name)
+                pytest.fail(f"{proc.name} exited: {proc.tail()}")
+        try:
+            if not all(httpx.get(url, timeout=2).status_code == 200 for url in urls):
+                return False
+        except httpx.HTTPError:
+            return False
+        with Redis.from_url(stack_env["REDIS_URL"]) as redis:
+            serving = [q for w in Worker.all(connection=redis) for q in w.queue_names()]
+        return all(serving.count(q) == 1 for q in queues)
+
+    measured: list[Watched] = []
     times: list[str] = []
     for round_ in range(REPEATS):
-        stack: list[Watched] = []
-        urls: list[str] = []
-        for name, command in procfile().items():
-            port = free_port()
-            env = {**stack_env, "PORT" if name == "web" else "INGEST_METRICS_PORT": str(port)}
-            stack.append(Watched(f"{name}-{round_}", ["/bin/sh", "-c", f"exec {command}"],
-                                 env, tmp_path))
-            urls.append(f"http://127.0.0.1:{port}/{'readyz' if name == 'web' else 'metrics'}")
-        started.extend(stack)
-
-        def ready() -> bool:
-            for proc in stack:
-                assert proc.popen.poll() is None, f"{proc.name} exited: {proc.tail()}"
+        for attempt in range(3):
+            stack, urls = start_procfile(f"{round_}.{attempt}", stack_env, tmp_path, started)
             try:
-                if not all(httpx.get(url, timeout=2).status_code == 200 for url in urls):
-                    return False
-            except httpx.HTTPError:
-                return False
-            with Redis.from_url(stack_env["REDIS_URL"]) as redis:
-                serving = [q for w in Worker.all(connection=redis) for q in w.queue_names()]
-            return all(serving.count(q) == 1 for q in queues)
-
-        wait_until(ready, 90, f"round {round_}: every Procfile process ready")
+                wait_until(lambda: ready(stack, urls), 90, f"round {round_}: the Procfile ready")
+                break
+            except PortTaken:
+                for proc in stack:
+                    if proc.popen.poll() is None:
+                        proc.term()
+                for proc in stack:
+                    proc.wait(30)
+        else:
+            pytest.fail(f"round {round_}: a port was taken by another process three times")
         for proc in stack:
             proc.term()
         wait_for_exits(stack)
+        measured.extend(stack)
         times.append(report(stack))
         for proc in stack:
-            # uvicorn ends by re-raising the SIGTERM it handled, after its graceful shutdown.
-            clean = (0, -signal.SIGTERM) if proc.name.startswith("web-") else (0,)
-            assert proc.popen.returncode in clean, f"{proc.name}: {proc.tail()}"
+            assert proc.popen.returncode == 0, f"{proc.name}: {proc.tail()}"
             assert "Traceback" not in proc.log.read_text(errors="replace"), proc.tail()
         slow = [p for p in stack if p.exited_after > IDLE_BOUND]
-        if round_ == REPEATS - 1:
-            summary(f"Procfile set, {REPEATS} rounds", started)
         assert not slow, f"round {round_}, over {IDLE_BOUND} s: {report(slow)}\n" \
                          f"{slow[0].tail()}\nrounds before: {times[:-1]}"
+    summary(f"Procfile set, {REPEATS} rounds", measured)
