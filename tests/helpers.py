@@ -12,13 +12,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import rq
 import uvicorn
 from redis import Redis
-from rq import SimpleWorker, Worker
+from rq import Worker
 
 from ingest.commands.embedded import free_port
 from ingest.rq_jobs import FastJSONSerializer
 from workers.runtime import Runtime
+from workers.watchdog import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
 SECRETS: dict[str, tuple[str, str]] = {
@@ -28,6 +30,11 @@ SECRETS: dict[str, tuple[str, str]] = {
     "outboundry": ("outboundry-token-old-0001", "outboundry-token-new-0002"),
     "mailstand": ("mailstand-token-old-0001", "mailstand-token-new-0002"),
 }
+
+
+class SimpleWorker(StopsPromptly, rq.SimpleWorker):
+    """RQ's SimpleWorker, whose teardown never waits a minute for its command listener
+    (workers/watchdog.py says when RQ's does): tests run many burst workers."""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,

@@ -328,7 +328,9 @@ def test_dead_letters_show_in_metrics_and_status_with_the_last_reason(
         make_env: Callable[..., dict[str, str]], database_url: str, redis_server: str,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from redis import Redis
-    from rq import Queue, SimpleWorker
+    from rq import Queue
+
+    from tests.helpers import SimpleWorker
     from rq.serializers import JSONSerializer
 
     env = make_env(database_url)

@@ -352,11 +352,15 @@ def test_dockerfile_builds_a_small_non_root_image_with_a_cached_dependency_layer
     assert froms == ["python:3.11-slim"]
     ops = [op for op, _ in instructions]
     copies = [(i, arg.split()) for i, (op, arg) in enumerate(instructions) if op == "COPY"]
-    deps_copy = next(i for i, args in copies if args[0] == "pyproject.toml")
+    # Dependencies from the runtime lock, with their hashes, before the source; then the
+    # application alone, built with the locked setuptools.
+    deps_copy = next(i for i, args in copies if args[0] == "requirements/runtime.txt")
     deps_install = next(i for i, (op, arg) in enumerate(instructions)
-                        if op == "RUN" and "pip install -r" in arg)
+                        if op == "RUN" and "pip install --require-hashes -r" in arg)
     source_copy = min(i for i, args in copies if args[0] in ("ingest", "workers", "sinks"))
     assert deps_copy < deps_install < source_copy, "dependencies must install before the source"
+    app_install = next(arg for op, arg in instructions if op == "RUN" and "--no-deps" in arg)
+    assert "--no-build-isolation" in app_install, "building must fetch nothing outside the lock"
     assert {args[0] for _, args in copies} >= {"ingest", "workers", "sinks"}
     for _, args in copies:
         for src in args[:-1]:
@@ -366,7 +370,8 @@ def test_dockerfile_builds_a_small_non_root_image_with_a_cached_dependency_layer
     assert ops.index("USER") < ops.index("ENTRYPOINT")
     assert dict(instructions)["ENTRYPOINT"] == '["ingest"]'
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert "*" in ignored and {"!ingest/", "!workers/", "!sinks/", "!pyproject.toml"} <= set(ignored)
+    assert "*" in ignored and {"!ingest/", "!workers/", "!sinks/", "!pyproject.toml",
+                               "!requirements/runtime.txt"} <= set(ignored)
 
 
 # -- queue names as the files write them --------------------------------------------------------

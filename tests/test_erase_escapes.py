@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from rq import Retry, SimpleWorker
+from rq import Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -30,7 +30,7 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.rq_jobs import enqueue_batch, make_job
 from sinks.outbox import Outbox
-from tests.helpers import drain, redis_values, rows
+from tests.helpers import SimpleWorker, drain, redis_values, rows
 from tests.sinks.conftest import outboundry_delivery
 from tests.test_erase import event_jobs, job_args
 from workers.runtime import Runtime

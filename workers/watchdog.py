@@ -57,14 +57,29 @@ periods, and that outlives a worker killed with SIGKILL. :class:`ResilientSchedu
 Redis outages and takes a queue over within a second of its holder letting go; the runner
 starts one per worker process, and :func:`die_with_parent` makes it get SIGTERM when that
 process dies (Linux), so it releases its lock and exits instead of lingering.
+
+A worker told to stop (SIGTERM) stops within a second when idle, and that long after the job
+in hand when busy: a platform gives it ten seconds before SIGKILL (docker), and a killed worker
+leaves its job to the watchdog. Two things in RQ would make that up to a minute. Its thread
+listening for ``rq`` commands (shutdown, stop-job) waits 60 s at a time for one, and RQ's
+teardown sends UNSUBSCRIBE, then stops that thread and waits for it: from redis-py 8.2 on,
+``PubSubWorkerThread.stop()`` waits without a bound, and when the UNSUBSCRIBE reply wakes the
+thread before the stop reaches it (several processes stopping at once on a busy machine),
+the thread, subscribed to nothing now, waits out its 60 s before it looks again.
+:class:`IngestWorker` tells the thread to stop before it sends UNSUBSCRIBE, waits for it a
+bounded time whatever redis-py does, and runs it with a ``_COMMAND_WAIT`` of half a second
+(the longest it can take to notice a stop by itself). And RQ's scheduler sleeps through a
+SIGTERM until its next round; :class:`ResilientScheduler` wakes at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -73,6 +88,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Protocol
 
+from redis.client import PubSubWorkerThread
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.executions import Execution
@@ -86,7 +102,8 @@ from rq.worker import WorkerStatus
 
 from ingest import constants
 
-__all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "die_with_parent"]
+__all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "StopsPromptly",
+           "die_with_parent"]
 
 log = logging.getLogger("workers.watchdog")
 
@@ -95,7 +112,21 @@ _PR_SET_PDEATHSIG = 1
 _BEAT_EVERY = 5.0
 # How often an idle or busy worker asks whether ``rq suspend`` paused the workers.
 _SUSPENSION_EVERY = 1.0
+# How long the thread listening for `rq` commands waits for one before it looks whether it
+# should stop (RQ: 60 s). A wait is a poll() on its socket: nothing is sent to Redis.
+_COMMAND_WAIT = 0.5
+# From redis-py 8.2 on, PubSubWorkerThread.stop() waits for the thread, by default without end.
+_STOP_TAKES_TIMEOUT = "timeout" in inspect.signature(PubSubWorkerThread.stop).parameters
 _forking_parent = 0
+
+
+def tell_listener_to_stop(thread: PubSubWorkerThread) -> None:
+    """Ask a redis-py pub/sub thread to stop after its current wait, without waiting for it,
+    whatever the redis-py version."""
+    if _STOP_TAKES_TIMEOUT:
+        thread.stop(timeout=0)  # type: ignore[call-arg, unused-ignore]
+    else:
+        thread.stop()  # redis-py < 8.2: only tells the thread to stop
 
 
 def _remember_parent() -> None:
@@ -139,8 +170,56 @@ class JobGroups(Protocol):
         """Run ``jobs`` as one; each job's result, in order. Raising makes each run alone."""
 
 
-class IngestWorker(SimpleWorker):
-    """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned."""
+class StopsPromptly:
+    """For an RQ worker class (before it among the bases): RQ's listener for ``rq`` commands
+    (shutdown, stop-job), stopped within ``_COMMAND_WAIT`` seconds whatever redis-py does (see
+    the module docstring's end). The tests' burst workers use it too."""
+
+    pubsub: Any
+    pubsub_thread: Any
+    connection: Any
+    name: str
+    log: Any
+    pubsub_channel_name: str
+    handle_payload: Any
+    _pubsub_exception_handler: Any
+
+    def subscribe(self) -> None:
+        """RQ's listener for commands, waiting ``_COMMAND_WAIT`` seconds at a time (RQ: 60)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=_COMMAND_WAIT, daemon=True,
+            exception_handler=self._pubsub_exception_handler)
+
+    def unsubscribe(self) -> None:
+        """RQ's, in another order: tell the thread to stop, then UNSUBSCRIBE, whose reply
+        wakes it at once, then wait for it (a bounded time), then close the connection. RQ
+        sends UNSUBSCRIBE first: its reply may wake the thread before the stop reaches it,
+        which then waits for its next wake (see the module docstring)."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        self.pubsub_thread = None
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name,
+                      self.pubsub_channel_name)
+        tell_listener_to_stop(thread)
+        # If the thread woke by itself meanwhile, it closes the connection as it leaves, and
+        # this goes on a connection of its own, closed below: harmless either way.
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.unsubscribe()
+        thread.join(_COMMAND_WAIT + 1.0)
+        if thread.is_alive():
+            log.warning("the thread listening for rq commands did not stop within %.1f s",
+                        _COMMAND_WAIT + 1.0)
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.close()
+
+
+class IngestWorker(StopsPromptly, SimpleWorker):
+    """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned,
+    and that stops promptly."""
 
     # RQ's line per job saying how long its result is kept: always RESULT_TTL here.
     log_result_lifespan = False
@@ -491,6 +570,28 @@ class ResilientScheduler(RQScheduler):
 
     def work(self) -> None:
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
+        # A signal writes a byte here (the C handler, before any Python code runs), so the wait
+        # between two rounds ends the moment SIGTERM arrives, not an interval later.
+        wake, wake_w = os.pipe()
+        os.set_blocking(wake, False)
+        os.set_blocking(wake_w, False)
+        previous: int | None = None
+        try:
+            previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (never so in the process RQ forks): a plain wait
+            pass
+        try:
+            self._rounds(wake)
+        finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(wake)
+            os.close(wake_w)
+        with contextlib.suppress(RedisError, OSError):
+            self.stop()  # type: ignore[no-untyped-call]
+
+    def _rounds(self, wake: int) -> None:
+        """Schedule due jobs every ``interval`` until asked to stop."""
         failing = False
         born = False
         while not self._stop_requested:
@@ -510,9 +611,10 @@ class ResilientScheduler(RQScheduler):
                 if not failing:
                     log.warning("scheduler cannot reach Redis, will keep trying: %r", exc)
                 failing = True
-            time.sleep(self.interval)
-        with contextlib.suppress(RedisError, OSError):
-            self.stop()  # type: ignore[no-untyped-call]
+            if not self._stop_requested:
+                select.select([wake], [], [], self.interval)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake, 512)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """From the parent: stop the scheduler process and wait for it."""

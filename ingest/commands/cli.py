@@ -7,11 +7,14 @@ line naming the variable and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from ingest import constants
 from ingest.config import Settings
@@ -39,16 +42,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ingest.acceptor.app import create_app
     from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
 
+    # uvicorn ends its graceful shutdown by raising the signal that asked for it once more,
+    # with the handlers it found restored: by default SIGTERM then kills the process, and a
+    # platform sees exit code 143 (docker) for a clean stop. With this handler it exits 0, as
+    # the workers do; a SIGTERM before uvicorn takes over (start-up) stops it at once, with 0.
+    signal.signal(signal.SIGTERM, _stopped)
     settings = _settings()
     _setup_logging(settings)
     _report_redis_at_start(settings)
     app = create_app(settings)
+    # What is imported and built by now lives as long as the process: out of the collector's
+    # sight, it is not traversed by every full collection, nor at exit (see cmd_worker).
+    gc.freeze()
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
     host = args.host or settings.raw.get("INGEST_HOST") or "0.0.0.0"
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                 http=LimitedHttpToolsProtocol, loop="uvloop", timeout_keep_alive=5,
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _report_redis_at_start(settings: Settings) -> None:
@@ -89,6 +104,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         from workers.runner import run_worker
 
+        # Nearly everything the process will hold is imported by now, for as long as it runs:
+        # out of the collector's sight (gc.freeze), it is neither traversed by every full
+        # collection nor at exit, where that was most of the CPU a stopping worker spent (0.24 s
+        # after SIGTERM without it, 0.07 s with it), and the scheduler it forks shares those
+        # pages instead of copying them as the collector touches them.
+        gc.freeze()
         return run_worker(settings, queues or None, burst=args.burst)
     finally:
         if exposition is not None:
