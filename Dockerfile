@@ -26,9 +26,15 @@ COPY workers ./workers
 COPY sinks ./sinks
 RUN pip install --no-deps --no-build-isolation . \
  && rm -rf /src
+
+# 3. Plugins: what deploy/plugins/requirements.txt names, from that folder (nothing as shipped;
+#    docs/sinks.md, "Installing a plugin"). After the application, so a plugin's own
+#    dependencies resolve against it.
+COPY deploy/plugins /plugins
+RUN cd /plugins && pip install -r requirements.txt && rm -rf /plugins
 WORKDIR /app
 
-# 3. Run as an unprivileged user. The spool (deliveries journaled while Redis is away) is the
+# 4. Run as an unprivileged user. The spool (deliveries journaled while Redis is away) is the
 #    only place the service writes; docker-compose mounts a volume there.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ingest \
  && mkdir -p /var/lib/ingest/spool \

@@ -110,6 +110,14 @@ REFUSAL_WRITES_IN_FLIGHT = 64
 SCRAPE_MAX_WORKERS = 100
 # `ingest status`: an oldest queued job older than this (seconds) needs attention.
 STATUS_OLDEST_LIMIT = 300
+# Seconds between an acceptor's registrations of what it serves (ingest.deployment).
+DEPLOYMENT_REGISTER_EVERY = 30
+# An acceptor that registered within this many seconds counts as running.
+DEPLOYMENT_LIVE_AFTER = 90
+# A registration this old (seconds) belongs to an acceptor long gone: forgotten.
+DEPLOYMENT_FORGET_AFTER = 7 * 86400
+# Longest (seconds) one registration write may take; it never holds up the acceptor.
+DEPLOYMENT_WRITE_TIMEOUT = 1.0
 
 # Queue name of the batches the acceptor enqueues.
 INGEST_QUEUE = "ingest"

@@ -9,9 +9,11 @@ no eviction, a readiness healthcheck, scalable workers) are where they must be.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -398,3 +400,31 @@ def test_a_worker_for_a_queue_no_deployment_has_stops_at_once() -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "no queue 'ingets'" in result.stderr
+
+
+def test_plugins_named_in_deploy_plugins_are_baked_into_the_image(tmp_path: Path) -> None:
+    """docs/sinks.md's recipe: a plugin folder under deploy/plugins/, named in its
+    requirements.txt, is installed by the image build (after the application, from that
+    folder); as shipped the file names nothing."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    copy = lines.index("COPY deploy/plugins /plugins")
+    install = next(i for i, ln in enumerate(lines)
+                   if ln.startswith("RUN cd /plugins") and "pip install -r requirements.txt" in ln)
+    app = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install --no-deps"))
+    assert app < copy < install < lines.index(next(ln for ln in lines if ln.startswith("USER")))
+    assert "!deploy/plugins/" in (ROOT / ".dockerignore").read_text().split()
+    shipped = (ROOT / "deploy/plugins/requirements.txt").read_text().splitlines()
+    assert all(not ln.strip() or ln.startswith("#") for ln in shipped)
+
+    # The recipe itself, as the build runs it (pip, from the folder, paths relative to it).
+    folder = tmp_path / "plugins"
+    shutil.copytree(ROOT / "tests/plugins/example_sink", folder / "webhook-ingest-jsonl")
+    (folder / "requirements.txt").write_text("\n".join([*shipped, "./webhook-ingest-jsonl", ""]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+         "--no-build-isolation", "--report", "-", "-q", "-r", "requirements.txt"],
+        cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [item["metadata"]["name"] for item in report["install"]] == ["webhook-ingest-jsonl"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -65,16 +64,24 @@ def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: 
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("Ctrl-C stops" in ln for ln in lines):
+        while time.monotonic() < deadline and not any(ln.startswith("Postgres:") for ln in lines):
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.2)
         banner = "".join(lines)
         assert "Ctrl-C stops" in banner, banner
         assert f"http://127.0.0.1:{port}/webhooks/outreach" in banner
-        database_url = re.search(r"Postgres: (\S+)", banner).group(1)
-        redis_url = re.search(r"Redis:\s+(\S+)", banner).group(1)
+        # The settings it hands over; the banner shows each URL whole, or names it there
+        # when it is too long for a line (a deep temporary directory).
+        handed = {k: shlex.split(v)[0] for k, v in (
+            line[len("export "):].split("=", 1)
+            for line in (tmp_path / "state" / "env").read_text().splitlines()
+            if line.startswith("export "))}
+        database_url, redis_url = handed["DATABASE_URL"], handed["REDIS_URL"]
+        assert f"Redis:    {redis_url}\n" in banner
+        assert (database_url in banner) is (len(database_url) <= 77)  # whole, or named
         assert redis_url.startswith("redis://127.0.0.1:")
-        command = next(ln.strip() for ln in lines if " send outreach --url " in ln)
+        command = next(ln.strip() for ln in lines if " send outreach " in ln)
+        assert "--state-dir state" in command  # not the default: the command names it
         # Every URL and secret whole, on one line, at 80 columns; no table borders cutting them.
         kept = dict(line.split(" = ") for line in
                     (tmp_path / "state" / "secrets.toml").read_text().splitlines())
@@ -89,7 +96,7 @@ def test_dev_runs_everything_and_the_printed_sample_lands_in_postgres(tmp_path: 
         assert "Listening on" not in banner and "started with PID" not in banner, banner
 
         sent = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=60, cwd=tmp_path)
         assert sent.returncode == 0, sent.stderr
         assert "accepted (200)" in sent.stderr
 

@@ -18,7 +18,6 @@ from types import FrameType
 
 from ingest import constants
 from ingest.config import Settings
-from ingest.exceptions import ConfigError, PluginError, StartupError
 
 __all__ = ["main"]
 
@@ -195,6 +194,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"ingest send: no secret for {args.provider}: pass --secret or set {setting}",
               file=sys.stderr)
         return 2
+    if args.url is None:
+        from ingest.commands.devenv import read_dev_stack
+
+        stack = read_dev_stack(args.state_dir)
+        args.url = stack.url if stack is not None and stack.url else "http://127.0.0.1:8000"
     url = args.url.rstrip("/")
     if not url.endswith(f"/webhooks/{args.provider}"):
         url = f"{url}/webhooks/{args.provider}"
@@ -236,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true",
+                       help="on a failure, show the traceback instead of one line")
         return p
 
     p = add("serve", cmd_serve, "run the acceptor (uvicorn)")
@@ -257,9 +263,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("send", cmd_send, "send realistic, correctly signed sample deliveries")
     p.add_argument("provider")
-    p.add_argument("--url", default="http://127.0.0.1:8000",
-                   help="acceptor base URL or full webhook URL (default: %(default)s, where "
-                        "`ingest dev` listens)")
+    p.add_argument("--url", default=None,
+                   help="acceptor base URL or full webhook URL (default: where the `ingest "
+                        "dev` running here listens, else http://127.0.0.1:8000)")
     p.add_argument("--secret", help="default: the first of the provider's configured secrets, "
                                     "else the one `ingest dev` generated (see --state-dir)")
     p.add_argument("--state-dir", default=".ingest-dev",
@@ -286,21 +292,46 @@ def _parser() -> argparse.ArgumentParser:
 # Subcommands that live in their own modules: each module's add_command(add) registers its
 # command when the parser is built; the modules keep their heavy imports inside the command.
 _COMMAND_MODULES = ("workers.dlq", "ingest.commands.replay", "ingest.commands.erase",
-                    "ingest.commands.retention", "ingest.commands.status")
+                    "ingest.commands.retention", "ingest.commands.status",
+                    "ingest.commands.query")
+
+
+def _use_dev_stack(command: str) -> None:
+    """In a shell that configures nothing of its own, from the directory where `ingest dev`
+    runs: take the settings it hands over (ingest.commands.devenv), and say so."""
+    from ingest.commands.devenv import DEV_ENV, DEV_STATE_DIR, dev_stack
+
+    stack = dev_stack()
+    if stack is not None:
+        for key, value in stack.values.items():
+            os.environ.setdefault(key, value)
+        print(f"ingest {command}: using the settings of the `ingest dev` running here "
+              f"({DEV_STATE_DIR}/{DEV_ENV})", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status (ingest.commands.errors). A failure a user can cause
+    or meet prints one line naming the fix; ``--debug`` shows the traceback instead."""
+    from ingest.commands.errors import OK, explain
+
     args = _parser().parse_args(argv)
+    if args.command != "dev":
+        _use_dev_stack(args.command)
     try:
         return int(args.func(args))
-    except (ConfigError, PluginError) as exc:
-        print(f"ingest {args.command}: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except StartupError as exc:
-        print(f"ingest {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:
+        # The reader went away (`ingest dlq list | head`): nothing more to say to it. Python
+        # would complain once more while flushing stdout at exit: point it at nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return OK
+    except BaseException as exc:
+        found = explain(exc)
+        if found is None or args.debug:
+            raise
+        line, status = found
+        print(f"ingest {args.command}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
