@@ -254,8 +254,8 @@ def test_stopped_workers_make_the_oldest_job_age_and_status_fail(
             assert status["workers"][ingest_queue] == 0
             assert any(f"no worker serves queue {ingest_queue}" in line
                        for line in status["attention"])
-            assert set(status) == {"providers", "sinks", "queues", "spool_depth", "workers",
-                                   "attention"}
+            assert set(status) == {"deployment", "providers", "sinks", "queues",
+                                   "spool_depth", "workers", "attention"}
     finally:
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
