@@ -69,8 +69,8 @@ def _serve(host: str, port: int, registry: Any) -> WSGIServer:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                 flags=socket.AI_PASSIVE)[0][0]
     server_class = type("MetricsServer", (_Server,), {"address_family": family})
-    server = make_server(host, port, make_wsgi_app(registry), server_class,
-                         handler_class=_QuietHandler)
+    server: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                     handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _STOP_CHECK},
                      name="metrics-http", daemon=True).start()
     return server
