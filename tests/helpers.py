@@ -66,6 +66,22 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
+def migrate_before(database_url: str, first_skipped: str) -> None:
+    """Give an empty database the schema of an older release: the migrations named before
+    ``first_skipped`` (``"0008"``), recorded as ``ingest migrate`` records them."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "sinks" / "migrations"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE webhook_ingest_migrations (name text PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for migration in sorted(folder.glob("*.sql")):
+            if migration.name < first_skipped:
+                conn.execute(migration.read_text())
+                conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)",
+                             (migration.name,))
+
+
 def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
     with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
         return list(conn.execute(sql, params).fetchall())

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -58,16 +56,6 @@ def shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server: str, na
     return configure
 
 
-@pytest.fixture
-def unmigrated(postgres_server: str) -> Iterator[str]:
-    name = "wi_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_database(postgres_server, name)
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.parametrize("argv", REDIS_COMMANDS, ids=" ".join)
 def test_a_stopped_redis_is_one_line_naming_redis_url(
         argv: list[str], shell: Callable[..., None], capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,9 +77,9 @@ def test_a_stopped_postgres_is_one_line_naming_database_url(
 
 @pytest.mark.parametrize("argv", POSTGRES_COMMANDS, ids=" ".join)
 def test_a_database_not_migrated_yet_says_run_ingest_migrate(
-        argv: list[str], shell: Callable[..., None], unmigrated: str,
+        argv: list[str], shell: Callable[..., None], fresh_database: str,
         capsys: pytest.CaptureFixture[str]) -> None:
-    shell(DATABASE_URL=unmigrated)
+    shell(DATABASE_URL=fresh_database)
     status, out, err = run(argv, capsys)
     line = one_line(err, argv[0])
     assert status == 2 and "run `ingest migrate`" in line, err
