@@ -117,14 +117,37 @@ def _sentinel_kwargs(target: SentinelTarget, timeout: float) -> dict[str, Any]:
             **target.sentinel_options}
 
 
+class _SentinelRedis(Redis):
+    """A primary's client that also closes its Sentinels' clients when closed."""
+
+    watched_by: Sentinel | None = None
+
+    def close(self) -> None:
+        super().close()
+        for client in self.watched_by.sentinels if self.watched_by is not None else ():
+            client.close()
+
+
+class _AsyncSentinelRedis(AsyncRedis):
+    """:class:`_SentinelRedis` for asyncio."""
+
+    watched_by: AsyncSentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for client in self.watched_by.sentinels if self.watched_by is not None else ():
+            await client.aclose()
+
+
 def redis_client(url: str, **options: Any) -> Redis:
     """A client of the Redis primary ``url`` names, with ``options`` (timeouts, retry)."""
     if url.startswith(SENTINEL_SCHEME):
         target = parse_sentinel_url(url)
         timeout = options.get("socket_connect_timeout") or constants.ACCEPTOR_REDIS_TIMEOUT
         sentinel = Sentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(target, timeout))
-        client: Redis = sentinel.master_for(target.service, redis_class=Redis,
-                                            **{**target.options, **options})
+        client: _SentinelRedis = sentinel.master_for(target.service, redis_class=_SentinelRedis,
+                                                     **{**target.options, **options})
+        client.watched_by = sentinel
         return client
     return Redis.from_url(url, **options)
 
@@ -136,8 +159,9 @@ def async_redis_client(url: str, **options: Any) -> AsyncRedis:
         timeout = options.get("socket_connect_timeout") or constants.ACCEPTOR_REDIS_TIMEOUT
         sentinel = AsyncSentinel(target.sentinels,
                                  sentinel_kwargs=_sentinel_kwargs(target, timeout))
-        client: AsyncRedis = sentinel.master_for(target.service, redis_class=AsyncRedis,
-                                                 **{**target.options, **options})
+        client: _AsyncSentinelRedis = sentinel.master_for(
+            target.service, redis_class=_AsyncSentinelRedis, **{**target.options, **options})
+        client.watched_by = sentinel
         return client
     return AsyncRedis.from_url(url, **options)
 
