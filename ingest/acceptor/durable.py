@@ -104,6 +104,7 @@ class Durable:
         """Move the spool into Redis whenever it holds anything and Redis answers."""
         assert self.spool is not None
         loop = asyncio.get_running_loop()
+        failed_before = False
         while True:
             await asyncio.sleep(self.drain_interval)
             if not self.redis_failing and self.spool.depth() == 0:
@@ -117,9 +118,15 @@ class Durable:
                 await loop.run_in_executor(self._drain_executor, partial(
                     self.spool.drain, enqueuer.queue, enqueuer.names, confirm=confirm))
             except (RedisError, OSError) as exc:
-                log.warning("spool drain stopped, will try again: %r", exc)
+                # Once per streak: a replica shortfall can last (INGEST_REDIS_MIN_REPLICAS).
+                (log.debug if failed_before else log.warning)(
+                    "spool drain stopped, will try again every %.1f s: %r",
+                    self.drain_interval, exc)
+                failed_before = True
             except Exception:
                 log.exception("spool drain failed, will try again")
+            else:
+                failed_before = False
             # Redis answered: once nothing waits in the spool, go back to Redis first (also when
             # the spool itself is what failed, so a broken spool never blocks a healthy Redis).
             if self.spool.depth() == 0 and self.redis_failing:
