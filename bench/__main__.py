@@ -775,9 +775,9 @@ def _replicas(args: argparse.Namespace) -> int:
                 replica.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(_render_replicas(results))
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(_render_replicas(results))
     runs = [r for round_ in results["rounds"] for r in round_.values()]
     return 0 if all(r["lost"] == 0 and r["doubled"] == 0 for r in runs) else 1
 
@@ -795,7 +795,7 @@ def _render_replicas(results: dict[str, Any]) -> str:
     bare = results["bare"]
     lines = [results["machine"],
              f"ceiling, bare Starlette: {bare['rate']:,.0f} req/s, p99 {bare['p99_ms']:.1f} ms;"
-             f" Redis LPUSH (async): {results['lpush_async']['rate']:,.0f}/s",
+             f" Redis LPUSH (async): {float(results['lpush_async']):,.0f}/s",
              "acceptor alone, primary with one replica (append-only file on both):",
              f"{'round':>5} {'MIN_REPLICAS':>12} {'req/s':>8} {'of bare':>8} {'p50 ms':>7} "
              f"{'p99 ms':>7} {'batch':>6} {'lost':>5}"]

@@ -86,7 +86,8 @@ class Durable:
             try:
                 await self.enqueuer.submit(envelope)
                 return "accepted"
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001  whatever the client raised mid-failover:
+                # the spool takes the delivery rather than the sender getting no answer.
                 redis_error = exc
                 if self.spool is not None and not self.redis_failing:
                     self.redis_failing = True

@@ -274,8 +274,11 @@ class Stack:
         try:
             for name in self.queue_names():
                 queue = Queue(name, connection=redis, serializer=JSONSerializer)
+                # (A job popped but not started when Redis went away waits in the
+                # intermediate queue until the watchdog puts it back.)
                 if queue.count or queue.scheduled_job_registry.count or \
-                        StartedJobRegistry(name, connection=redis).count:
+                        StartedJobRegistry(name, connection=redis).count or \
+                        queue.intermediate_queue.get_job_ids():
                     return False
             return True
         except Exception:

@@ -25,7 +25,8 @@ from tests.faults.conftest import Stack, Traffic, make_stack_env
 from tests.helpers import serve, wait_until
 from tests.redis_ha import RedisSet
 
-pytestmark = pytest.mark.fault
+# A job whose retries the failover used up to their 60 s step settles a minute later.
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
