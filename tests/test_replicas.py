@@ -173,19 +173,11 @@ def test_worker_finishes_a_job_only_once_a_replica_has_its_deliver_jobs(
     pair.attach()
     rt.ingest_queue.enqueue_job(job)  # its backoff, cut short
     worker(rt).work(burst=True, with_scheduler=False, logging_level="WARNING")
-    assert Job.fetch(job_id, connection=rt.redis,
-                     serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    queue = rt.ingest_queue
+    # Done: not waiting, not scheduled for a retry, not failed.
+    assert queue.count == 0
+    assert job_id not in queue.scheduled_job_registry.get_job_ids()
+    assert job_id not in queue.failed_job_registry.get_job_ids()
+    assert job_id in queue.finished_job_registry.get_job_ids()
     assert sink.count == 1  # the same deliver job id, written again: not doubled
     assert all(pair.on_replica(f"rq:job:{j}") for j in sink.get_job_ids())
-
-
-def test_worker_without_follow_up_jobs_does_not_wait(
-        pair: Pair, replicated_runtime: Runtime) -> None:
-    rt = replicated_runtime
-    pair.detach()
-    # A job that writes no job (an empty batch) finishes with no replica at all.
-    job_id = rt.names.job_id("batch", uuid.uuid4().hex)
-    enqueue_batch(rt.ingest_queue, [], job_id)
-    worker(rt).work(burst=True, with_scheduler=False, logging_level="WARNING")
-    assert Job.fetch(job_id, connection=rt.redis,
-                     serializer=JSONSerializer).get_status() == JobStatus.FINISHED
