@@ -34,6 +34,10 @@ DEFAULT_SPOOL_DIR = "./spool"
 
 # Socket deadline for every Redis call the acceptor makes: far inside Outreach's 5 s.
 ACCEPTOR_REDIS_TIMEOUT = 0.5
+# INGEST_REDIS_WAIT_MS: how long a write waits for INGEST_REDIS_MIN_REPLICAS replicas to
+# acknowledge it (WAIT) before the acceptor spools the batch instead, or a worker retries its
+# job. A replica on the same network acknowledges within a millisecond or two.
+DEFAULT_REDIS_WAIT_MS = 200
 # Socket deadline for Redis calls in workers (they can wait longer than the acceptor).
 WORKER_REDIS_TIMEOUT = 10.0
 # Largest number of deliveries the acceptor groups into one RQ job.

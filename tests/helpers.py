@@ -52,7 +52,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
 def wait_for_queue_workers(redis_url: str, queues: Iterable[str], timeout: float = 60.0) -> None:
     """Until every one of ``queues`` has a worker registered in Redis."""
     wanted = set(queues)
-    redis = Redis.from_url(redis_url)
+    from ingest.redis_conn import redis_client
+
+    redis = redis_client(redis_url)
     try:
         wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
                                       for q in w.queue_names()},

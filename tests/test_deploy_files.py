@@ -189,6 +189,34 @@ def test_redis_persists_every_accepted_delivery_and_never_evicts() -> None:
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must be on a volume"
 
 
+def test_profile_ha_runs_a_persistent_replica_and_three_sentinels_of_the_primary() -> None:
+    ha = {name: s for name, s in services().items() if s.get("profiles") == ["ha"]}
+    assert set(ha) == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = ha["redis-replica"]["command"]
+    def option(name: str) -> str:
+        return str(replica[replica.index(name) + 1])
+
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert option("--appendonly") == "yes" and option("--maxmemory-policy") == "noeviction"
+    assert any(v.endswith(":/data") for v in ha["redis-replica"]["volumes"])
+    script = ha["sentinel-1"]["command"][-1]
+    assert "sentinel monitor ingest redis 6379 2" in script  # two of three must agree
+    assert all(ha[f"sentinel-{i}"]["command"] == ha["sentinel-1"]["command"] for i in (2, 3))
+    # The URL .env.example gives for the profile names these Sentinels and that service.
+    example = (ROOT / ".env.example").read_text()
+    url = re.search(r"^# REDIS_URL=(redis\+sentinel://\S+)$", example, re.M)
+    assert url, ".env.example shows no Sentinel REDIS_URL"
+    target = Settings.from_env({"REDIS_URL": url.group(1)})
+    from ingest.redis_conn import parse_sentinel_url
+
+    parsed = parse_sentinel_url(target.require_redis())
+    assert parsed.service == "ingest"
+    assert {h for h, _ in parsed.sentinels} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    # Every app service takes REDIS_URL from .env when it is set there.
+    for name, service in app_services().items():
+        assert service["environment"]["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}", name
+
+
 def test_postgres_keeps_its_data_and_reports_health_over_tcp() -> None:
     postgres = services()["postgres"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])

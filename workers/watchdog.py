@@ -50,6 +50,12 @@ status and result, so everything above (renewals, the sweep of a dead worker's j
 each job of a group as for a job alone. If the group's run raises, each job then runs on its
 own, as RQ runs it.
 
+With ``INGEST_REDIS_MIN_REPLICAS`` set, a job that wrote follow-up jobs (deliver jobs, a set
+aside delivery) finishes only once that many replicas acknowledged them (``WAIT``, in
+:meth:`IngestWorker.handle_job_success` and for a group before its success pipeline): on a
+shortfall the job fails with :class:`ingest.redis_conn.ReplicaShortfall` and is retried with its
+own backoff, writing the same follow-up job ids again. A failover then loses no follow-up job.
+
 RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
 forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
 block every other scheduler for 61 s), that a worker only replaces every few maintenance
@@ -101,6 +107,8 @@ from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
 from ingest import constants
+from ingest.redis_conn import ReplicaShortfall, replicated, worker_redis
+from ingest.rq_jobs import jobs_written
 
 __all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "StopsPromptly",
            "die_with_parent"]
@@ -226,9 +234,13 @@ class IngestWorker(StopsPromptly, SimpleWorker):
 
     def __init__(self, *args: Any, names: constants.Names,
                  abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER,
-                 groups: JobGroups | None = None, **kwargs: Any) -> None:
+                 groups: JobGroups | None = None, min_replicas: int = 0,
+                 wait_ms: int = constants.DEFAULT_REDIS_WAIT_MS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.names = names
+        self.min_replicas = min_replicas  # INGEST_REDIS_MIN_REPLICAS
+        self.wait_ms = wait_ms
+        self._written_at_start = jobs_written()  # jobs_written() when the running job started
         self.groups = groups
         # Jobs waiting in the queue when the last success was written (None: not known).
         self._waiting: int | None = None
@@ -273,7 +285,10 @@ class IngestWorker(StopsPromptly, SimpleWorker):
                            execution: Execution) -> None:
         """RQ's bookkeeping of a finished job (counters, result, finished registry, execution
         cleanup) in its one pipeline, without the WATCH and read of the job's dependents that
-        RQ does first: no job of ours has dependents or repeats (those still go RQ's way)."""
+        RQ does first: no job of ours has dependents or repeats (those still go RQ's way).
+        Raises :class:`ReplicaShortfall` (RQ then fails the job, which is retried) when the job
+        wrote follow-up jobs that too few replicas acknowledged."""
+        self._confirm_replicated()
         if job.repeats_left or job.has_rate_limit:
             self._waiting = None
             super().handle_job_success(job, queue, started_job_registry, execution)
@@ -284,6 +299,11 @@ class IngestWorker(StopsPromptly, SimpleWorker):
             # already written, and set_state skips it.
             self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
             self._finish(pipeline, queue)
+
+    def _confirm_replicated(self) -> None:
+        """``WAIT`` for ``min_replicas`` when the running job (or group) wrote jobs."""
+        if self.min_replicas and jobs_written() != self._written_at_start:
+            replicated(self.connection, self.names, self.min_replicas, self.wait_ms)
 
     def _finish(self, pipeline: Any, queue: Any) -> None:
         """Send a job's (or a group's) success pipeline, reading on the way how many jobs wait
@@ -348,6 +368,7 @@ class IngestWorker(StopsPromptly, SimpleWorker):
         queue), sent in one pipeline with :meth:`prepare_execution`'s record: the job moves
         from popped to started in one transaction."""
         pipeline, self._starting = self._starting, None
+        self._written_at_start = jobs_written()
         if pipeline is None:
             pipeline = self.connection.pipeline()
         with pipeline:
@@ -445,6 +466,17 @@ class IngestWorker(StopsPromptly, SimpleWorker):
             self.set_state(WorkerStatus.IDLE)
             return
         ended = now()
+        try:
+            self._confirm_replicated()
+        except ReplicaShortfall as exc:
+            log.warning("%d jobs run together are retried: %s", len(jobs), exc,
+                        extra={"job_id": jobs[0].id, "count": len(jobs)})
+            for job, execution in started:
+                job.ended_at = ended
+                self.handle_job_failure(job, queue, queue.started_job_registry,
+                                        exc_string=f"ReplicaShortfall: {exc}", execution=execution)
+            self.set_state(WorkerStatus.IDLE)
+            return
         with self.connection.pipeline() as pipeline:
             for (job, execution), result in zip(started, results):
                 job.ended_at = ended
@@ -466,6 +498,7 @@ class IngestWorker(StopsPromptly, SimpleWorker):
             with self._running_lock:
                 self._running = list(started)
             pipeline.execute()
+        self._written_at_start = jobs_written()
         return started
 
     def _stop_before_first_job(self, signum: int, frame: FrameType | None) -> None:
@@ -566,7 +599,22 @@ class IngestWorker(StopsPromptly, SimpleWorker):
 
 
 class ResilientScheduler(RQScheduler):
-    """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring."""
+    """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring.
+
+    RQ's scheduler rebuilds its client in the forked child from the parent's connection pool
+    settings, as a plain pool: that would lose a ``redis+sentinel://`` primary (and its
+    failovers). Given ``redis_url``, the child makes its own client from it, as every other
+    process does (ingest.redis_conn)."""
+
+    def __init__(self, *args: Any, redis_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._redis_url = redis_url
+
+    @property
+    def connection(self) -> Any:
+        if self._connection is None and self._redis_url is not None:
+            self._connection = worker_redis(self._redis_url)  # type: ignore[assignment]
+        return super().connection
 
     def work(self) -> None:
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
