@@ -94,6 +94,7 @@ class Context:
     results: dict[str, Any] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     conn: psycopg.Connection[Any] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # for every process we start
 
     def env(self, namespace: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
@@ -104,6 +105,7 @@ class Context:
             "INGEST_SPOOL_DIR": str(self.tmp / f"spool-{namespace}"),
             "PYTHONPATH": str(ROOT),
         })
+        env.update(self.extra_env)
         return env
 
     def take_seqs(self, count: int) -> int:
@@ -695,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(0: measure the large table only)")
     parser.add_argument("--lifecycle-load", type=float, default=0.5,
                         help="--lifecycle's fixed offered load, a share of the saturated rate")
+    parser.add_argument("--replicas", action="store_true",
+                        help="only the cost of INGEST_REDIS_MIN_REPLICAS: the acceptor alone "
+                             "against a primary with one replica, waiting for 0 and for 1 "
+                             "(--pairs rounds, interleaved), with this run's ceilings")
     parser.add_argument("--pg-set", metavar="NAME=VALUE", action="append", default=[],
                         help="--lifecycle: a server setting for the embedded Postgres "
                              "(ALTER SYSTEM; reloadable ones only), repeatable")
@@ -705,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         return _lifecycle(args)
     if args.fairness:
         return _fairness(args)
+    if args.replicas:
+        return _replicas(args)
 
     description = machine()
     log(description)
@@ -775,6 +783,84 @@ def _fairness(args: argparse.Namespace) -> int:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     attacked = results["attacked"]
     return 0 if attacked["ok"] == attacked["sent"] else 1
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    """The acceptor's rate and p99 when each group-commit write waits for one replica
+    (``INGEST_REDIS_MIN_REPLICAS=1``) against not waiting (0), on the same primary with one
+    replica attached, rounds interleaved; ceilings measured in the same run."""
+    log(machine())
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    results: dict[str, Any] = {"machine": machine(), "rounds": []}
+    try:
+        with servers(tmp) as (redis_url, redis_pid, db_url):
+            port = int(urlsplit(redis_url).port or 0)
+            replica = EmbeddedRedis(tmp / "replica", appendonly=True,
+                                    extra_args=["--replicaof", "127.0.0.1", str(port)]).start()
+            try:
+                _wait_in_sync(replica.url)
+                ctx = Context(args, tmp, redis_url, redis_pid, db_url)
+                try:
+                    phase_ceilings(ctx)
+                    results["bare"], results["lpush_async"] = (ctx.results["bare"],
+                                                               ctx.results["lpush_async"])
+                    for _ in range(args.pairs):
+                        round_: dict[str, Any] = {}
+                        for wanted in (0, 1):
+                            ctx.extra_env = {"INGEST_REDIS_MIN_REPLICAS": str(wanted)}
+                            phase_acceptor(ctx)
+                            acc = ctx.results.pop("acceptor")
+                            # A write too few replicas took is spooled: say so if any was.
+                            log_text = (tmp / "acc-acceptor.log").read_text(errors="replace")
+                            acc["spooled"] = "spooling them" in log_text
+                            round_[str(wanted)] = acc
+                        results["rounds"].append(round_)
+                finally:
+                    for proc in ctx.procs:
+                        proc.stop()
+                    if ctx.conn is not None:
+                        ctx.conn.close()
+            finally:
+                replica.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(_render_replicas(results))
+    runs = [r for round_ in results["rounds"] for r in round_.values()]
+    return 0 if all(r["lost"] == 0 and r["doubled"] == 0 for r in runs) else 1
+
+
+def _wait_in_sync(replica_url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(Redis.from_url(replica_url)) as r:
+        while r.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not sync with the primary")
+            time.sleep(0.1)
+
+
+def _render_replicas(results: dict[str, Any]) -> str:
+    bare = results["bare"]
+    lines = [results["machine"],
+             f"ceiling, bare Starlette: {bare['rate']:,.0f} req/s, p99 {bare['p99_ms']:.1f} ms;"
+             f" Redis LPUSH (async): {float(results['lpush_async']):,.0f}/s",
+             "acceptor alone, primary with one replica (append-only file on both):",
+             f"{'round':>5} {'MIN_REPLICAS':>12} {'req/s':>8} {'of bare':>8} {'p50 ms':>7} "
+             f"{'p99 ms':>7} {'batch':>6} {'lost':>5}"]
+    for i, round_ in enumerate(results["rounds"], 1):
+        for wanted, acc in round_.items():
+            lines.append(f"{i:>5} {wanted:>12} {acc['rate']:>8,.0f} "
+                         f"{acc['rate'] / bare['rate']:>8.0%} {acc['p50_ms']:>7.1f} "
+                         f"{acc['p99_ms']:>7.1f} {acc['mean_batch']:>6.1f} {acc['lost']:>5}"
+                         + ("  (some spooled: a replica fell short)" if acc["spooled"] else ""))
+    for wanted in ("0", "1"):
+        runs = [r[wanted] for r in results["rounds"]]
+        rate = sum(r["rate"] for r in runs) / len(runs)
+        p99 = sum(r["p99_ms"] for r in runs) / len(runs)
+        lines.append(f"mean, MIN_REPLICAS={wanted}: {rate:,.0f} req/s "
+                     f"({rate / bare['rate']:.0%} of bare), p99 {p99:.1f} ms")
+    return "\n".join(lines)
 
 
 def _lifecycle(args: argparse.Namespace) -> int:

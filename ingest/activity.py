@@ -215,13 +215,22 @@ def _queues(settings: Settings) -> list[tuple[str, str]]:
     return [("ingest", names.ingest_queue)] + [(s, names.sink_queue(s)) for s in settings.sinks]
 
 
-def read_state(redis: Redis, settings: Settings) -> State:
+def read_state(redis: Redis, settings: Settings,
+               providers: Mapping[str, float | None] | None = None,
+               queues: list[tuple[str, str]] | None = None) -> State:
     """Activity, silence and backlog, in two pipelined round trips whatever the load: counts
-    are O(1) reads (LLEN, ZCARD, SCARD), the oldest job is the head of each queue."""
+    are O(1) reads (LLEN, ZCARD, SCARD), the oldest job is the head of each queue.
+
+    ``providers`` (name -> silence threshold) and ``queues`` ((label, name) pairs) default to
+    what ``settings`` enables; ``ingest status`` passes the deployment's (ingest.deployment)."""
     from rq.job import Job
 
     names = settings.names
-    queues = _queues(settings)
+    if queues is None:
+        queues = _queues(settings)
+    if providers is None:
+        providers = {name: settings.silence_threshold(name)
+                     for name in sorted(settings.provider_secrets)}
     pipe = redis.pipeline(transaction=False)
     pipe.time()
     pipe.hgetall(names.key("activity:accepted"))
@@ -270,8 +279,7 @@ def read_state(redis: Redis, settings: Settings) -> State:
         for q, keys in worker_keys:
             q.workers = sum(bool(r) for r in replies[at:at + len(keys)])
             at += len(keys)
-    for name in sorted(settings.provider_secrets):
-        threshold = settings.silence_threshold(name)
+    for name, threshold in providers.items():
         last = accepted.get(name)
         since = last if last is not None else started
         silent = None if threshold is None else now - since > threshold

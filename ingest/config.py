@@ -120,6 +120,10 @@ class Settings:
     """Every setting the product reads. Build it with :meth:`from_env`."""
 
     redis_url: str | None = None
+    # Replicas that must acknowledge every write a 200 or a finished job stands on (WAIT),
+    # and how long to wait for them (INGEST_REDIS_MIN_REPLICAS, INGEST_REDIS_WAIT_MS).
+    redis_min_replicas: int = 0
+    redis_wait_ms: int = constants.DEFAULT_REDIS_WAIT_MS
     database_url: str | None = None
     namespace: str = ""
     provider_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
@@ -182,12 +186,20 @@ class Settings:
                 raise ConfigError(name, f"must be positive, got {out}")
             return out
 
+        from ingest.redis_conn import SENTINEL_SCHEME, parse_sentinel_url
+
         for name in ("REDIS_URL", "DATABASE_URL"):
             value = get(name)
-            schemes = ("redis://", "rediss://", "unix://") if name == "REDIS_URL" else (
-                "postgresql://", "postgres://")
+            schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME) \
+                if name == "REDIS_URL" else ("postgresql://", "postgres://")
             if value is not None and not value.startswith(schemes):
                 raise ConfigError(name, f"must start with one of {', '.join(schemes)}")
+            if value is not None and value.startswith(SENTINEL_SCHEME):
+                try:
+                    parse_sentinel_url(value)
+                except ValueError as exc:
+                    raise ConfigError(name, f"{exc} (form: {SENTINEL_SCHEME}[[user]:password@]"
+                                            "host:port[,host:port...]/service/db)") from None
 
         namespace = get("INGEST_NAMESPACE") or ""
         if not constants.NAMESPACE_PATTERN.fullmatch(namespace):
@@ -227,6 +239,9 @@ class Settings:
 
         return cls(
             redis_url=get("REDIS_URL"),
+            redis_min_replicas=integer("INGEST_REDIS_MIN_REPLICAS", 0, minimum=0),
+            redis_wait_ms=integer("INGEST_REDIS_WAIT_MS", constants.DEFAULT_REDIS_WAIT_MS,
+                                  minimum=1),
             database_url=get("DATABASE_URL"),
             namespace=namespace,
             provider_secrets=secrets,

@@ -62,6 +62,10 @@ DEFAULT_SPOOL_DIR = "./spool"
 
 # Socket deadline for every Redis call the acceptor makes: far inside Outreach's 5 s.
 ACCEPTOR_REDIS_TIMEOUT = 0.5
+# INGEST_REDIS_WAIT_MS: how long a write waits for INGEST_REDIS_MIN_REPLICAS replicas to
+# acknowledge it (WAIT) before the acceptor spools the batch instead, or a worker retries its
+# job. A replica on the same network acknowledges within a millisecond or two.
+DEFAULT_REDIS_WAIT_MS = 200
 # Socket deadline for Redis calls in workers (they can wait longer than the acceptor).
 WORKER_REDIS_TIMEOUT = 10.0
 # Largest number of deliveries the acceptor groups into one RQ job.
@@ -138,6 +142,14 @@ REFUSAL_WRITES_IN_FLIGHT = 64
 SCRAPE_MAX_WORKERS = 100
 # `ingest status`: an oldest queued job older than this (seconds) needs attention.
 STATUS_OLDEST_LIMIT = 300
+# Seconds between an acceptor's registrations of what it serves (ingest.deployment).
+DEPLOYMENT_REGISTER_EVERY = 30
+# An acceptor that registered within this many seconds counts as running.
+DEPLOYMENT_LIVE_AFTER = 90
+# A registration this old (seconds) belongs to an acceptor long gone: forgotten.
+DEPLOYMENT_FORGET_AFTER = 7 * 86400
+# Longest (seconds) one registration write may take; it never holds up the acceptor.
+DEPLOYMENT_WRITE_TIMEOUT = 1.0
 
 # Queue name of the batches the acceptor enqueues.
 INGEST_QUEUE = "ingest"

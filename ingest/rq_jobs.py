@@ -101,6 +101,16 @@ def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
 
 # When this process last added each queue to RQ's set of queues (``rq:queues``), by key.
 _registered: dict[str, float] = {}
+# How many job writes this process attempted (see :func:`jobs_written`).
+_attempted = 0
+
+
+def jobs_written() -> int:
+    """How many jobs this process has written, or found already written, so far: a worker
+    whose job moved this on wrote follow-up jobs, which ``INGEST_REDIS_MIN_REPLICAS`` makes it
+    wait for (workers.watchdog). A job found already written counts too: a retried job's first
+    run may have written it without any replica acknowledging it."""
+    return _attempted
 
 
 def enqueue_unique(queue: Queue, job: Job) -> bool:
@@ -111,6 +121,8 @@ def enqueue_unique(queue: Queue, job: Job) -> bool:
     write itself is one script call). Here that happens at most once per
     ``QUEUE_REGISTER_EVERY`` seconds per queue: RQ queues it on the pipeline it is given, and
     the pipeline is sent only when it is due."""
+    global _attempted
+    _attempted += 1
     with queue.connection.pipeline(transaction=False) as registration:
         try:
             # With unique=True, RQ writes the job at once (the script ignores the pipeline).

@@ -25,13 +25,11 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
-from redis import Redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ingest import constants
 from ingest.exceptions import StartupError
+from ingest.redis_conn import startup_redis
 
 __all__ = ["StartupError", "redis_problem", "server_address", "wait_for",
            "wait_for_postgres", "wait_for_redis"]
@@ -52,6 +50,8 @@ def server_address(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return parts.path
+    if "," in parts.netloc:  # several hosts: Redis Sentinels, Postgres hosts tried in turn
+        return parts.netloc.rpartition("@")[2]
     try:
         port = parts.port
     except ValueError:
@@ -126,8 +126,7 @@ def _redis_reason(exc: BaseException) -> str:
 def _ping(url: str) -> None:
     # Its own short-lived client: each attempt is bounded, and no retry policy of a long-lived
     # client stretches it.
-    client = Redis.from_url(url, socket_connect_timeout=_REDIS_ATTEMPT_TIMEOUT,
-                            socket_timeout=_REDIS_ATTEMPT_TIMEOUT, retry=Retry(NoBackoff(), 0))
+    client = startup_redis(url, _REDIS_ATTEMPT_TIMEOUT)
     try:
         client.ping()
     finally:

@@ -87,6 +87,17 @@ def database_url(postgres_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def fresh_database(postgres_server: str) -> Iterator[str]:
+    """An empty database (no schema yet: not migrated), dropped afterwards."""
+    name = "wi_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield with_database(postgres_server, name)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def make_env(redis_server: str, namespace: str, tmp_path: Path) -> Callable[..., dict[str, str]]:
     """The environment a deployment would have; every provider enabled with two secrets."""
 

@@ -12,13 +12,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import rq
 import uvicorn
 from redis import Redis
-from rq import SimpleWorker, Worker
+from rq import Worker
 
 from ingest.commands.embedded import free_port
 from ingest.rq_jobs import FastJSONSerializer
 from workers.runtime import Runtime
+from workers.watchdog import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
 SECRETS: dict[str, tuple[str, str]] = {
@@ -28,6 +30,11 @@ SECRETS: dict[str, tuple[str, str]] = {
     "outboundry": ("outboundry-token-old-0001", "outboundry-token-new-0002"),
     "mailstand": ("mailstand-token-old-0001", "mailstand-token-new-0002"),
 }
+
+
+class SimpleWorker(StopsPromptly, rq.SimpleWorker):
+    """RQ's SimpleWorker, whose teardown never waits a minute for its command listener
+    (workers/watchdog.py says when RQ's does): tests run many burst workers."""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
@@ -45,7 +52,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
 def wait_for_queue_workers(redis_url: str, queues: Iterable[str], timeout: float = 60.0) -> None:
     """Until every one of ``queues`` has a worker registered in Redis."""
     wanted = set(queues)
-    redis = Redis.from_url(redis_url)
+    from ingest.redis_conn import redis_client
+
+    redis = redis_client(redis_url)
     try:
         wait_until(lambda: wanted <= {q for w in Worker.all(connection=redis)
                                       for q in w.queue_names()},
@@ -57,6 +66,22 @@ def wait_for_queue_workers(redis_url: str, queues: Iterable[str], timeout: float
 def with_database(url: str, dbname: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+def migrate_before(database_url: str, first_skipped: str) -> None:
+    """Give an empty database the schema of an older release: the migrations named before
+    ``first_skipped`` (``"0008"``), recorded as ``ingest migrate`` records them."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "sinks" / "migrations"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE webhook_ingest_migrations (name text PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for migration in sorted(folder.glob("*.sql")):
+            if migration.name < first_skipped:
+                conn.execute(migration.read_text())
+                conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)",
+                             (migration.name,))
 
 
 def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:

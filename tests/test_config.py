@@ -32,6 +32,11 @@ def test_secrets_never_print() -> None:
     ({"INGEST_MAX_CONNECTIONS": "8"}, "INGEST_MAX_CONNECTIONS"),
     ({"INGEST_STARTUP_WAIT": "soon"}, "INGEST_STARTUP_WAIT"),
     ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis+sentinel://s1:26379,s2:26379"}, "REDIS_URL"),  # no service
+    ({"REDIS_URL": "redis+sentinel://s1:port/mymaster/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis+sentinel://s1:26379/mymaster/zero"}, "REDIS_URL"),
+    ({"INGEST_REDIS_MIN_REPLICAS": "-1"}, "INGEST_REDIS_MIN_REPLICAS"),
+    ({"INGEST_REDIS_WAIT_MS": "0"}, "INGEST_REDIS_WAIT_MS"),
     ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
     ({"INGEST_NAMESPACE": "has space"}, "INGEST_NAMESPACE"),
     ({"INGEST_SINKS": "postgres,postgres"}, "INGEST_SINKS"),
@@ -89,3 +94,26 @@ def test_a_short_secret_stops_start_up_naming_its_variable() -> None:
         Settings.from_env({"OUTREACH_WEBHOOK_SECRETS": "long-enough-secret-01,short-1"})
     assert "OUTREACH_WEBHOOK_SECRETS" in str(info.value) and "16" in str(info.value)
     assert "short-1" not in str(info.value)
+
+
+def test_a_sentinel_url_names_its_sentinels_service_db_and_credentials() -> None:
+    from ingest.redis_conn import parse_sentinel_url
+    from ingest.startup import server_address
+
+    url = ("redis+sentinel://ingest:pa%40ss@s1:26379,s2,[::1]:26380/mymaster/3"
+           "?sentinel_password=sp&ssl_ca_certs=/ca.pem")
+    settings = Settings.from_env({"REDIS_URL": url, "INGEST_REDIS_MIN_REPLICAS": "1"})
+    assert settings.redis_min_replicas == 1 and settings.redis_wait_ms == 200
+    target = parse_sentinel_url(url)
+    assert target.sentinels == [("s1", 26379), ("s2", 26379), ("::1", 26380)]
+    assert target.service == "mymaster"
+    assert target.options["db"] == 3 and target.options["username"] == "ingest"
+    assert target.options["password"] == "pa@ss" and target.options["ssl_ca_certs"] == "/ca.pem"
+    assert target.sentinel_options == {"password": "sp"}
+    assert server_address(url) == "s1:26379,s2,[::1]:26380"  # never the credentials
+
+
+def test_a_bad_sentinel_url_never_echoes_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"REDIS_URL": "redis+sentinel://:hunter2-secret@s1:x/svc"})
+    assert "hunter2-secret" not in str(info.value)

@@ -9,9 +9,11 @@ no eviction, a readiness healthcheck, scalable workers) are where they must be.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -187,6 +189,34 @@ def test_redis_persists_every_accepted_delivery_and_never_evicts() -> None:
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must be on a volume"
 
 
+def test_profile_ha_runs_a_persistent_replica_and_three_sentinels_of_the_primary() -> None:
+    ha = {name: s for name, s in services().items() if s.get("profiles") == ["ha"]}
+    assert set(ha) == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = ha["redis-replica"]["command"]
+    def option(name: str) -> str:
+        return str(replica[replica.index(name) + 1])
+
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert option("--appendonly") == "yes" and option("--maxmemory-policy") == "noeviction"
+    assert any(v.endswith(":/data") for v in ha["redis-replica"]["volumes"])
+    script = ha["sentinel-1"]["command"][-1]
+    assert "sentinel monitor ingest redis 6379 2" in script  # two of three must agree
+    assert all(ha[f"sentinel-{i}"]["command"] == ha["sentinel-1"]["command"] for i in (2, 3))
+    # The URL .env.example gives for the profile names these Sentinels and that service.
+    example = (ROOT / ".env.example").read_text()
+    url = re.search(r"^# REDIS_URL=(redis\+sentinel://\S+)$", example, re.M)
+    assert url, ".env.example shows no Sentinel REDIS_URL"
+    target = Settings.from_env({"REDIS_URL": url.group(1)})
+    from ingest.redis_conn import parse_sentinel_url
+
+    parsed = parse_sentinel_url(target.require_redis())
+    assert parsed.service == "ingest"
+    assert {h for h, _ in parsed.sentinels} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    # Every app service takes REDIS_URL from .env when it is set there.
+    for name, service in app_services().items():
+        assert service["environment"]["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}", name
+
+
 def test_postgres_keeps_its_data_and_reports_health_over_tcp() -> None:
     postgres = services()["postgres"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
@@ -352,11 +382,15 @@ def test_dockerfile_builds_a_small_non_root_image_with_a_cached_dependency_layer
     assert froms == ["python:3.11-slim"]
     ops = [op for op, _ in instructions]
     copies = [(i, arg.split()) for i, (op, arg) in enumerate(instructions) if op == "COPY"]
-    deps_copy = next(i for i, args in copies if args[0] == "pyproject.toml")
+    # Dependencies from the runtime lock, with their hashes, before the source; then the
+    # application alone, built with the locked setuptools.
+    deps_copy = next(i for i, args in copies if args[0] == "requirements/runtime.txt")
     deps_install = next(i for i, (op, arg) in enumerate(instructions)
-                        if op == "RUN" and "pip install -r" in arg)
+                        if op == "RUN" and "pip install --require-hashes -r" in arg)
     source_copy = min(i for i, args in copies if args[0] in ("ingest", "workers", "sinks"))
     assert deps_copy < deps_install < source_copy, "dependencies must install before the source"
+    app_install = next(arg for op, arg in instructions if op == "RUN" and "--no-deps" in arg)
+    assert "--no-build-isolation" in app_install, "building must fetch nothing outside the lock"
     assert {args[0] for _, args in copies} >= {"ingest", "workers", "sinks"}
     for _, args in copies:
         for src in args[:-1]:
@@ -366,7 +400,8 @@ def test_dockerfile_builds_a_small_non_root_image_with_a_cached_dependency_layer
     assert ops.index("USER") < ops.index("ENTRYPOINT")
     assert dict(instructions)["ENTRYPOINT"] == '["ingest"]'
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert "*" in ignored and {"!ingest/", "!workers/", "!sinks/", "!pyproject.toml"} <= set(ignored)
+    assert "*" in ignored and {"!ingest/", "!workers/", "!sinks/", "!pyproject.toml",
+                               "!requirements/runtime.txt"} <= set(ignored)
 
 
 # -- queue names as the files write them --------------------------------------------------------
@@ -393,3 +428,31 @@ def test_a_worker_for_a_queue_no_deployment_has_stops_at_once() -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "no queue 'ingets'" in result.stderr
+
+
+def test_plugins_named_in_deploy_plugins_are_baked_into_the_image(tmp_path: Path) -> None:
+    """docs/sinks.md's recipe: a plugin folder under deploy/plugins/, named in its
+    requirements.txt, is installed by the image build (after the application, from that
+    folder); as shipped the file names nothing."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    copy = lines.index("COPY deploy/plugins /plugins")
+    install = next(i for i, ln in enumerate(lines)
+                   if ln.startswith("RUN cd /plugins") and "pip install -r requirements.txt" in ln)
+    app = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install --no-deps"))
+    assert app < copy < install < lines.index(next(ln for ln in lines if ln.startswith("USER")))
+    assert "!deploy/plugins/" in (ROOT / ".dockerignore").read_text().split()
+    shipped = (ROOT / "deploy/plugins/requirements.txt").read_text().splitlines()
+    assert all(not ln.strip() or ln.startswith("#") for ln in shipped)
+
+    # The recipe itself, as the build runs it (pip, from the folder, paths relative to it).
+    folder = tmp_path / "plugins"
+    shutil.copytree(ROOT / "tests/plugins/example_sink", folder / "webhook-ingest-jsonl")
+    (folder / "requirements.txt").write_text("\n".join([*shipped, "./webhook-ingest-jsonl", ""]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+         "--no-build-isolation", "--report", "-", "-q", "-r", "requirements.txt"],
+        cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [item["metadata"]["name"] for item in report["install"]] == ["webhook-ingest-jsonl"]

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from rq import Retry, SimpleWorker
+from rq import Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -30,7 +30,7 @@ from ingest.commands.erase import EmailSubject, ResourceSubject, erase
 from ingest.events import Delivery, Event
 from ingest.acceptor.spool import encode_record, read_segment
 from sinks.outbox import Outbox
-from tests.helpers import drain, redis_values, rows
+from tests.helpers import SimpleWorker, drain, redis_values, rows
 from tests.sinks.conftest import outboundry_delivery, outcaller_lead
 from workers.runtime import Runtime
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from rq import Retry, SimpleWorker
+from rq import Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -30,8 +30,8 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.rq_jobs import enqueue_batch, make_job
 from sinks.outbox import Outbox
-from tests.helpers import drain, redis_values, rows
-from tests.sinks.conftest import outboundry_delivery
+from tests.helpers import SimpleWorker, drain, redis_values, rows
+from tests.sinks.conftest import outboundry_delivery, outcaller_lead
 from tests.test_erase import event_jobs, job_args
 from workers.runtime import Runtime
 
@@ -110,22 +110,32 @@ def spool_holding(directory: Path, needle: str) -> int:
 # -- deliveries that spell the address with escapes -------------------------------------------
 
 
-def spelled(spelling: str, **kwargs: Any) -> dict[str, Any]:
-    """An Outboundry delivery about Jane whose raw body spells her address ``spelling``, and
-    escapes its slashes (as PHP's json_encode does)."""
-    envelope = outboundry_delivery(name="Jane Doe", email=JANE, **kwargs)
+def spelled(spelling: str, *, lead: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """An Outboundry delivery about Jane (``lead``: an OutCallerAI lead update, a state event
+    that also writes her record to webhook_records) whose raw body spells her address
+    ``spelling``, and escapes its slashes (as PHP's json_encode does)."""
+    envelope = (outcaller_lead("Jane Doe", email=JANE, **kwargs) if lead
+                else outboundry_delivery(name="Jane Doe", email=JANE, **kwargs))
     body = envelope["body"].replace(JANE, spelling).replace("/", "\\/")
-    assert JANE.lower() not in body.lower() and json.loads(body)["data"]["lead"]["email"] \
-        .lower() == JANE.lower()
+    data = json.loads(body)["data"]
+    assert JANE.lower() not in body.lower() and (
+        data["email"] if lead else data["lead"]["email"]).lower() == JANE.lower()
     return dict(envelope, body=body)
 
 
-def forwarding() -> dict[str, Any]:
-    """Lee's delivery, whose message quotes a JSON text that spells Jane's address: the
-    address is two decodings deep (and so in Lee's event's data as an escaped string)."""
-    envelope = outboundry_delivery(name="Lee Park", email="lee.park@example.net")
-    payload = orjson.loads(envelope["body"])
-    payload["data"]["actionData"]["message"] = '{"cc": "jane.doe\\u0040example.com"}'
+def forwarding(*, lead: bool = False) -> dict[str, Any]:
+    """Lee's delivery, whose message (``lead``: lead notes) quotes a JSON text that spells
+    Jane's address: the address is two decodings deep (and so in Lee's event's data as an
+    escaped string)."""
+    quoted = '{"cc": "jane.doe\\u0040example.com"}'
+    if lead:
+        envelope = outcaller_lead("Lee Park", email="lee.park@example.net")
+        payload = orjson.loads(envelope["body"])
+        payload["data"]["notes"] = quoted
+    else:
+        envelope = outboundry_delivery(name="Lee Park", email="lee.park@example.net")
+        payload = orjson.loads(envelope["body"])
+        payload["data"]["actionData"]["message"] = quoted
     return dict(envelope, body=orjson.dumps(payload).decode())
 
 
@@ -138,7 +148,9 @@ def scene(runtime: Runtime, settings: Settings) -> dict[str, Any]:
     """Escaped spellings of Jane's address in every place erase looks, next to Bob's data."""
     rt = runtime
     # Stored in Postgres (the raw bodies keep the escapes); the finished jobs hold them too.
-    enqueue_batch(rt.ingest_queue, [spelled(SPELLINGS[0]), bob(), forwarding()],
+    # Lead updates: state events, so webhook_records holds them as well.
+    enqueue_batch(rt.ingest_queue, [spelled(SPELLINGS[0], lead=True), bob(),
+                                    forwarding(lead=True)],
                   rt.names.job_id("batch", "stored"))
     drain(rt)
     # A dead letter: a delivery no installed provider reads, alone in its job.

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from rq import Retry, SimpleWorker
+from rq import Retry
 from rq.serializers import JSONSerializer
 
 from ingest import constants
@@ -25,7 +25,7 @@ from ingest.config import Settings
 from ingest.constants import Names
 from ingest.events import Delivery
 from ingest.rq_jobs import enqueue_batch, make_job
-from tests.helpers import drain, rows
+from tests.helpers import SimpleWorker, drain, rows
 from tests.test_erase import event_jobs, job_args
 from tests.test_erase_escapes import db_holding, holds, redis_holding, spool_holding
 from workers.runtime import Runtime

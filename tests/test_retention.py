@@ -11,7 +11,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from ingest.commands.cli import main
@@ -19,7 +18,7 @@ from ingest.config import Settings
 from ingest.events import Delivery
 from ingest.exceptions import ConfigError
 from sinks.postgres import PostgresSink
-from tests.helpers import rows
+from tests.helpers import SimpleWorker, rows
 from tests.sinks.conftest import outboundry_delivery
 from workers import retention
 from workers.runtime import Runtime

@@ -142,7 +142,8 @@ def test_migrating_a_filled_database_keeps_every_row(old_database: str) -> None:
         before = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
                               "FROM webhook_events t").fetchone()
     assert migrate(old_database) == ["0005_personal_data.sql", "0006_rewritten_deliveries.sql",
-                                     "0007_drop_dedup_digest_index.sql"]
+                                     "0007_drop_dedup_digest_index.sql",
+                                     "0008_activity_is_not_state.sql"]
     with psycopg.connect(old_database) as conn:
         after = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) "
                              "FROM webhook_events t").fetchone()

@@ -137,17 +137,6 @@ def wait_for_line(proc: subprocess.Popen[str], wanted: Callable[[dict[str, Any]]
     raise AssertionError(f"the process ended (status {proc.wait()}) without that line: {seen}")
 
 
-@pytest.fixture
-def fresh_database(postgres_server: str) -> Iterator[str]:
-    """An empty database (no schema yet), dropped afterwards."""
-    name = "wi_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_database(postgres_server, name)
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def applied_migrations(database_url: str) -> list[str]:
     return [r["name"] for r in rows(database_url, "SELECT name FROM webhook_ingest_migrations")]
 

@@ -49,23 +49,36 @@ class Failure:
     queue: str
     failed_at: datetime | None
 
-    def line(self) -> str:
-        ids = ",".join(self.ids) if len(self.ids) <= 3 else (
-            f"{','.join(self.ids[:3])},+{len(self.ids) - 3} more")
-        return f"{self.sink:<10} {ids or '-'}  {self.reason}"
+    def lines(self) -> tuple[str, str]:
+        """Two lines that fit 80 columns: the sink, the first event (or delivery) id and when;
+        then the reason, indented (free text: a terminal may wrap it, never an id)."""
+        ids = self.ids[0] if self.ids else "-"
+        if len(self.ids) > 1:
+            ids += f" +{len(self.ids) - 1} more"
+        when = f"  {self.failed_at:%Y-%m-%d %H:%M:%S}Z" if self.failed_at else ""
+        return f"{self.sink}  {ids}{when}", f"    {self.reason}"
 
 
-def queues(settings: Settings, sink: str | None = None) -> list[tuple[str, str]]:
-    """(label, queue name) of every queue whose dead letters ``--sink`` selects."""
+def queues(settings: Settings, sink: str | None = None,
+           redis: Redis | None = None) -> list[tuple[str, str]]:
+    """(label, queue name) of every queue whose dead letters ``--sink`` selects: the ingest
+    queue, the enabled and installed sinks', and (given ``redis``) every sink queue of this
+    namespace that Redis knows, so a dead letter never hides because this shell does not
+    enable or install its sink."""
+    from ingest.deployment import deployment_queues
+
     names = settings.names
     installed = {ep.name for ep in entry_points(group=constants.SINK_ENTRY_POINT_GROUP)}
     everything = [(INGEST, names.ingest_queue)] + [
         (s, names.sink_queue(s)) for s in dict.fromkeys([*settings.sinks, *sorted(installed)])]
+    if redis is not None:
+        known = dict(everything)
+        for label, name in deployment_queues(redis, names, ()):
+            known.setdefault(label, name)
+        everything = list(known.items())
     if sink is None:
         return everything
-    if sink == INGEST:
-        return [(INGEST, names.ingest_queue)]
-    return [(sink, names.sink_queue(sink))]
+    return [(label, name) for label, name in everything if label == sink]
 
 
 def failure_reason(job: Job) -> str:
@@ -93,7 +106,7 @@ def _failed(redis: Redis, settings: Settings,
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    for label, name in queues(settings, sink):
+    for label, name in queues(settings, sink, redis):
         queue = Queue(name, connection=redis, serializer=JSONSerializer)
         registry = queue.failed_job_registry
         job_ids = registry.get_job_ids()
@@ -145,10 +158,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     redis = worker_redis(settings.require_redis())
     try:
+        if args.sink is not None:
+            labels = [label for label, _ in queues(settings, None, redis)]
+            if args.sink not in labels:
+                print(f"ingest dlq: no sink {args.sink!r} (have: {', '.join(labels)})",
+                      file=sys.stderr)
+                return 2
         if args.action == "list":
             failures = list_failures(redis, settings, args.sink)
             for failure in failures:
-                print(failure.line())
+                print("\n".join(failure.lines()))
             print(f"{len(failures)} failed", file=sys.stderr)
         elif args.action == "retry":
             print(f"re-queued {retry_failures(redis, settings, args.sink)}")

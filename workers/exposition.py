@@ -13,6 +13,12 @@ unset and each supervisor makes a private temporary directory, removed when it s
 
 This module imports prometheus-client only inside functions: in multiprocess mode the value
 files are created when :mod:`ingest.metrics` is imported, which must come after the cleaning.
+
+The HTTP server is prometheus-client's (its WSGI app, a threading WSGI server, no access log),
+started here rather than by its ``start_http_server`` only to choose how often the serving
+thread looks for a stop: every ``_STOP_CHECK`` seconds, not 0.5, so a worker told to stop
+is not kept waiting for it (the module docstring of workers/watchdog.py says why that
+matters).
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from types import TracebackType
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ingest.config import Settings
 from ingest.exceptions import ConfigError
@@ -38,6 +48,32 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PORT_SETTING = "INGEST_METRICS_PORT"
 HOST_SETTING = "INGEST_METRICS_HOST"
 DEFAULT_HOST = "0.0.0.0"
+# How often the serving thread looks whether it should stop (socketserver's default: 0.5 s).
+_STOP_CHECK = 0.1
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log line on stderr (every line there is one of our JSON records)."""
+
+
+def _serve(host: str, port: int, registry: Any) -> WSGIServer:
+    """What prometheus-client's ``start_http_server`` does (without TLS), but with a serving
+    thread that notices a stop within ``_STOP_CHECK`` seconds."""
+    from prometheus_client import make_wsgi_app
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (_Server,), {"address_family": family})
+    server: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                     handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _STOP_CHECK},
+                     name="metrics-http", daemon=True).start()
+    return server
 
 
 def clean_multiproc_dir(directory: Path) -> int:
@@ -94,7 +130,7 @@ class WorkerMetrics:
                    Path(directory) if directory else None)
 
     def start(self) -> WorkerMetrics:
-        from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+        from prometheus_client import REGISTRY, CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry: Any = REGISTRY
@@ -114,7 +150,7 @@ class WorkerMetrics:
             # empty value wins over a config file (the environment always does).
             os.environ[PORT_SETTING] = ""
         try:
-            self._server, _ = start_http_server(self.port, addr=self.host, registry=registry)
+            self._server = _serve(self.host, self.port, registry)
         except OSError as exc:
             self.close()
             raise ConfigError(PORT_SETTING, f"cannot listen on {self.host}:{self.port}: "

@@ -65,6 +65,7 @@ def _single(rt: Runtime, queue: str, burst: bool) -> int:
     if not burst:  # (in burst mode RQ's worker promotes due retries itself, once)
         die_with_parent()  # the forked scheduler must not outlive a worker killed with SIGKILL
         scheduler = ResilientScheduler([queue], connection=rt.redis,
+                                       redis_url=rt.settings.require_redis(),
                                        serializer=FastJSONSerializer,
                                        logging_level=_rq_level(rt))
         scheduler.start()  # type: ignore[no-untyped-call]
@@ -96,6 +97,8 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
             names=rt.names,
             abandoned_after=rt.settings.abandoned_after,
             groups=Groups(rt),
+            min_replicas=rt.settings.redis_min_replicas,
+            wait_ms=rt.settings.redis_wait_ms,
         )
         worker.max_connection_wait_time = constants.WORKER_RECONNECT_MAX
         log.info("worker listening", extra={"queue": queue})

@@ -50,6 +50,12 @@ status and result, so everything above (renewals, the sweep of a dead worker's j
 each job of a group as for a job alone. If the group's run raises, each job then runs on its
 own, as RQ runs it.
 
+With ``INGEST_REDIS_MIN_REPLICAS`` set, a job that wrote follow-up jobs (deliver jobs, a set
+aside delivery) finishes only once that many replicas acknowledged them (``WAIT``, in
+:meth:`IngestWorker.handle_job_success` and for a group before its success pipeline): on a
+shortfall the job fails with :class:`ingest.redis_conn.ReplicaShortfall` and is retried with its
+own backoff, writing the same follow-up job ids again. A failover then loses no follow-up job.
+
 RQ's scheduler re-enqueues retries whose backoff has passed; without it a retried job waits
 forever. RQ runs it in a forked child that dies on the first Redis error (leaving its lock to
 block every other scheduler for 61 s), that a worker only replaces every few maintenance
@@ -57,14 +63,29 @@ periods, and that outlives a worker killed with SIGKILL. :class:`ResilientSchedu
 Redis outages and takes a queue over within a second of its holder letting go; the runner
 starts one per worker process, and :func:`die_with_parent` makes it get SIGTERM when that
 process dies (Linux), so it releases its lock and exits instead of lingering.
+
+A worker told to stop (SIGTERM) stops within a second when idle, and that long after the job
+in hand when busy: a platform gives it ten seconds before SIGKILL (docker), and a killed worker
+leaves its job to the watchdog. Two things in RQ would make that up to a minute. Its thread
+listening for ``rq`` commands (shutdown, stop-job) waits 60 s at a time for one, and RQ's
+teardown sends UNSUBSCRIBE, then stops that thread and waits for it: from redis-py 8.2 on,
+``PubSubWorkerThread.stop()`` waits without a bound, and when the UNSUBSCRIBE reply wakes the
+thread before the stop reaches it (several processes stopping at once on a busy machine),
+the thread, subscribed to nothing now, waits out its 60 s before it looks again.
+:class:`IngestWorker` tells the thread to stop before it sends UNSUBSCRIBE, waits for it a
+bounded time whatever redis-py does, and runs it with a ``_COMMAND_WAIT`` of half a second
+(the longest it can take to notice a stop by itself). And RQ's scheduler sleeps through a
+SIGTERM until its next round; :class:`ResilientScheduler` wakes at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -73,6 +94,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Protocol
 
+from redis.client import PubSubWorkerThread
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.executions import Execution
@@ -85,8 +107,11 @@ from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
 from ingest import constants
+from ingest.redis_conn import ReplicaShortfall, replicated, worker_redis
+from ingest.rq_jobs import jobs_written
 
-__all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "die_with_parent"]
+__all__ = ["IngestWorker", "JobGroups", "ResilientScheduler", "StopsPromptly",
+           "die_with_parent"]
 
 log = logging.getLogger("workers.watchdog")
 
@@ -95,7 +120,21 @@ _PR_SET_PDEATHSIG = 1
 _BEAT_EVERY = 5.0
 # How often an idle or busy worker asks whether ``rq suspend`` paused the workers.
 _SUSPENSION_EVERY = 1.0
+# How long the thread listening for `rq` commands waits for one before it looks whether it
+# should stop (RQ: 60 s). A wait is a poll() on its socket: nothing is sent to Redis.
+_COMMAND_WAIT = 0.5
+# From redis-py 8.2 on, PubSubWorkerThread.stop() waits for the thread, by default without end.
+_STOP_TAKES_TIMEOUT = "timeout" in inspect.signature(PubSubWorkerThread.stop).parameters
 _forking_parent = 0
+
+
+def tell_listener_to_stop(thread: PubSubWorkerThread) -> None:
+    """Ask a redis-py pub/sub thread to stop after its current wait, without waiting for it,
+    whatever the redis-py version."""
+    if _STOP_TAKES_TIMEOUT:
+        thread.stop(timeout=0)  # type: ignore[call-arg, unused-ignore]
+    else:
+        thread.stop()  # redis-py < 8.2: only tells the thread to stop
 
 
 def _remember_parent() -> None:
@@ -139,17 +178,69 @@ class JobGroups(Protocol):
         """Run ``jobs`` as one; each job's result, in order. Raising makes each run alone."""
 
 
-class IngestWorker(SimpleWorker):
-    """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned."""
+class StopsPromptly:
+    """For an RQ worker class (before it among the bases): RQ's listener for ``rq`` commands
+    (shutdown, stop-job), stopped within ``_COMMAND_WAIT`` seconds whatever redis-py does (see
+    the module docstring's end). The tests' burst workers use it too."""
+
+    pubsub: Any
+    pubsub_thread: Any
+    connection: Any
+    name: str
+    log: Any
+    pubsub_channel_name: str
+    handle_payload: Any
+    _pubsub_exception_handler: Any
+
+    def subscribe(self) -> None:
+        """RQ's listener for commands, waiting ``_COMMAND_WAIT`` seconds at a time (RQ: 60)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=_COMMAND_WAIT, daemon=True,
+            exception_handler=self._pubsub_exception_handler)
+
+    def unsubscribe(self) -> None:
+        """RQ's, in another order: tell the thread to stop, then UNSUBSCRIBE, whose reply
+        wakes it at once, then wait for it (a bounded time), then close the connection. RQ
+        sends UNSUBSCRIBE first: its reply may wake the thread before the stop reaches it,
+        which then waits for its next wake (see the module docstring)."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        self.pubsub_thread = None
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name,
+                      self.pubsub_channel_name)
+        tell_listener_to_stop(thread)
+        # If the thread woke by itself meanwhile, it closes the connection as it leaves, and
+        # this goes on a connection of its own, closed below: harmless either way.
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.unsubscribe()
+        thread.join(_COMMAND_WAIT + 1.0)
+        if thread.is_alive():
+            log.warning("the thread listening for rq commands did not stop within %.1f s",
+                        _COMMAND_WAIT + 1.0)
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.close()
+
+
+class IngestWorker(StopsPromptly, SimpleWorker):
+    """A ``SimpleWorker`` whose running job is renewed while alive and swept when abandoned,
+    and that stops promptly."""
 
     # RQ's line per job saying how long its result is kept: always RESULT_TTL here.
     log_result_lifespan = False
 
     def __init__(self, *args: Any, names: constants.Names,
                  abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER,
-                 groups: JobGroups | None = None, **kwargs: Any) -> None:
+                 groups: JobGroups | None = None, min_replicas: int = 0,
+                 wait_ms: int = constants.DEFAULT_REDIS_WAIT_MS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.names = names
+        self.min_replicas = min_replicas  # INGEST_REDIS_MIN_REPLICAS
+        self.wait_ms = wait_ms
+        self._written_at_start = jobs_written()  # jobs_written() when the running job started
         self.groups = groups
         # Jobs waiting in the queue when the last success was written (None: not known).
         self._waiting: int | None = None
@@ -194,7 +285,10 @@ class IngestWorker(SimpleWorker):
                            execution: Execution) -> None:
         """RQ's bookkeeping of a finished job (counters, result, finished registry, execution
         cleanup) in its one pipeline, without the WATCH and read of the job's dependents that
-        RQ does first: no job of ours has dependents or repeats (those still go RQ's way)."""
+        RQ does first: no job of ours has dependents or repeats (those still go RQ's way).
+        Raises :class:`ReplicaShortfall` (RQ then fails the job, which is retried) when the job
+        wrote follow-up jobs that too few replicas acknowledged."""
+        self._confirm_replicated()
         if job.repeats_left or job.has_rate_limit:
             self._waiting = None
             super().handle_job_success(job, queue, started_job_registry, execution)
@@ -205,6 +299,11 @@ class IngestWorker(SimpleWorker):
             # already written, and set_state skips it.
             self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
             self._finish(pipeline, queue)
+
+    def _confirm_replicated(self) -> None:
+        """``WAIT`` for ``min_replicas`` when the running job (or group) wrote jobs."""
+        if self.min_replicas and jobs_written() != self._written_at_start:
+            replicated(self.connection, self.names, self.min_replicas, self.wait_ms)
 
     def _finish(self, pipeline: Any, queue: Any) -> None:
         """Send a job's (or a group's) success pipeline, reading on the way how many jobs wait
@@ -269,6 +368,7 @@ class IngestWorker(SimpleWorker):
         queue), sent in one pipeline with :meth:`prepare_execution`'s record: the job moves
         from popped to started in one transaction."""
         pipeline, self._starting = self._starting, None
+        self._written_at_start = jobs_written()
         if pipeline is None:
             pipeline = self.connection.pipeline()
         with pipeline:
@@ -366,6 +466,17 @@ class IngestWorker(SimpleWorker):
             self.set_state(WorkerStatus.IDLE)
             return
         ended = now()
+        try:
+            self._confirm_replicated()
+        except ReplicaShortfall as exc:
+            log.warning("%d jobs run together are retried: %s", len(jobs), exc,
+                        extra={"job_id": jobs[0].id, "count": len(jobs)})
+            for job, execution in started:
+                job.ended_at = ended
+                self.handle_job_failure(job, queue, queue.started_job_registry,
+                                        exc_string=f"ReplicaShortfall: {exc}", execution=execution)
+            self.set_state(WorkerStatus.IDLE)
+            return
         with self.connection.pipeline() as pipeline:
             for (job, execution), result in zip(started, results):
                 job.ended_at = ended
@@ -387,6 +498,7 @@ class IngestWorker(SimpleWorker):
             with self._running_lock:
                 self._running = list(started)
             pipeline.execute()
+        self._written_at_start = jobs_written()
         return started
 
     def _stop_before_first_job(self, signum: int, frame: FrameType | None) -> None:
@@ -487,10 +599,47 @@ class IngestWorker(SimpleWorker):
 
 
 class ResilientScheduler(RQScheduler):
-    """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring."""
+    """RQ's scheduler loop, minus its habit of dying on a Redis error. See the module docstring.
+
+    RQ's scheduler rebuilds its client in the forked child from the parent's connection pool
+    settings, as a plain pool: that would lose a ``redis+sentinel://`` primary (and its
+    failovers). Given ``redis_url``, the child makes its own client from it, as every other
+    process does (ingest.redis_conn)."""
+
+    def __init__(self, *args: Any, redis_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._redis_url = redis_url
+
+    @property
+    def connection(self) -> Any:
+        if self._connection is None and self._redis_url is not None:
+            self._connection = worker_redis(self._redis_url)  # type: ignore[assignment]
+        return super().connection
 
     def work(self) -> None:
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
+        # A signal writes a byte here (the C handler, before any Python code runs), so the wait
+        # between two rounds ends the moment SIGTERM arrives, not an interval later.
+        wake, wake_w = os.pipe()
+        os.set_blocking(wake, False)
+        os.set_blocking(wake_w, False)
+        previous: int | None = None
+        try:
+            previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (never so in the process RQ forks): a plain wait
+            pass
+        try:
+            self._rounds(wake)
+        finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(wake)
+            os.close(wake_w)
+        with contextlib.suppress(RedisError, OSError):
+            self.stop()  # type: ignore[no-untyped-call]
+
+    def _rounds(self, wake: int) -> None:
+        """Schedule due jobs every ``interval`` until asked to stop."""
         failing = False
         born = False
         while not self._stop_requested:
@@ -510,9 +659,10 @@ class ResilientScheduler(RQScheduler):
                 if not failing:
                     log.warning("scheduler cannot reach Redis, will keep trying: %r", exc)
                 failing = True
-            time.sleep(self.interval)
-        with contextlib.suppress(RedisError, OSError):
-            self.stop()  # type: ignore[no-untyped-call]
+            if not self._stop_requested:
+                select.select([wake], [], [], self.interval)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake, 512)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """From the parent: stop the scheduler process and wait for it."""

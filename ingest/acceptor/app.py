@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from ingest import constants, metrics
 from ingest.activity import UNKNOWN, ActivityCollector, RefusalLog, mark_started
+from ingest.deployment import keep_registered
 from ingest.config import Settings
 from ingest.acceptor.durable import Durable, NotDurable
 from ingest.acceptor.enqueue import BatchEnqueuer
@@ -344,12 +345,20 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await durable.start()
+        registering = None
         if acceptor.refusals.redis is not None:
             await mark_started(acceptor.refusals.redis, settings.names)
+            # What this acceptor serves, for `ingest status` from any host (ingest.deployment).
+            registering = asyncio.create_task(
+                keep_registered(acceptor.refusals.redis, settings))
         try:
             yield
         finally:
             acceptor.structure.close()
+            if registering is not None:
+                registering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registering
             await acceptor.refusals.aclose()
             await durable.stop()
 

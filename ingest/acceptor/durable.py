@@ -6,6 +6,10 @@ the delivery within its deadline, the local spool (``INGEST_SPOOL_DIR``,
 journals it with an fsync, and a drainer moves it into Redis once Redis is back. When neither
 can take it, :class:`NotDurable` tells the acceptor to refuse.
 
+With ``INGEST_REDIS_MIN_REPLICAS`` set, a write that too few replicas acknowledged counts as a
+Redis failure (the delivery is spooled), and the drainer removes a segment only once its jobs
+reached that many replicas.
+
 After one Redis failure, deliveries go straight to the spool until the drainer has seen Redis
 answer and emptied the spool (a circuit breaker). Without it, every request during an outage of
 a *frozen* Redis would first wait out the Redis deadline, and the flushes, which run one after
@@ -18,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from redis import Redis
@@ -27,7 +33,7 @@ from rq import Queue
 from ingest import constants
 from ingest.config import Settings
 from ingest.acceptor.enqueue import BatchEnqueuer
-from ingest.redis_conn import acceptor_async_redis, acceptor_redis
+from ingest.redis_conn import acceptor_async_redis, acceptor_redis, replicated
 from ingest.acceptor.spool import Spool as JournalSpool
 
 __all__ = ["Durable", "NotDurable", "Spool"]
@@ -44,7 +50,8 @@ class Spool(Protocol):
 
     async def append(self, envelope: dict[str, Any]) -> None: ...
     def depth(self) -> int: ...
-    def drain(self, queue: Queue, names: constants.Names) -> int: ...
+    def drain(self, queue: Queue, names: constants.Names, *,
+              confirm: Callable[[], None] | None = None) -> int: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
@@ -52,7 +59,7 @@ class Spool(Protocol):
 class Durable:
     def __init__(self, redis: Redis, enqueuer: BatchEnqueuer, spool: Spool | None = None,
                  drain_interval: float = constants.SPOOL_DRAIN_INTERVAL) -> None:
-        self.redis = redis
+        self.redis = redis  # (its WAIT, the drainer's, is as long as the enqueuer's)
         self.enqueuer = enqueuer
         self.spool = spool
         self.drain_interval = drain_interval
@@ -63,8 +70,11 @@ class Durable:
     @classmethod
     def from_settings(cls, settings: Settings) -> Durable:
         url = settings.require_redis()
-        redis = acceptor_redis(url)
-        enqueuer = BatchEnqueuer(redis, acceptor_async_redis(url), settings.names)
+        wait_ms = settings.redis_wait_ms if settings.redis_min_replicas else 0
+        redis = acceptor_redis(url, wait_ms)
+        enqueuer = BatchEnqueuer(redis, acceptor_async_redis(url, wait_ms), settings.names,
+                                 min_replicas=settings.redis_min_replicas,
+                                 wait_ms=settings.redis_wait_ms)
         return cls(redis, enqueuer, JournalSpool(settings.spool_dir))
 
     async def store(self, envelope: dict[str, Any]) -> str:
@@ -76,7 +86,8 @@ class Durable:
             try:
                 await self.enqueuer.submit(envelope)
                 return "accepted"
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001  whatever the client raised mid-failover:
+                # the spool takes the delivery rather than the sender getting no answer.
                 redis_error = exc
                 if self.spool is not None and not self.redis_failing:
                     self.redis_failing = True
@@ -94,19 +105,29 @@ class Durable:
         """Move the spool into Redis whenever it holds anything and Redis answers."""
         assert self.spool is not None
         loop = asyncio.get_running_loop()
+        failed_before = False
         while True:
             await asyncio.sleep(self.drain_interval)
             if not self.redis_failing and self.spool.depth() == 0:
                 continue
             if not await self.redis_ok():
                 continue
+            enqueuer = self.enqueuer
+            confirm = partial(replicated, self.redis, enqueuer.names, enqueuer.min_replicas,
+                              enqueuer.wait_ms) if enqueuer.min_replicas else None
             try:
-                await loop.run_in_executor(self._drain_executor, self.spool.drain,
-                                           self.enqueuer.queue, self.enqueuer.names)
+                await loop.run_in_executor(self._drain_executor, partial(
+                    self.spool.drain, enqueuer.queue, enqueuer.names, confirm=confirm))
             except (RedisError, OSError) as exc:
-                log.warning("spool drain stopped, will try again: %r", exc)
+                # Once per streak: a replica shortfall can last (INGEST_REDIS_MIN_REPLICAS).
+                (log.debug if failed_before else log.warning)(
+                    "spool drain stopped, will try again every %.1f s: %r",
+                    self.drain_interval, exc)
+                failed_before = True
             except Exception:
                 log.exception("spool drain failed, will try again")
+            else:
+                failed_before = False
             # Redis answered: once nothing waits in the spool, go back to Redis first (also when
             # the spool itself is what failed, so a broken spool never blocks a healthy Redis).
             if self.spool.depth() == 0 and self.redis_failing:

@@ -32,6 +32,12 @@ and counts as success: a lost reply never doubles a job. The spool's drainer wri
 RQ's own ``enqueue_job(unique=True)`` (``DuplicateJobError``); group commit writes the same
 job (:func:`ingest.rq_jobs.batch_job`), plus its reads, in one pipeline
 (:class:`_OneTripWriter`).
+
+With ``INGEST_REDIS_MIN_REPLICAS`` set, the same pipeline ends in a ``WAIT`` for that many
+replicas (on the connection that carried the write, so it covers it): a flush whose write
+fewer replicas acknowledged within ``INGEST_REDIS_WAIT_MS`` fails its deliveries with
+:class:`ingest.redis_conn.ReplicaShortfall`, and the acceptor spools them instead
+(:mod:`ingest.acceptor.durable`). A failover can then lose no delivery answered 200.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from rq.utils import now
 
 from ingest import constants, metrics
 from ingest.activity import note_accepted
+from ingest.redis_conn import ReplicaShortfall, add_wait
 from ingest.rq_jobs import FastJSONSerializer, batch_job
 
 __all__ = ["BatchEnqueuer"]
@@ -127,11 +134,14 @@ class BatchEnqueuer:
 
     def __init__(self, redis: Redis, async_redis: AsyncRedis, names: constants.Names,
                  max_batch: int = constants.MAX_BATCH_SIZE,
-                 max_wait: float = constants.GROUP_COMMIT_MAX_WAIT) -> None:
+                 max_wait: float = constants.GROUP_COMMIT_MAX_WAIT, min_replicas: int = 0,
+                 wait_ms: int = constants.DEFAULT_REDIS_WAIT_MS) -> None:
         self.queue = Queue(names.ingest_queue, connection=redis, serializer=FastJSONSerializer)
         self.names = names
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.min_replicas = min_replicas  # replicas each write waits for (0: none)
+        self.wait_ms = wait_ms
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         # (queue key, started registry key) of each queue of the pipeline: jobs waiting, running.
@@ -209,8 +219,13 @@ class BatchEnqueuer:
                 pipe.zcard(started_key)
             # Last accepted per provider (ingest.activity), in the same round trip.
             note_accepted(pipe, self.names, envelopes)
+            if self.min_replicas:  # last: after the write, on its connection
+                add_wait(pipe, self.min_replicas, self.wait_ms)
 
         counts = await self._writer.write(batch_job(self.queue, envelopes, job_id), busy_reads)
+        if self.min_replicas and int(counts[-1]) < self.min_replicas:
+            # (A WAIT that failed counts 0: the deliveries go to the spool all the same.)
+            raise ReplicaShortfall(int(counts[-1]), self.min_replicas, self.wait_ms)
         counts = counts[:2 * len(self._watched)]
         return sum(counts[0::2]), sum(counts[1::2])
 

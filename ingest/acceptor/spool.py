@@ -464,9 +464,12 @@ class Spool:
             self._writer.submit(self._seal_active).result()
 
     def drain(self, queue: Queue, names: constants.Names,
-              max_batch: int = constants.MAX_BATCH_SIZE) -> int:
+              max_batch: int = constants.MAX_BATCH_SIZE,
+              confirm: Callable[[], None] | None = None) -> int:
         """Move every sealed segment into ``queue`` as process_batch jobs; return deliveries
-        moved. Raises the Redis error that stopped it (what is not moved stays spooled)."""
+        moved. Raises the Redis error that stopped it (what is not moved stays spooled).
+        ``confirm``: called once a segment's jobs are written, before the segment is removed;
+        raising keeps it (``INGEST_REDIS_MIN_REPLICAS``: its jobs reached too few replicas)."""
         self.seal()
         self.adopt_orphans()
         with self._lock:
@@ -482,6 +485,8 @@ class Spool:
                     chunk = records[i:i + max_batch]
                     enqueue_batch(queue, chunk, names.job_id("spool", _chunk_digest(chunk)))
                     _note_drained(queue, names, chunk)
+                if confirm is not None and records:
+                    confirm()
                 if contents.corrupt:
                     target = path.with_suffix(".corrupt")
                     path.rename(target)

@@ -50,10 +50,13 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1. ``appendonly`` as docker-compose runs it."""
 
-    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = True,
+                 extra_args: list[str] | None = None, binary: str | None = None) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args or ())  # more redis-server options (a replica's)
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +66,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.directory), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -71,6 +74,7 @@ class EmbeddedRedis:
             "--maxmemory-policy", "noeviction",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
+            *self.extra_args,
         ]
         # A session of its own: Ctrl-C in a terminal reaches the whole foreground group, and
         # Redis must outlive the workers that use it until whoever started it stops it.

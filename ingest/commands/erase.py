@@ -458,9 +458,10 @@ def _print_report(report: ErasureReport, subject: Subject, suppressed: bool = Fa
     from rich.table import Table
 
     console = Console()
-    title = f"ingest erase {subject.sha256[:16]}…" + (
-        " (dry run: nothing changed)" if report.dry_run else "")
-    table = Table(title=title)
+    # The title on a line of its own: above a narrow table it would wrap.
+    console.print("ingest erase: would remove (dry run: nothing changed)" if report.dry_run
+                  else "ingest erase: removed", highlight=False)
+    table = Table()
     table.add_column("place")
     table.add_column("count", justify="right")
     for place in PLACES:
@@ -540,11 +541,12 @@ def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
                        help="one record, e.g. outreach:prospect:123")
     p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--suppress", action="store_true",
-                   help="also drop this contact's future events (a hash of the address is "
-                        "listed in Redis)")
-    p.add_argument("--unsuppress", action="store_true",
-                   help="only lift an earlier --suppress; erase nothing")
+    suppression = p.add_mutually_exclusive_group()
+    suppression.add_argument("--suppress", action="store_true",
+                             help="also drop this contact's future events (a hash of the "
+                                  "address is listed in Redis)")
+    suppression.add_argument("--unsuppress", action="store_true",
+                             help="only lift an earlier --suppress; erase nothing")
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for running jobs that hold the subject "
                         "(default: %(default)s)")

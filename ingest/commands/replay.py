@@ -285,9 +285,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ingest replay: {exc}", file=sys.stderr)
         return 2
+    from ingest.commands.choices import kind_problem, provider_problem
+
+    problems = [provider_problem(args.provider)] if args.provider else []
+    problems += [kind_problem(glob) for glob in selection.kinds]
+    if any(problems):
+        print(f"ingest replay: {next(p for p in problems if p)}", file=sys.stderr)
+        return 2
     sinks = [s for group in args.sink or () for s in group.split(",") if s.strip()]
+    from rich.console import Console
+
+    # On stderr, and only on a terminal: stdout is the report, and a pipe gets nothing else.
+    progress_console = Console(stderr=True)
     with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
+                  transient=True, console=progress_console,
+                  disable=not progress_console.is_terminal) as bar:
         task = bar.add_task("replay", total=None)
         report = replay(settings, selection, sinks, dry_run=args.dry_run,
                         progress=lambda n: bar.advance(task, n),

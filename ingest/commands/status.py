@@ -120,17 +120,37 @@ def _last_failure(redis: Any, queue: str) -> str | None:
 
 
 def build_status(redis: Any, settings: Settings) -> dict[str, Any]:
-    """The status as one JSON-able object (keys: providers, sinks, queues, spool_depth,
-    workers, attention)."""
+    """The status as one JSON-able object (keys: deployment, providers, sinks, queues,
+    spool_depth, workers, attention).
+
+    Providers and sinks are the running deployment's, as its acceptors and RQ registered them
+    in Redis (ingest.deployment); only when no acceptor ever registered does this shell's
+    configuration stand in (``deployment.source`` says which)."""
     from ingest.activity import read_last_hour, read_state
+    from ingest.deployment import deployment_queues, read_deployment
     from ingest.providers import load_providers
 
-    state = read_state(redis, settings)
+    seconds, micros = redis.time()
+    deployment = read_deployment(redis, settings.names, seconds + micros / 1e6)
+    if deployment is not None:
+        enabled, sink_names = dict(deployment.providers), deployment.sinks
+    else:
+        enabled = {name: settings.silence_threshold(name)
+                   for name in sorted(settings.provider_secrets)}
+        sink_names = settings.sinks
+    state = read_state(redis, settings, enabled,
+                       deployment_queues(redis, settings.names, sink_names))
     hour = read_last_hour(redis, settings.names, state.now)
     attention: list[str] = []
+    if deployment is not None and not deployment.live:
+        attention.append(f"no acceptor has registered since {_ago(state.now, deployment.seen_at)}"
+                         ": is `ingest serve` running?")
+    about = {"source": "registered" if deployment is not None else "this shell",
+             "acceptor_seen": _iso(deployment.seen_at) if deployment is not None else None,
+             "acceptor_running": deployment.live if deployment is not None else None}
     by_name = {p.name: p for p in state.providers}
     providers = []
-    for name in sorted(load_providers()):
+    for name in sorted({*load_providers(), *enabled}):
         p = by_name.get(name)
         refused = {k.split("|")[2]: v for k, v in hour.items()
                    if k.startswith(f"refused|{name}|")}
@@ -174,37 +194,56 @@ def build_status(redis: Any, settings: Settings) -> dict[str, Any]:
     if spool:
         attention.append(f"{spool} deliveries wait in the spool at {settings.spool_dir}: the "
                          "acceptor moves them once it reaches Redis again")
-    return {"providers": providers, "sinks": sinks, "queues": queues, "spool_depth": spool,
-            "workers": workers, "attention": attention}
+    return {"deployment": about, "providers": providers, "sinks": sinks, "queues": queues,
+            "spool_depth": spool, "workers": workers, "attention": attention}
+
+
+def _when(iso: str | None) -> str:
+    """An ISO time as ``2026-12-06 18:09:03Z``: whole, and narrow enough for 80 columns."""
+    return iso[:19].replace("T", " ") + "Z" if iso else "never"
 
 
 def _print_status(status: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)
-    t = Table("provider", "enabled", "last accepted", "1h ok", "1h refused", "silent",
-              title="providers", title_justify="left")
+    console = Console()
+    about = status["deployment"]
+    if about["source"] == "this shell":
+        console.print("No acceptor has registered in this Redis: providers and sinks as this "
+                      "shell's configuration has them.", markup=False, highlight=False)
+    # Names, times and counts are never cut: a column folds before it drops a character.
+    t = Table(title="providers", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("provider", overflow="fold")
+    t.add_column("on", no_wrap=True)
+    t.add_column("last accepted", no_wrap=True)
+    t.add_column("1h ok", justify="right", no_wrap=True)
+    t.add_column("1h refused", overflow="fold")
+    t.add_column("silent", no_wrap=True)
     for p in status["providers"]:
         refused = ", ".join(f"{k}={v}" for k, v in sorted(p["refused_last_hour"].items()))
-        t.add_row(p["name"], "yes" if p["enabled"] else "no", p["last_accepted"] or "never",
+        t.add_row(p["name"], "yes" if p["enabled"] else "no", _when(p["last_accepted"]),
                   str(p["accepted_last_hour"]), refused or "0",
                   "SILENT" if p["silent"] else "-")
     console.print(t)
-    t = Table("queue", "queued", "oldest s", "running", "retrying", "dead", "workers",
-              title="queues", title_justify="left")
+    t = Table(title="queues", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("queue", overflow="fold")
+    for heading in ("queued", "oldest s", "running", "retrying", "dead", "workers"):
+        t.add_column(heading, justify="right", no_wrap=True)
     for q in status["queues"]:
         t.add_row(q["queue"], str(q["queued"]), f"{q['oldest_seconds']:g}", str(q["started"]),
                   str(q["scheduled"]), str(q["failed"]), str(q["workers"]))
     console.print(t)
     for s in status["sinks"]:
         if s["last_failure"]:
-            console.print(f"last failure on {s['name']}: {s['last_failure']}", markup=False)
+            console.print(f"last failure on {s['name']}: {s['last_failure']}", markup=False,
+                          highlight=False)
     console.print(f"spool depth: {status['spool_depth']}")
     if status["attention"]:
         console.print("[bold red]needs attention:[/]")
         for line in status["attention"]:
-            console.print(f"  - {line}", markup=False)
+            console.print(f"  - {line}", markup=False, highlight=False)
     else:
         console.print("[green]all good[/]")
 
@@ -250,16 +289,26 @@ def cmd_refused(args: argparse.Namespace) -> int:
     if not records:
         print("no refused requests kept (the last 100 per provider are kept for 7 days)")
         return 0
+    from rich.console import Console
+
+    # Two lines a refusal, each within 80 columns: what and when, then who. The user agent
+    # and header names are free text: rich wraps them at word boundaries, never mid-word.
+    console = Console()
     for r in records:
+        length = r.get("content_length")
         try:
-            when = _iso(float(r.get("time") or 0)) or "?"
+            when = _when(_iso(float(r.get("time") or 0)))
         except (TypeError, ValueError):
             when = "?"
         headers = r.get("headers")
-        names = ",".join(str(h) for h in headers) if isinstance(headers, list) else ""
-        print(shown(f"{when}  {r['provider']:<10} {r.get('reason', '?')!s:<18} "
-                    f"client={r.get('client') or '-'} length={r.get('content_length')} "
-                    f"ua={r.get('user_agent') or '-'} headers={names}"))
+        names = ", ".join(str(h) for h in headers) if isinstance(headers, list) else ""
+        # shown(): what the sender chose (user agent, header names) never acts on the terminal.
+        console.print(shown(f"{when}  {r['provider']}  {r.get('reason', '?')!s}  "
+                            f"client={r.get('client') or '-'}  "
+                            f"length={'-' if length is None else length}"),
+                      markup=False, highlight=False)
+        console.print(shown(f"  ua={r.get('user_agent') or '-'}  headers={names or '-'}"),
+                      markup=False, highlight=False)
     return 0
 
 

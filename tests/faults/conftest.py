@@ -44,6 +44,7 @@ from rq.serializers import JSONSerializer
 from ingest.config import Settings
 from ingest.constants import Names
 from ingest.commands.embedded import EmbeddedRedis
+from ingest.redis_conn import redis_client
 from tests.helpers import SECRETS, rows, wait_for_queue_workers, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +105,8 @@ class Traffic(threading.Thread):
         self.accepted: set[tuple[str, str]] = set()
         self.sent: set[tuple[str, str]] = set()
         self.statuses: dict[Any, int] = {}
+        # (time.monotonic(), status or error name) of every answer that was not 200.
+        self.failures: list[tuple[float, Any]] = []
         self.unanswered = 0
 
     def _take(self) -> int:
@@ -114,6 +117,8 @@ class Traffic(threading.Thread):
     def _count(self, key: Any) -> None:
         with self.lock:
             self.statuses[key] = self.statuses.get(key, 0) + 1
+            if key != 200:
+                self.failures.append((time.monotonic(), key))
 
     def _send_one(self, client: httpx.Client) -> None:
         n = self._take()
@@ -207,7 +212,7 @@ class Stack:
         return Names(self.env["INGEST_NAMESPACE"])
 
     def redis(self) -> Redis:
-        return Redis.from_url(self.env["REDIS_URL"], socket_timeout=5)
+        return redis_client(self.env["REDIS_URL"], socket_timeout=5)
 
     def queue_names(self) -> list[str]:
         return [self.names.ingest_queue, self.names.sink_queue("postgres")]
@@ -269,8 +274,11 @@ class Stack:
         try:
             for name in self.queue_names():
                 queue = Queue(name, connection=redis, serializer=JSONSerializer)
+                # (A job popped but not started when Redis went away waits in the
+                # intermediate queue until the watchdog puts it back.)
                 if queue.count or queue.scheduled_job_registry.count or \
-                        StartedJobRegistry(name, connection=redis).count:
+                        StartedJobRegistry(name, connection=redis).count or \
+                        queue.intermediate_queue.get_job_ids():
                     return False
             return True
         except Exception:

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -15,7 +16,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from ingest.acceptor.app import create_app
-from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis
+from ingest.commands.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from sinks.postgres import migrate
 from tests.faults.conftest import Stack, Traffic, make_stack_env
 from tests.helpers import serve, wait_until, with_database
@@ -47,12 +48,27 @@ def _pg_ctl(server: EmbeddedPostgres, *args: str) -> None:
            timeout=60)
 
 
+def with_a_host_down_first(url: str) -> str:
+    """``url`` as a multi-host DATABASE_URL whose first host (127.0.0.1, a free port) is down,
+    as a primary that failed over looks; libpq tries the hosts in turn and keeps the first that
+    takes writes (``target_session_attrs=read-write``)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    socket_dir = query.pop("host")  # pgserver's Unix socket directory (port 5432 by default)
+    query.update(host=f"127.0.0.1,{socket_dir}", port=f"{free_port()},5432",
+                 target_session_attrs="read-write")
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/,")))
+
+
+@pytest.mark.parametrize("hosts", ["one host", "two hosts, the first down"])
 def test_postgres_restart_under_traffic_loses_and_doubles_nothing(
         make_env: Callable[..., dict[str, str]], own_redis: EmbeddedRedis,
-        own_postgres: EmbeddedPostgres, tmp_path: Path, fault_logs: Path) -> None:
+        own_postgres: EmbeddedPostgres, tmp_path: Path, fault_logs: Path, hosts: str) -> None:
     with psycopg.connect(own_postgres.url, autocommit=True) as conn:
         conn.execute("CREATE DATABASE ingest_faults")
     database_url = with_database(own_postgres.url, "ingest_faults")
+    if hosts != "one host":
+        database_url = with_a_host_down_first(database_url)
     migrate(database_url)
     stack = Stack(env=make_stack_env(make_env, own_redis.url, database_url, tmp_path),
                   database_url=database_url, logs=fault_logs, redis_server=own_redis)

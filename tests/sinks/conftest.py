@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 import pytest
-from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from slack_sdk.models.blocks import Block
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -35,7 +34,7 @@ from starlette.routing import Route
 from ingest.config import Settings
 from ingest.rq_jobs import enqueue_batch
 from ingest.events import Delivery
-from tests.helpers import ServerThread, drain
+from tests.helpers import ServerThread, SimpleWorker, drain
 from workers.runtime import Runtime, install_runtime
 
 CRM_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from ingest import metrics
 from ingest.commands.replay import Selection, replay
 from ingest.events import Delivery, Event
-from ingest.kinds import ACTIVITY, STATE, UNKNOWN, is_activity, kind_class
+from ingest.kinds import ACTIVITY, STATE, is_activity, kind_class
 from ingest.providers import load_providers
 from ingest.providers.base import kind_classes
-from tests.helpers import rows, with_database
+from tests.helpers import migrate_before, rows
 from tests.sinks.conftest import (
     CrmReceiver,
     SlackReceiver,
@@ -400,55 +400,42 @@ def test_the_migrations_rule_is_the_vocabularys(postgres_server: str) -> None:
 
 
 def test_migrating_clears_stale_activity_and_gives_records_their_newest_state(
-        postgres_server: str) -> None:
-    name = "wi_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(postgres_server, name)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE webhook_ingest_migrations (name text PRIMARY KEY, "
-                         "applied_at timestamptz NOT NULL DEFAULT now())")
-            for m in sorted(MIGRATIONS.glob("*.sql")):
-                if m.name < "0008":
-                    conn.execute(m.read_text())
-                    conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)",
-                                 (m.name,))
-            # As an older release stored them: contact c1 had a stage change, then an open
-            # that became its "state" and made a late stage change stale; c2 only ever had
-            # activity; the Outreach prospect only state.
-            stored = [("mailstand", "c1", 10, "contact.stage_changed", False, "stage_change"),
-                      ("mailstand", "c1", 30, "email.opened", False, "open"),
-                      ("mailstand", "c1", 20, "contact.stage_changed", True, "stage_change"),
-                      ("mailstand", "c1", 25, "campaign.paused", True, "pause"),
-                      ("mailstand", "c2", 5, "email.clicked", False, "click"),
-                      ("outreach", "p1", 10, "contact.updated", True, "updated"),
-                      ("outreach", "p1", 20, "contact.updated", False, "updated")]
-            ids = {}
-            for n, (provider, rid, seconds, kind, stale, action) in enumerate(stored):
-                ids[n] = str(uuid.uuid4())
-                conn.execute(
-                    "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
-                    "resource_type, resource_id, action, occurred_at, received_at, data, "
-                    "stale) VALUES (%s, %s, %s, %s, %s, 'contact', %s, %s, %s, now(), %s, %s)",
-                    (ids[n], provider, f"k{n}", action, kind, rid, action, at(seconds),
-                     orjson.dumps({"n": n}).decode(), stale))
-            for n in (1, 4, 6):  # the newest event of each record, as 0004 and the sink left it
-                provider, rid, seconds, kind, _, _ = stored[n]
-                conn.execute(
-                    "INSERT INTO webhook_records (provider, resource_type, resource_id, "
-                    "occurred_at, kind, event_id, data) VALUES (%s, 'contact', %s, %s, %s, "
-                    "%s, %s)", (provider, rid, at(seconds), kind, ids[n],
-                                orjson.dumps({"n": n}).decode()))
-        assert migrate(url) == ["0008_activity_is_not_state.sql"]
-        assert migrate(url) == []
-        stale = {r["dedup_key"]: r["stale"] for r in rows(url, "SELECT * FROM webhook_events")}
-        assert stale == {"k0": False, "k1": False, "k2": True, "k3": False, "k4": False,
-                         "k5": True, "k6": False}
-        records_after = {r["resource_id"]: (str(r["event_id"]), r["kind"], r["data"])
-                         for r in rows(url, "SELECT * FROM webhook_records")}
-        assert records_after == {"c1": (ids[2], "contact.stage_changed", {"n": 2}),
-                                 "p1": (ids[6], "contact.updated", {"n": 6})}
-    finally:
-        with psycopg.connect(postgres_server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        fresh_database: str) -> None:
+    url = fresh_database
+    migrate_before(url, "0008")
+    with psycopg.connect(url, autocommit=True) as conn:
+        # As an older release stored them: contact c1 had a stage change, then an open
+        # that became its "state" and made a late stage change stale; c2 only ever had
+        # activity; the Outreach prospect only state.
+        stored = [("mailstand", "c1", 10, "contact.stage_changed", False, "stage_change"),
+                  ("mailstand", "c1", 30, "email.opened", False, "open"),
+                  ("mailstand", "c1", 20, "contact.stage_changed", True, "stage_change"),
+                  ("mailstand", "c1", 25, "campaign.paused", True, "pause"),
+                  ("mailstand", "c2", 5, "email.clicked", False, "click"),
+                  ("outreach", "p1", 10, "contact.updated", True, "updated"),
+                  ("outreach", "p1", 20, "contact.updated", False, "updated")]
+        ids = {}
+        for n, (provider, rid, seconds, kind, stale, action) in enumerate(stored):
+            ids[n] = str(uuid.uuid4())
+            conn.execute(
+                "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
+                "resource_type, resource_id, action, occurred_at, received_at, data, "
+                "stale) VALUES (%s, %s, %s, %s, %s, 'contact', %s, %s, %s, now(), %s, %s)",
+                (ids[n], provider, f"k{n}", action, kind, rid, action, at(seconds),
+                 orjson.dumps({"n": n}).decode(), stale))
+        for n in (1, 4, 6):  # the newest event of each record, as 0004 and the sink left it
+            provider, rid, seconds, kind, _, _ = stored[n]
+            conn.execute(
+                "INSERT INTO webhook_records (provider, resource_type, resource_id, "
+                "occurred_at, kind, event_id, data) VALUES (%s, 'contact', %s, %s, %s, "
+                "%s, %s)", (provider, rid, at(seconds), kind, ids[n],
+                            orjson.dumps({"n": n}).decode()))
+    assert migrate(url) == ["0008_activity_is_not_state.sql"]
+    assert migrate(url) == []
+    stale = {r["dedup_key"]: r["stale"] for r in rows(url, "SELECT * FROM webhook_events")}
+    assert stale == {"k0": False, "k1": False, "k2": True, "k3": False, "k4": False,
+                     "k5": True, "k6": False}
+    records_after = {r["resource_id"]: (str(r["event_id"]), r["kind"], r["data"])
+                     for r in rows(url, "SELECT * FROM webhook_records")}
+    assert records_after == {"c1": (ids[2], "contact.stage_changed", {"n": 2}),
+                             "p1": (ids[6], "contact.updated", {"n": 6})}

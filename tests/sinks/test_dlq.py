@@ -55,7 +55,8 @@ def test_list_shows_sink_ids_and_reason_and_purge_is_per_sink(
         monkeypatch.setenv(key, rt.settings.raw[key])
     assert main(["dlq", "list", "--sink", "ingest"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 and out[0].startswith("ingest") and str(poison["id"]) in out[0]
+    assert len(out) == 2 and out[0].startswith("ingest") and str(poison["id"]) in out[0]
+    assert "no event name" in out[1] and all(len(line) <= 80 for line in out[:1])
 
     assert main(["dlq", "purge", "--sink", "ingest"]) == 0
     assert "purged 1" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from ingest.exceptions import ConfigError
 from ingest.commands.replay import Selection, replay
 from sinks.postgres import migrate
 from sinks.registry import build_sinks, sink_skips_stale
-from tests.helpers import rows, with_database
+from tests.helpers import migrate_before, rows
 from tests.sinks.conftest import CrmReceiver, crm_env, enqueue, run_jobs
 from workers.runtime import Runtime
 
@@ -216,43 +216,31 @@ def test_replay_recomputes_webhook_records_from_the_events_it_replays(
 
 
 def test_migrating_a_database_that_has_rows_loses_nothing_and_fills_the_records(
-        postgres_server: str) -> None:
-    name = "wi_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(postgres_server, name)
-    try:
-        migrations = sorted((ROOT / "sinks" / "migrations").glob("*.sql"))
-        earlier = [m for m in migrations if m.name < "0004"]
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE webhook_ingest_migrations (name text PRIMARY KEY, "
-                         "applied_at timestamptz NOT NULL DEFAULT now())")
-            for m in earlier:
-                conn.execute(m.read_text())
-                conn.execute("INSERT INTO webhook_ingest_migrations (name) VALUES (%s)", (m.name,))
-            for n, (rid, seconds, kind, action) in enumerate([
-                    ("1", 10, "contact.updated", "updated"), ("1", 20, "contact.updated", "updated"),
-                    ("2", 10, "contact.created", "created"), ("2", 30, "contact.deleted", "destroyed"),
-                    (None, 5, "email.delivered", "delivered")]):
-                delivery = str(uuid.uuid4())
-                conn.execute("INSERT INTO webhook_deliveries (id, provider, received_at, body) "
-                             "VALUES (%s, 'outreach', now(), %s)", (delivery, b"{}"))
-                conn.execute(
-                    "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
-                    "resource_type, resource_id, action, occurred_at, received_at, data, "
-                    "delivery_id) VALUES (%s, 'outreach', %s, 'x', %s, %s, %s, %s, %s, now(), "
-                    "%s, %s)",
-                    (str(uuid.uuid4()), f"k{n}", kind, "prospect" if rid else None, rid, action,
-                     T0 + timedelta(seconds=seconds), orjson.dumps({"n": n}).decode(), delivery))
-        assert migrate(url) == [m.name for m in migrations if m.name >= "0004"]
-        assert migrate(url) == []
-        events = rows(url, "SELECT stale, changes FROM webhook_events")
-        assert len(events) == 5 and all(e["stale"] is False and e["changes"] is None
-                                        for e in events)
-        assert len(rows(url, "SELECT id FROM webhook_deliveries")) == 5
-        got = {r["resource_id"]: (r["data"], r["deleted"]) for r in rows(
-            url, "SELECT resource_id, data, deleted FROM webhook_records")}
-        assert got == {"1": ({"n": 1}, False), "2": ({"n": 3}, True)}
-    finally:
-        with psycopg.connect(postgres_server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        fresh_database: str) -> None:
+    url = fresh_database
+    migrations = sorted((ROOT / "sinks" / "migrations").glob("*.sql"))
+    migrate_before(url, "0004")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for n, (rid, seconds, kind, action) in enumerate([
+                ("1", 10, "contact.updated", "updated"), ("1", 20, "contact.updated", "updated"),
+                ("2", 10, "contact.created", "created"), ("2", 30, "contact.deleted", "destroyed"),
+                (None, 5, "email.delivered", "delivered")]):
+            delivery = str(uuid.uuid4())
+            conn.execute("INSERT INTO webhook_deliveries (id, provider, received_at, body) "
+                         "VALUES (%s, 'outreach', now(), %s)", (delivery, b"{}"))
+            conn.execute(
+                "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
+                "resource_type, resource_id, action, occurred_at, received_at, data, "
+                "delivery_id) VALUES (%s, 'outreach', %s, 'x', %s, %s, %s, %s, %s, now(), "
+                "%s, %s)",
+                (str(uuid.uuid4()), f"k{n}", kind, "prospect" if rid else None, rid, action,
+                 T0 + timedelta(seconds=seconds), orjson.dumps({"n": n}).decode(), delivery))
+    assert migrate(url) == [m.name for m in migrations if m.name >= "0004"]
+    assert migrate(url) == []
+    events = rows(url, "SELECT stale, changes FROM webhook_events")
+    assert len(events) == 5 and all(e["stale"] is False and e["changes"] is None
+                                    for e in events)
+    assert len(rows(url, "SELECT id FROM webhook_deliveries")) == 5
+    got = {r["resource_id"]: (r["data"], r["deleted"]) for r in rows(
+        url, "SELECT resource_id, data, deleted FROM webhook_records")}
+    assert got == {"1": ({"n": 1}, False), "2": ({"n": 3}, True)}

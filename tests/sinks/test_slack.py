@@ -299,7 +299,7 @@ def test_a_burst_of_50_through_the_acceptor_and_three_workers(
 
 
 def drain_ingest_only(rt: Runtime) -> None:
-    from rq import SimpleWorker
+    from tests.helpers import SimpleWorker
 
     worker = SimpleWorker([rt.ingest_queue], connection=rt.redis, serializer=JSONSerializer,
                           log_job_description=False)

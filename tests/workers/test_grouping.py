@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 import pytest
 from prometheus_client import REGISTRY
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.scheduler import RQScheduler
 
 from ingest.rq_jobs import FastJSONSerializer, enqueue_batch
-from tests.helpers import drain, rows
+from tests.helpers import SimpleWorker, drain, rows
 from workers.grouping import Groups
 from workers.watchdog import IngestWorker
 
