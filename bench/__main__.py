@@ -20,6 +20,10 @@ ports, and removes them afterwards. Then, in order:
 6. last, a soak at 50% for ``--soak`` seconds on a fresh acceptor and workers, sampling the RSS
    of every process.
 
+Between 2 and 3, CPU fairness (bench.fairness): one sender's expensive bodies (the audit's
+340,000 empty arrays, from ``--attackers`` connections) against valid deliveries of another
+provider at ``--fairness-rate``; ``--fairness`` runs that phase alone.
+
 For the acceptor-alone and end-to-end phases the report also gives the CPU per event of each
 process type and the Redis commands, bytes and memory and the Postgres WAL and write
 transactions per event (bench.scale): the inputs of the scale model in docs/performance.md.
@@ -478,6 +482,15 @@ def phase_acceptor(ctx: Context) -> None:
     ctx.reset()
 
 
+def phase_fairness(ctx: Context) -> None:
+    from bench import fairness
+
+    ctx.results["fairness"] = fairness.run(
+        ctx.env("fair"), SECRET, ctx.tmp, ctx.args.duration, ctx.args.fairness_rate,
+        ctx.args.attackers, log)
+    ctx.reset()
+
+
 def e2e(ctx: Context, stack: Stack, name: str, profile: bool = False) -> dict[str, Any]:
     """Closed loop through acceptor and workers until every accepted delivery is a row."""
     counters = ctx.counters()
@@ -669,6 +682,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="write py-spy profiles (raw collapsed stacks) here")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write raw results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--fairness", action="store_true",
+                        help="only the CPU fairness phase (bench.fairness)")
+    parser.add_argument("--fairness-rate", type=float, default=100.0,
+                        help="valid deliveries/s beside the attack (default %(default)s)")
+    parser.add_argument("--attackers", type=int, default=32,
+                        help="connections sending expensive bodies (default %(default)s)")
     parser.add_argument("--lifecycle", action="store_true",
                         help="only the large-table and retention measurements (bench.lifecycle)")
     parser.add_argument("--lifecycle-rows", type=int, default=10_000_000,
@@ -690,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs must be at least 1")
     if args.lifecycle:
         return _lifecycle(args)
+    if args.fairness:
+        return _fairness(args)
     if args.replicas:
         return _replicas(args)
 
@@ -704,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 phase_ceilings(ctx)
                 phase_acceptor(ctx)
+                phase_fairness(ctx)
                 phase_pipeline(ctx)
                 phase_drains(ctx, args.pairs)
                 phase_soak(ctx)
@@ -726,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx.results["args"] = vars(args)
     rows: list[Row] = []
     print(render(ctx.results, rows))
+    from bench import fairness
+
+    print("\n" + fairness.render(ctx.results["fairness"]))
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(ctx.results, option=orjson.OPT_INDENT_2
                                                  | orjson.OPT_NON_STR_KEYS))
@@ -734,6 +759,30 @@ def main(argv: list[str] | None = None) -> int:
     phases += [d for pair in ctx.results["drain_pairs"] for d in pair.values()]
     correct = all(d["lost"] == 0 and d["doubled"] == 0 for d in phases)
     return 0 if correct else 1
+
+
+def _fairness(args: argparse.Namespace) -> int:
+    from bench import fairness
+
+    description = machine()
+    log(description)
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    try:
+        with servers(tmp) as (redis_url, redis_pid, db_url):
+            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
+            try:
+                phase_fairness(ctx)
+            finally:
+                if ctx.conn is not None:
+                    ctx.conn.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = ctx.results["fairness"]
+    print(fairness.render(results) + f"\nMachine: {description}.")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    attacked = results["attacked"]
+    return 0 if attacked["ok"] == attacked["sent"] else 1
 
 
 def _replicas(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ log = logging.getLogger("ingest.activity")
 
 # Every reason ingest_refused_total and the refusal log use.
 REFUSAL_REASONS = ("signature", "token", "missing_credential", "not_json", "too_large",
-                   "body_timeout", "unknown_provider")
+                   "body_timeout", "unknown_provider", "busy")
 # The provider label of a request to a provider that is not served here: random paths must not
 # grow the label set.
 UNKNOWN = "unknown"

@@ -130,6 +130,8 @@ class Settings:
     sinks: tuple[str, ...] = ("postgres",)
     max_body_bytes: int = constants.DEFAULT_MAX_BODY_BYTES
     body_timeout: float = constants.DEFAULT_BODY_TIMEOUT
+    head_timeout: float = constants.DEFAULT_HEAD_TIMEOUT
+    max_connections: int = constants.DEFAULT_MAX_CONNECTIONS
     spool_dir: Path = Path(constants.DEFAULT_SPOOL_DIR)
     dedup_ttl: int = constants.DEFAULT_DEDUP_TTL
     abandoned_after: int = constants.DEFAULT_ABANDONED_AFTER
@@ -246,6 +248,9 @@ class Settings:
             sinks=sinks,
             max_body_bytes=integer("INGEST_MAX_BODY_BYTES", constants.DEFAULT_MAX_BODY_BYTES),
             body_timeout=number("INGEST_BODY_TIMEOUT", constants.DEFAULT_BODY_TIMEOUT),
+            head_timeout=number("INGEST_HEAD_TIMEOUT", constants.DEFAULT_HEAD_TIMEOUT),
+            max_connections=integer("INGEST_MAX_CONNECTIONS", constants.DEFAULT_MAX_CONNECTIONS,
+                                    minimum=16),
             spool_dir=Path(get("INGEST_SPOOL_DIR") or constants.DEFAULT_SPOOL_DIR),
             dedup_ttl=integer("INGEST_DEDUP_TTL", constants.DEFAULT_DEDUP_TTL, minimum=60),
             abandoned_after=integer("INGEST_ABANDONED_AFTER",

@@ -25,6 +25,34 @@ MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADER_COUNT = 100
 # Seconds a sender has to finish sending its body; slower ones get 408 (slow-loris guard).
 DEFAULT_BODY_TIMEOUT = 10.0
+# Seconds a connection has to send a whole request head, from when it opened or its last
+# answer went out: then 408 if part of a head came, else a silent close (INGEST_HEAD_TIMEOUT).
+DEFAULT_HEAD_TIMEOUT = 10.0
+# Seconds an idle keep-alive connection stays open after its answer (uvicorn's keep-alive).
+KEEP_ALIVE_TIMEOUT = 5
+# Default most connections the acceptor holds open at once (INGEST_MAX_CONNECTIONS); past it,
+# the connection that has waited longest for its request is closed to make room.
+DEFAULT_MAX_CONNECTIONS = 4096
+# Connections the kernel may queue for the acceptor before it accepts them (uvicorn's backlog).
+LISTEN_BACKLOG = 2048
+# File descriptors `ingest serve` keeps for other than connections (Redis, spool, logs, the
+# structure-check processes); the connection limit is lowered to fit the rest of its limit.
+FD_RESERVE = 256
+# Seconds between two "connection limit reached" log lines (each counts what happened since).
+CONNECTION_LIMIT_LOG_EVERY = 10.0
+# A body with more JSON containers ([ and {) than this, or more commas than INLINE_MAX_COMMAS,
+# is parsed in a separate process: in line, it would hold the event loop for milliseconds.
+INLINE_MAX_CONTAINERS = 2048
+# See INLINE_MAX_CONTAINERS: commas count the values of arrays and objects.
+INLINE_MAX_COMMAS = 16384
+# Expensive bodies of one provider checked at once; that provider's others wait their turn.
+EXPENSIVE_BODIES_PER_PROVIDER = 1
+# Longest an expensive body waits for its provider's turn (seconds): then 503 (Outreach: the
+# connection is dropped), well inside senders' own deadlines (Outreach: 5 s), so they retry.
+EXPENSIVE_BODY_WAIT = 3.0
+# Most processes checking expensive bodies; fewer on small machines (one core stays with the
+# event loop).
+MAX_STRUCTURE_WORKERS = 4
 # Seconds a finished event's dedup record lives in Redis (7 days): redelivery window.
 DEFAULT_DEDUP_TTL = 7 * 24 * 3600
 # Seconds an in-flight claim lives: a worker that dies holding one frees it after this.

@@ -47,6 +47,31 @@ SPOOL_DEPTH = Gauge(
     "Deliveries waiting in the local spool for Redis to come back.",
     multiprocess_mode="livesum",
 )
+OPEN_CONNECTIONS = Gauge(
+    "ingest_open_connections",
+    "HTTP connections open at the acceptor.",
+    multiprocess_mode="livesum",
+)
+CONNECTION_LIMIT = Gauge(
+    "ingest_connection_limit",
+    "Most HTTP connections the acceptor holds open at once (INGEST_MAX_CONNECTIONS, lowered "
+    "to fit the file-descriptor limit).",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_CLOSED = Counter(
+    "ingest_connections_closed",
+    "Connections the acceptor closed before their request had arrived, by reason: "
+    "head_timeout (no whole request head within INGEST_HEAD_TIMEOUT), made_room (the limit "
+    "was reached: the one waiting longest for its request), refused (the limit was reached "
+    "and every open connection had a request in hand: the new one).",
+    ["reason"],
+)
+EXPENSIVE_BODIES = Counter(
+    "ingest_expensive_bodies",
+    "Bodies parsed in the structure-check processes rather than on the event loop, by "
+    "provider and outcome: checked, busy (waited too long for the provider's turn: 503).",
+    ["provider", "outcome"],
+)
 
 # -- observability (ingest.activity; the Redis-derived gauges are read at scrape time) -------
 REFUSED = Counter(

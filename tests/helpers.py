@@ -110,12 +110,12 @@ def drain(rt: Runtime, rounds: int = 4) -> None:
 class ServerThread:
     """A real uvicorn server for an ASGI app, on 127.0.0.1 and a free port, in a thread."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = None) -> None:
         self.port = port or free_port()
         from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
 
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                http=LimitedHttpToolsProtocol,
+                                http=http or LimitedHttpToolsProtocol,
                                 access_log=False, loop="asyncio", lifespan="on",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
@@ -143,8 +143,9 @@ class ServerThread:
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[ServerThread]:
-    server = ServerThread(app).start()
+def serve(app: Any, http: Any = None) -> Iterator[ServerThread]:
+    """``app`` under uvicorn; ``http``: a protocol class other than the acceptor's default."""
+    server = ServerThread(app, http=http).start()
     try:
         yield server
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from rq import Queue
 
 from ingest import constants
@@ -149,3 +150,38 @@ def test_valid_deliveries_keep_being_answered_during_a_header_flood(
     latencies.sort()
     print(f"\nvalid deliveries during the header flood: median {latencies[15] * 1000:.1f} ms, "
           f"max {latencies[-1] * 1000:.1f} ms")
+
+
+def test_expensive_bodies_get_the_same_verdicts_from_the_separate_process(
+        acceptor: Any, settings: Any) -> None:
+    """Bodies with many containers are checked outside the event loop
+    (ingest.acceptor.structure), with the same verdicts as in line."""
+    url = f"{acceptor.url}/webhooks/outcaller"
+    limit = constants.MAX_JSON_DEPTH
+    many = b",".join([b"[]"] * (constants.INLINE_MAX_CONTAINERS + 100))
+
+    def wide(depth: int) -> bytes:  # a valid lead, thousands of arrays wide, `depth` deep
+        chain = b"[" * (depth - 3) + b"]" * (depth - 3)
+        return (b'{"event": "lead.created", "resource": "lead", "workspaceId": "w", '
+                b'"timestamp": "2026-01-01T00:00:00Z", "data": {"id": "lead_wide", '
+                b'"extra": [' + many + b", " + chain + b"]}}")
+
+    assert orjson.loads(wide(limit + 1)) and orjson.loads(wide(limit))
+    before = checked_apart("outcaller")
+    too_deep = httpx.post(url, content=wide(limit + 1), headers=TOKEN, timeout=30)
+    assert too_deep.status_code == 400
+    assert f"deeper than {limit} levels" in too_deep.json()["error"]
+    not_object = httpx.post(url, content=b"[" + many + b"]", headers=TOKEN, timeout=30)
+    assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]
+    broken = httpx.post(url, content=wide(limit)[:-1], headers=TOKEN, timeout=30)
+    assert broken.status_code == 400
+    assert queued(settings) == 0
+    assert httpx.post(url, content=wide(limit), headers=TOKEN, timeout=30).status_code == 200
+    assert queued(settings) == 1
+    assert checked_apart("outcaller") - before == 4
+
+
+def checked_apart(provider: str) -> float:
+    """Bodies of ``provider`` this process's acceptors checked in the separate process."""
+    return REGISTRY.get_sample_value("ingest_expensive_bodies_total",
+                                     {"provider": provider, "outcome": "checked"}) or 0.0

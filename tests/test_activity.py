@@ -356,3 +356,51 @@ def test_dead_letters_show_in_metrics_and_status_with_the_last_reason(
     assert any("dead letters on postgres" in line for line in status["attention"])
     code, text = run_cli(monkeypatch, capsys, env, "status")
     assert code == 1 and "dead letters on postgres" in text
+
+
+# What a hostile User-Agent gets past the HTTP parser (which refuses C0 controls in a header):
+# C1 CSI (0x9b) sequences that clear the screen or recolour it, a right-to-left override's
+# UTF-8 bytes (read as latin-1, as the acceptor reads headers: C1 0x80 among them), and a
+# backslash sequence typed to look like an escape.
+_TERMINAL_BYTES = b"probe\x9b2J\x9b31m \xe2\x80\xaegnp.exe \\x9b"
+# Kept by another writer: C0 escapes (ESC, BEL: an OSC 8 hyperlink), a right-to-left
+# override, a zero-width joiner, a line separator.
+_INVISIBLE = "\x1b]8;;http://x\x07\u202egnp.exe\u200d\u2028next"
+
+
+def test_refused_shows_what_a_sender_chose_escaped_never_as_terminal_control(
+        server: Any, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from redis import Redis
+
+    answer = httpx.post(f"{server.url}/webhooks/outreach", content=BODY,
+                        headers={"Outreach-Webhook-Signature": "f" * 64,
+                                 "User-Agent": _TERMINAL_BYTES})
+    assert answer.status_code == 401
+    settings = Settings.from_env(env)
+    redis = Redis.from_url(settings.require_redis())
+    try:
+        redis.lpush(settings.names.key("refused:mailstand"), orjson.dumps({
+            "time": time.time(), "reason": "token", "client": "127.0.0.1",
+            "user_agent": _INVISIBLE, "content_length": 2, "headers": ["x-\u202ename"]}))
+    finally:
+        redis.close()
+
+    def listed() -> list[dict[str, Any]]:
+        return list(orjson.loads(run_cli(monkeypatch, capsys, env, "refused", "--json")[1]))
+
+    wait_until(lambda: len(listed()) == 2, 10, "the refusal in the refusal log")
+    code, table = run_cli(monkeypatch, capsys, env, "refused")
+    assert code == 0
+    _, raw_json = run_cli(monkeypatch, capsys, env, "refused", "--json")
+    sent_ua = _TERMINAL_BYTES.decode("latin-1")  # as the acceptor reads a header
+    for text in (table, raw_json):
+        unprintable = {c for c in text if not c.isprintable() and c != "\n"}
+        assert not unprintable, unprintable
+    # Shown escaped, and a backslash the sender typed doubled: never mistaken for an escape.
+    assert "ua=probe\\x9b2J\\x9b31m \u00e2\\x80\u00aegnp.exe \\\\x9b  headers=" in table
+    assert r"ua=\x1b]8;;http://x\x07\u202egnp.exe\u200d\u2028next  headers=x-\u202ename" in table
+    # The JSON parses back to exactly what was kept.
+    records = orjson.loads(raw_json)
+    assert {r["user_agent"] for r in records} == {sent_ua, _INVISIBLE}
+    assert ["x-\u202ename"] in [r["headers"] for r in records]

@@ -84,3 +84,36 @@ def test_a_run_without_the_same_load_phases_still_reports_the_others() -> None:
     assert (end_to_end.ratio, end_to_end.met) == ("1.20x one per queue", False)
     draining = _row(rows, "CPU per event, all pipeline processes, 2 per queue (draining)")
     assert (draining.ratio, draining.met) == ("1.15x one per queue", False)
+
+
+def _fairness(worst_ms: float, ok: int = 800) -> dict[str, Any]:
+    """A fairness phase (bench.fairness.run's shape) whose valid deliveries took at most
+    ``worst_ms`` during the attack."""
+    valid = {"sent": 800, "errors": {}, "p50_ms": 15.0, "p99_ms": 30.0, "max_ms": 35.0}
+    return {
+        "rate": 100.0, "attackers": 32, "duration": 8.0, "checked_s": 9.0,
+        "inline": {"check_ms": 150.0, "parse_ms": 120.0, "bytes": 1_020_045},
+        "alone": {**valid, "ok": 800, "acceptor_cpu_s": 1.0},
+        "attacked": {**valid, "ok": ok, "p99_ms": worst_ms / 2, "max_ms": worst_ms,
+                     "acceptor_cpu_s": 1.4},
+        "attack": {"statuses": {"200": 90, "503": 10}, "sent": 100, "p50_ms": 3000.0,
+                   "max_ms": 3100.0},
+    }
+
+
+def test_the_fairness_target_is_every_valid_delivery_under_one_second() -> None:
+    from bench.fairness import render as render_fairness
+
+    def verdicts(text: str) -> dict[str, str]:
+        return {cells[1].strip(): cells[-2].strip() for line in text.splitlines()
+                if (cells := line.split("|")) and len(cells) == 7 and cells[5].strip()}
+
+    met = verdicts(render_fairness(_fairness(88.0)))
+    assert met["valid Outreach deliveries during the attack (32 connections)"] == "yes"
+    assert met["valid deliveries answered 200 during the attack"] == "yes"
+    missed = verdicts(render_fairness(_fairness(1_500.0, ok=799)))
+    assert missed["valid Outreach deliveries during the attack (32 connections)"] == "**no**"
+    assert missed["valid deliveries answered 200 during the attack"] == "**no**"
+    # The acceptor's own CPU per attack body: the extra CPU over the attack bodies it took in
+    # during the measured window (8 of the attacker's 10 s): 0.4 s / 80 bodies.
+    assert "| 5.0 ms " in render_fairness(_fairness(88.0))

@@ -28,6 +28,8 @@ def test_secrets_never_print() -> None:
     ({"INGEST_MAX_BODY_BYTES": "0"}, "INGEST_MAX_BODY_BYTES"),
     ({"INGEST_DEDUP_TTL": "5"}, "INGEST_DEDUP_TTL"),
     ({"INGEST_BODY_TIMEOUT": "-1"}, "INGEST_BODY_TIMEOUT"),
+    ({"INGEST_HEAD_TIMEOUT": "0"}, "INGEST_HEAD_TIMEOUT"),
+    ({"INGEST_MAX_CONNECTIONS": "8"}, "INGEST_MAX_CONNECTIONS"),
     ({"INGEST_STARTUP_WAIT": "soon"}, "INGEST_STARTUP_WAIT"),
     ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ({"REDIS_URL": "redis+sentinel://s1:26379,s2:26379"}, "REDIS_URL"),  # no service

@@ -4,10 +4,13 @@ For each ``POST /webhooks/{provider}``, in order: 404 for a provider that is unk
 secret configured; 413 as soon as the streamed body passes the limit (never read whole); 408
 when a sender trickles its body past ``INGEST_BODY_TIMEOUT``; 401 when the signature or token
 does not match any configured secret; 400 when the body is not a JSON object or nests deeper
-than ``MAX_JSON_DEPTH`` (64) levels; otherwise the delivery is made durable (Redis, or the
+than ``MAX_JSON_DEPTH`` (64) levels (checked in line, or for an expensive body in a separate
+process, one at a time per provider: :mod:`ingest.acceptor.structure`; 503 when it waits past
+``EXPENSIVE_BODY_WAIT`` for its turn); otherwise the delivery is made durable (Redis, or the
 local spool) and only then answered 200. Request heads past ``MAX_HEADER_BYTES`` or
-``MAX_HEADER_COUNT`` are answered 431 by the server protocol (:mod:`ingest.acceptor.http_limits`)
-before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
+``MAX_HEADER_COUNT`` are answered 431, heads not received within ``INGEST_HEAD_TIMEOUT`` 408,
+and connections past ``INGEST_MAX_CONNECTIONS`` make room, by the server protocol
+(:mod:`ingest.acceptor.http_limits`), before they reach this module. Webhook routes never redirect (no trailing-slash redirect:
 its ``Location`` would repeat a query string, which may hold a token).
 """
 
@@ -36,6 +39,7 @@ from ingest.deployment import keep_registered
 from ingest.config import Settings
 from ingest.acceptor.durable import Durable, NotDurable
 from ingest.acceptor.enqueue import BatchEnqueuer
+from ingest.acceptor.structure import NOT_AN_OBJECT, TOO_DEEP, Busy, StructureCheck, Unavailable
 from ingest.exceptions import SignatureError
 from ingest.providers import Provider, load_providers
 from ingest.providers.base import CREDENTIAL_HEADERS
@@ -131,27 +135,6 @@ class _DeliveryIds:
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _nests_deeper(value: Any, limit: int) -> bool:
-    """Whether ``value`` (parsed JSON) has containers nested more than ``limit`` deep."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
-
-
-def _too_deep(body: bytes, parsed: dict[str, Any]) -> bool:
-    # Counting brackets runs at C speed and settles nearly every delivery: a body with at most
-    # MAX_JSON_DEPTH of them cannot nest deeper. Only the rest are walked.
-    if body.count(b"{") + body.count(b"[") <= constants.MAX_JSON_DEPTH:
-        return False
-    return _nests_deeper(parsed, constants.MAX_JSON_DEPTH)
-
-
 # Words that mark a header as a credential, whatever a provider declares it keeps: the archive
 # and the job arguments must not hold one (Outreach's cleanup token, for one).
 _CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization", "api-key",
@@ -200,6 +183,7 @@ class Acceptor:
             self._enqueuer.async_redis if self._enqueuer is not None else None, settings.names)
         redis = getattr(durable, "redis", None)
         self.collectors = [ActivityCollector(redis, settings)] if redis is not None else []
+        self.structure = StructureCheck()
 
     def _count(self, provider: str, result: str) -> None:
         # The labelled child, looked up once: labels() takes a lock and builds a key each call.
@@ -283,14 +267,25 @@ class Acceptor:
             raise _Refusal(401, str(exc)) from None
 
         try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None  # also covers nesting past orjson's recursion limit
-        if not isinstance(parsed, dict):
+            shape = await self.structure.check(name, body)
+        except Busy:
+            self._count(name, "busy")
+            self.refusals.refused(name, "busy", scope, headers, len(body))
+            if provider.retries_network_errors:
+                raise DropConnection from None
+            raise _Refusal(503, "too many large bodies from this provider at once; retry "
+                                "later") from None
+        except Unavailable as exc:
+            self._count(name, "unavailable")
+            log.error("could not check a body: %s", exc, extra={"provider": name})
+            if provider.retries_network_errors:
+                raise DropConnection from None
+            raise _Refusal(503, "temporarily unable to accept deliveries") from None
+        if shape == NOT_AN_OBJECT:
             self._count(name, "bad_request")
             self.refusals.refused(name, "not_json", scope, headers, len(body))
             raise _Refusal(400, "body must be a JSON object")
-        if _too_deep(body, parsed):
+        if shape == TOO_DEEP:
             self._count(name, "bad_request")
             self.refusals.refused(name, "not_json", scope, headers, len(body))
             raise _Refusal(400, f"body nests deeper than {constants.MAX_JSON_DEPTH} levels")
@@ -359,6 +354,7 @@ def create_app(settings: Settings | None = None, durable: Durable | None = None)
         try:
             yield
         finally:
+            acceptor.structure.close()
             if registering is not None:
                 registering.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ingest.acceptor.app import create_app
-    from ingest.acceptor.http_limits import LimitedHttpToolsProtocol
+    from ingest.acceptor.http_limits import LimitedHttpToolsProtocol, fit_connection_limit
 
     # uvicorn ends its graceful shutdown by raising the signal that asked for it once more,
     # with the handlers it found restored: by default SIGTERM then kills the process, and a
@@ -49,16 +49,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     _setup_logging(settings)
     _report_redis_at_start(settings)
+    limit, backlog = _connection_limit(settings, fit_connection_limit)
     app = create_app(settings)
     # What is imported and built by now lives as long as the process: out of the collector's
     # sight, it is not traversed by every full collection, nor at exit (see cmd_worker).
     gc.freeze()
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
     host = args.host or settings.raw.get("INGEST_HOST") or "0.0.0.0"
+    protocol = LimitedHttpToolsProtocol.configured(head_timeout=settings.head_timeout,
+                                                   max_connections=limit)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                http=LimitedHttpToolsProtocol, loop="uvloop", timeout_keep_alive=5,
-                timeout_graceful_shutdown=10)
+                http=protocol, loop="uvloop", timeout_keep_alive=constants.KEEP_ALIVE_TIMEOUT,
+                backlog=backlog, timeout_graceful_shutdown=10)
     return 0
+
+
+def _connection_limit(settings: Settings,
+                      fit: Callable[[int], tuple[int, int, int]]) -> tuple[int, int]:
+    """(connection limit, listen backlog) for ``ingest serve``, said once at start."""
+    limit, backlog, fds = fit(settings.max_connections)
+    logger = logging.getLogger("ingest.commands.cli")
+    if limit < settings.max_connections:
+        logger.warning(
+            "holding at most %d connections open, not INGEST_MAX_CONNECTIONS=%d: this process "
+            "may open %d files, of which %d stay for other uses and %d for connections not yet "
+            "accepted. Raise the limit (ulimit -n; docker: ulimits nofile) to hold more.",
+            limit, settings.max_connections, fds, constants.FD_RESERVE, backlog)
+    else:
+        logger.info("holding at most %d connections open (INGEST_MAX_CONNECTIONS; this process "
+                    "may open %d files)", limit, fds)
+    return limit, backlog
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:

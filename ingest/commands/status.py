@@ -10,11 +10,17 @@ only while its acceptor cannot reach Redis, so no acceptor can publish it there 
 matters. ``status`` counts the spool in this machine's ``INGEST_SPOOL_DIR`` (run it where the
 acceptor's spool volume is mounted); each acceptor's ``ingest_spool_depth`` gauge covers
 remote ones.
+
+``refused`` prints what refused requests carried (User-Agent, client, header names): text a
+stranger chose. Any character a terminal could act on rather than show (C0 and C1 controls,
+bidirectional overrides, other invisible formatting) is printed escaped (:func:`shown`), in
+the table and in the JSON alike; the JSON still parses to the same text.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,7 +32,45 @@ import orjson
 from ingest import constants
 from ingest.config import Settings
 
-__all__ = ["add_command", "build_status", "local_spool_depth"]
+__all__ = ["add_command", "build_status", "local_spool_depth", "shown", "shown_json"]
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def shown(text: str) -> str:
+    """``text`` as a terminal may print it: every character that is not printable (C0 and C1
+    controls, bidirectional and other format characters, line separators) as a Python-style
+    escape, and backslashes doubled so an escape shown cannot be one the sender typed."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else
+                   ("\\\\" if c == "\\" else _escape(c)) for c in text)
+
+
+# Outside printable ASCII: what shown_json looks at (orjson already escapes C0 controls).
+_NON_ASCII = re.compile(r"[^\x20-\x7e]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code > 0xFFFF:  # a surrogate pair, as JSON spells characters past the BMP
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def shown_json(value: Any) -> str:
+    """``value`` as JSON with every non-printable character as a ``\\uXXXX`` escape: the same
+    data once parsed, nothing a terminal acts on when printed."""
+    return _NON_ASCII.sub(_json_escape, orjson.dumps(value).decode())
 
 
 def local_spool_depth(directory: Path) -> int:
@@ -240,7 +284,7 @@ def cmd_refused(args: argparse.Namespace) -> int:
     finally:
         redis.close()
     if args.json:
-        sys.stdout.write(orjson.dumps(records).decode() + "\n")
+        sys.stdout.write(shown_json(records) + "\n")
         return 0
     if not records:
         print("no refused requests kept (the last 100 per provider are kept for 7 days)")
@@ -252,12 +296,18 @@ def cmd_refused(args: argparse.Namespace) -> int:
     console = Console()
     for r in records:
         length = r.get("content_length")
-        console.print(f"{_when(_iso(float(r.get('time') or 0)))}  {r['provider']}  "
-                      f"{r.get('reason', '?')}  client={r.get('client') or '-'}  "
-                      f"length={'-' if length is None else length}",
+        try:
+            when = _when(_iso(float(r.get("time") or 0)))
+        except (TypeError, ValueError):
+            when = "?"
+        headers = r.get("headers")
+        names = ", ".join(str(h) for h in headers) if isinstance(headers, list) else ""
+        # shown(): what the sender chose (user agent, header names) never acts on the terminal.
+        console.print(shown(f"{when}  {r['provider']}  {r.get('reason', '?')!s}  "
+                            f"client={r.get('client') or '-'}  "
+                            f"length={'-' if length is None else length}"),
                       markup=False, highlight=False)
-        console.print(f"  ua={r.get('user_agent') or '-'}  "
-                      f"headers={', '.join(r.get('headers') or []) or '-'}",
+        console.print(shown(f"  ua={r.get('user_agent') or '-'}  headers={names or '-'}"),
                       markup=False, highlight=False)
     return 0
 
