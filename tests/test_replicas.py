@@ -62,6 +62,14 @@ class Pair:
         wait_until(lambda: client.info("replication").get("master_link_status") == "up", 10,
                    "the replica in sync")
         client.close()
+        # The link is up; the primary counts the replica once it acknowledges an offset. Until
+        # then a short WAIT may come back short on a loaded machine: wait for one generous one.
+        primary = Redis.from_url(self.primary.url, socket_timeout=10)
+        try:
+            wait_until(lambda: int(primary.execute_command("WAIT", 1, 2000)) >= 1, 30,
+                       "the replica to acknowledge the primary's writes")
+        finally:
+            primary.close()
 
     def on_replica(self, key: str) -> bool:
         client = self._replica()
@@ -171,7 +179,9 @@ def test_worker_finishes_a_job_only_once_a_replica_has_its_deliver_jobs(
     assert job.retries_left is not None and job.retries_left < len(job.retry_intervals or [])
 
     pair.attach()
-    rt.ingest_queue.enqueue_job(job)  # its backoff, cut short
+    # Its backoff, cut short, as RQ's scheduler ends one: out of the registry, onto the queue.
+    rt.ingest_queue.scheduled_job_registry.remove(job)
+    rt.ingest_queue.enqueue_job(job)
     worker(rt).work(burst=True, with_scheduler=False, logging_level="WARNING")
     queue = rt.ingest_queue
     # Done: not waiting, not scheduled for a retry, not failed.
