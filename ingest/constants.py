@@ -78,6 +78,11 @@ GROUP_COMMIT_MAX_WAIT = 0.025
 MAX_GROUP_JOBS = 16
 # RQ job timeout for process_batch and deliver jobs (seconds).
 JOB_TIMEOUT = 300
+# Most events one deliver job holds (workers.fanout); a sink may set a lower job_events. A
+# fan-out to a sink larger than its bound becomes a chain of jobs of at most that many.
+MAX_JOB_EVENTS = 1000
+# Most events one deliver job of an HTTP sink holds (posted one by one), whatever its timeout.
+MAX_JOB_EVENTS_HTTP = 100
 # The two job functions, by name: whoever enqueues or inspects jobs need not import them.
 PROCESS_BATCH = "workers.jobs.process_batch"
 DELIVER = "workers.jobs.deliver"

@@ -3,11 +3,15 @@ and ``ingest check``.
 
 >>> reason("CRM answered 404: no page https://crm.example/hook/abc?apikey=k1 (Bearer tok123456)")
 'CRM answered 404: no page https://crm.example/… (Bearer ****)'
+>>> receiver_text("Contact already exists: jane@example.com, +1 (415) 555-0134")
+'Contact already exists: ****@****, ****'
 
-A receiver may echo the request back (its 404 page quotes the URL, its 401 the header), so
-everything that looks like a URL path, a query string, a credential parameter or an
-authorization scheme is masked, as is every configured secret; and a reason is one readable
-line: its first line, control characters removed, bounded in length.
+A receiver may echo the request back (its 404 page quotes the URL, its 401 the header, its 422
+the contact's address), so everything that looks like a URL path, a query string, a credential
+parameter, an authorization scheme, a signature (the whole ``v1,<base64>``) or an email address
+is masked, as is every configured secret; text a receiver wrote (:func:`receiver_text`) also
+has its phone numbers masked. A reason is one readable line: its first line, control
+characters removed, bounded in length.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["MASK", "clean_line", "mask_dsn", "mask_secrets", "mask_url", "reason", "redact_text"]
+__all__ = ["MASK", "clean_line", "mask_dsn", "mask_secrets", "mask_url", "reason",
+           "receiver_text", "redact_text"]
 
 MASK = "****"
 # Longest reason kept (characters): enough for a status line and the start of an answer.
@@ -37,8 +42,17 @@ _PARAM = re.compile(
     r"(\"?)[^\s&\"',;]+")
 # Authorization schemes followed by their credential.
 _AUTH = re.compile(r"(?i)\b(bearer|basic|token|digest)(\s+)[A-Za-z0-9._~+/=:-]{6,}")
-# Standard Webhooks and provider signatures: v1,<base64> / sha256=<hex>.
-_SIGNATURE = re.compile(r"(?i)\b(v1,|sha256=|sha1=)[A-Za-z0-9+/=_-]{16,}")
+# Standard Webhooks and provider signatures: v1,<base64> (v1a, asymmetric) / sha256=<hex>.
+# Masked before credential parameters: ``sig=v1,<base64>`` would otherwise lose only "v1".
+_SIGNATURE = re.compile(r"(?i)\b(v1a?,|sha256=|sha1=)[A-Za-z0-9+/=_-]{16,}")
+# An email address, also spelled with a fullwidth or small commercial at (NFKC gives "@").
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.!#$%&'*+=?^`{|}~-]{1,64}[@\uff20\ufe6b]"
+                    r"[\w-]+(?:\.[\w-]+)+")
+EMAIL_MASK = "****@****"
+# Something that may be a phone number: digits with the separators people write, 7 to 15
+# digits in all (counted in _phone_sub), optionally behind + or 00.
+_PHONE = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().\-/]{4,}\d(?![\w])")
+_PHONE_DIGITS = (7, 15)
 # Every control character (C0, DEL and C1), and line/paragraph separators.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -111,9 +125,29 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     text = _URL.sub(_url_sub, text)
     text = _QUERY.sub("?…", text)
     text = _PATH.sub("/…", text)
+    text = _EMAIL.sub(EMAIL_MASK, text)
+    text = _SIGNATURE.sub(lambda m: m.group(1) + MASK, text)
     text = _PARAM.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
-    text = _AUTH.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
-    return _SIGNATURE.sub(lambda m: m.group(1) + MASK, text)
+    return _AUTH.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
+
+
+def _phone_sub(match: re.Match[str]) -> str:
+    digits = sum(c.isdigit() for c in match.group())
+    low, high = _PHONE_DIGITS
+    return MASK if low <= digits <= high else match.group()
+
+
+def receiver_text(text: object, secrets: Iterable[str] = (),
+                  limit: int = MAX_REASON_CHARS) -> str:
+    """What a receiver wrote (its reason phrase, the start of its answer) as a reason may
+    quote it: :func:`reason`, and phone numbers masked too. A receiver's error often quotes
+    the contact it refused (``422 Contact already exists: jane@example.com``); our own text
+    never holds one, so only the receiver's is searched for numbers that may be phones."""
+    try:
+        raw = str(text)
+    except Exception:  # a hostile __str__
+        raw = type(text).__name__
+    return reason(_PHONE.sub(_phone_sub, raw[: 20 * limit]), secrets, limit)
 
 
 def reason(text: object, secrets: Iterable[str] = (), limit: int = MAX_REASON_CHARS) -> str:

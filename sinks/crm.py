@@ -10,7 +10,22 @@ rotates without downtime.
 Answers: 2xx delivered. 5xx, 408, 429 and network errors are transient (``Retry-After`` is
 honoured by the retry schedule). A 3xx is permanent: redirects are never followed, because a
 signed body re-sent to wherever a ``Location`` points is how secrets leak. Any other 4xx is
-permanent for that event alone; the other events of the batch count as delivered.
+permanent for that event alone; the other events of the batch count as delivered. Each request
+ends within ``CRM_TIMEOUT`` in all (not per read), and reads at most 64 KiB of the answer
+(sinks._http); what the receiver wrote is quoted in a reason only redacted, its emails and
+phone numbers masked too.
+
+Progress per event: right after the receiver's 2xx, a mark in Redis (``crm:<target>:sent:<event
+id>``, holding a digest of the body sent, kept for ``INGEST_DEDUP_TTL``) records that the
+receiver has this event as it is; an event whose mark matches is not posted again. So a job
+that fails or times out half way and is retried (or a job split after a refusal) re-sends
+only what the receiver did not take. A body that changed (``ingest replay`` after a mapping
+change) is sent again. Without ``REDIS_URL`` (a replay on a machine without it) there are no
+marks: every event is posted, which the receiver deduplicates on ``webhook-id``.
+
+One deliver job holds at most :attr:`CrmSink.job_events` events (``JOB_TIMEOUT`` / 2 over
+``CRM_TIMEOUT``: 15 at the default 10 s), so a job's posts fit well inside its timeout even
+when every request takes its whole deadline (workers.fanout).
 
 Settings (``CRM_*`` or ``[sinks.crm]``): ``WEBHOOK_URL``, ``WEBHOOK_SECRET`` (required),
 ``EVENTS`` (globs over kind, default ``*``), ``HEADERS`` (extra headers, e.g. auth), ``TIMEOUT``.
@@ -22,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +45,7 @@ from typing import Any, ClassVar
 
 import httpx
 import orjson
+from redis import Redis
 
 from ingest import constants, safejson
 from ingest.config import Settings, parse_list
@@ -40,11 +57,12 @@ from sinks._http import (
     check_url,
     parse_retry_after,
     parse_timeout,
+    quote_receiver,
     safe_target,
     short_body,
 )
 
-__all__ = ["CrmSink", "parse_headers", "parse_secret", "sign"]
+__all__ = ["CrmSink", "SentMarks", "parse_headers", "parse_secret", "sign"]
 
 SECRET_PREFIX = "whsec_"
 # Headers the sink sets itself; CRM_HEADERS may not replace them.
@@ -119,6 +137,47 @@ def parse_headers(value: str | Mapping[str, Any] | None,
     return headers
 
 
+class SentMarks:
+    """Which events one receiver already accepted, as which body: a Redis key per event
+    (``<prefix><event id>`` holding a digest of the body), kept ``ttl`` seconds. Opened
+    lazily, from the URL, in the process that uses it."""
+
+    def __init__(self, redis_url: str, prefix: str, ttl: int) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.ttl = ttl
+        self._redis: Redis | None = None
+        self._pid = 0
+
+    def _conn(self) -> Redis:
+        if self._redis is None or self._pid != os.getpid():
+            from ingest.redis_conn import worker_redis
+
+            self._redis = worker_redis(self.redis_url)
+            self._pid = os.getpid()
+        return self._redis
+
+    def sent(self, marks: Mapping[str, bytes]) -> set[str]:
+        """Of ``marks`` (event id -> body digest), the events accepted with that body."""
+        if not marks:
+            return set()
+        ids = list(marks)
+        found = self._conn().mget([self.prefix + i for i in ids])
+        return {i for i, value in zip(ids, found) if value == marks[i]}
+
+    def mark(self, event_id: str, digest: bytes) -> None:
+        self._conn().set(self.prefix + event_id, digest, ex=self.ttl)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+
+def _body_digest(body: bytes) -> bytes:
+    return hashlib.sha256(body).hexdigest()[:32].encode()
+
+
 class CrmSink:
     name: ClassVar[str] = "crm"
     default_events: ClassVar[tuple[str, ...]] = ("*",)
@@ -126,7 +185,8 @@ class CrmSink:
     skip_stale_default: ClassVar[bool] = True
 
     def __init__(self, url: str, keys: Sequence[bytes], headers: Mapping[str, str] | None = None,
-                 timeout: float = constants.SINK_HTTP_TIMEOUT) -> None:
+                 timeout: float = constants.SINK_HTTP_TIMEOUT,
+                 marks: SentMarks | None = None) -> None:
         if not keys:
             raise ValueError("CrmSink needs at least one signing key")
         self.url = url
@@ -134,6 +194,11 @@ class CrmSink:
         self.keys = tuple(keys)
         self.headers = dict(headers or {})
         self.timeout = timeout
+        self.marks = marks
+        # Events one deliver job may hold: posted one after another, each within the timeout,
+        # they take at most half the job's timeout (workers.fanout splits larger fan-outs).
+        self.job_events = max(1, min(constants.MAX_JOB_EVENTS_HTTP,
+                                     int(constants.JOB_TIMEOUT / 2 // timeout)))
         self._client = ProcessClient(timeout)
         # Values an error message must never show, should a receiver echo them back.
         self._redact = tuple(self.headers.values()) + (url,)
@@ -152,7 +217,13 @@ class CrmSink:
             headers_value = table["HEADERS"]  # a TOML table, kept as one
         headers = parse_headers(headers_value)
         timeout = parse_timeout(section.get("TIMEOUT"), "CRM_TIMEOUT")
-        return cls(url, keys, headers, timeout)
+        marks = None
+        if settings.redis_url:
+            # Keys name the receiver by a digest of its URL: a new receiver gets everything.
+            target = hashlib.sha256(url.encode()).hexdigest()[:16]
+            marks = SentMarks(settings.redis_url, settings.names.key(f"crm:{target}:sent:"),
+                              settings.dedup_ttl)
+        return cls(url, keys, headers, timeout, marks)
 
     def __repr__(self) -> str:
         return f"<CrmSink {self.target} headers={sorted(self.headers)}>"
@@ -164,11 +235,24 @@ class CrmSink:
 
     def send(self, events: Sequence[Event]) -> None:
         refused: dict[str, str] = {}
+        bodies: dict[str, bytes] = {}
         for event in events:
             try:
-                self._post(event)
+                bodies[event.id] = safejson.dumps(event.to_dict())
+            except safejson.Unserializable as exc:
+                refused[event.id] = f"event {event.id} {exc}"
+        digests = {i: _body_digest(b) for i, b in bodies.items()}
+        done = self.marks.sent(digests) if self.marks is not None else set()
+        for event in events:
+            if event.id not in bodies or event.id in done:
+                continue  # refused above, or the receiver already has it as it is
+            try:
+                self._post(event, bodies[event.id])
             except PermanentSinkError as exc:
                 refused[event.id] = str(exc)
+                continue
+            if self.marks is not None:
+                self.marks.mark(event.id, digests[event.id])
         if not refused:
             return
         first = next(iter(refused.values()))
@@ -177,14 +261,10 @@ class CrmSink:
         raise PermanentSinkError(f"{len(refused)} of {len(events)} events refused; first: {first}",
                                  event_ids=list(refused))
 
-    def _post(self, event: Event) -> None:
-        try:
-            body = safejson.dumps(event.to_dict())
-        except safejson.Unserializable as exc:
-            raise PermanentSinkError(f"event {event.id} {exc}", event_ids=[event.id]) from None
+    def _post(self, event: Event, body: bytes) -> None:
         headers = self.request_headers(event.id, body, int(time.time()))
         try:
-            response = self._client.get().post(self.url, content=body, headers=headers)
+            response = self._client.post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
             # The exception text is the library's, not ours: keep only its type and the
             # first line of its message, which for transport errors never holds the URL.
@@ -196,7 +276,7 @@ class CrmSink:
         if 200 <= status < 300:
             return
         # The reason phrase is the receiver's own text, like its body: quoted only redacted.
-        phrase = reason(response.reason_phrase, self._redact, limit=60)
+        phrase = quote_receiver(response.reason_phrase, limit=60, redact=self._redact)
         said = f"CRM at {self.target} answered {status} {phrase}".rstrip()
         if status >= 500 or status in _RETRYABLE_4XX:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -214,3 +294,5 @@ class CrmSink:
 
     def close(self) -> None:
         self._client.close()
+        if self.marks is not None:
+            self.marks.close()

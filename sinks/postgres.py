@@ -7,11 +7,20 @@ Sending the same batch twice changes nothing. Each table takes a batch in one st
 whose rows are one JSON document (``jsonb_to_recordset``): three statements per batch, not
 three per event.
 
-Data the database refuses (SQLSTATE classes 22, data exceptions such as a NUL byte in text,
-and 54, limits such as an index row too large), or that cannot be written as JSON, is a
-permanent error of the event that carries it, never "Postgres unavailable": a batch with such
-an event is written again event by event, and the error names only the events at fault, so
-the deliver job dead-letters them alone and the rest of the batch is stored.
+Everything accepted is storable. Postgres refuses U+0000 in text and jsonb (22P05), and an
+index entry past the btree limit (54000): such an event is stored in a form Postgres accepts
+and flagged ``sanitized`` (migrations/0009): each U+0000, in any string of any column (jsonb
+keys included), becomes U+FFFD, and an indexed value (``resource_type``, ``resource_id``,
+``contact_email``; ``webhook_records``' key) longer than ``MAX_INDEXED_BYTES`` becomes its start
+and the SHA-256 of the whole (:func:`storable_text`). The raw archive keeps the exact bytes
+(``webhook_deliveries.body`` is bytea), and the other sinks get the event as it was. A batch
+pays for this only when its JSON document holds an escaped U+0000 or a long indexed value.
+
+Data the database still refuses (other SQLSTATE classes 22, data exceptions, and 54, limits),
+or that cannot be written as JSON, is a permanent error of the event that carries it, never
+"Postgres unavailable": a batch with such an event is written again event by event, and the
+error names only the events at fault, so the deliver job dead-letters them alone and the
+rest of the batch is stored.
 ``delivery_id`` has no foreign key (see migrations/0002): this module is what keeps every
 stored event's delivery in the archive.
 In the same transaction, ``webhook_records`` takes the newest state of each record the events
@@ -20,6 +29,7 @@ are about (see ``_UPSERT_RECORD``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,7 +79,8 @@ NORMALIZED_COLUMNS = (
 )
 # Every column an insert writes (the order of the table).
 _EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "received_at",
-                  *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13])
+                  *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13],
+                  "sanitized")
 
 _INSERT_EVENT = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
@@ -86,7 +97,7 @@ RETURNING delivery_id
 # Each column's type as jsonb_to_recordset reads it; a column not named here is text.
 _EVENT_TYPES = {"id": "uuid", "occurred_at": "timestamptz", "received_at": "timestamptz",
                 "data": "jsonb", "previous": "jsonb", "changes": "jsonb",
-                "delivery_id": "uuid", "stale": "boolean"}
+                "delivery_id": "uuid", "stale": "boolean", "sanitized": "boolean"}
 _INSERT_EVENTS = f"""
 INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
 SELECT {", ".join(_EVENT_COLUMNS)} FROM jsonb_to_recordset(%s::jsonb)
@@ -97,6 +108,7 @@ RETURNING delivery_id
 
 _UPDATE_NORMALIZED = ("UPDATE webhook_events SET "
                       + ", ".join(f"{c} = %({c})s" for c in NORMALIZED_COLUMNS)
+                      + ", sanitized = %(sanitized)s"
                       + ", stale = stale AND NOT %(activity)s WHERE id = %(id)s")
 
 # The body is the exact text received (UTF-8, checked by the acceptor): its bytes again.
@@ -205,6 +217,78 @@ _DATA_CLASSES = ("22", "54")
 _MAX_KIND_CHARS = 100
 
 
+# Longest value (UTF-8 bytes) an indexed text column stores as it is: three of them in one
+# index entry stay well under the btree limit (about 2,700 bytes).
+MAX_INDEXED_BYTES = 800
+# The columns of webhook_events (and webhook_records' key) that an index holds.
+_INDEXED = ("resource_type", "resource_id", "contact_email")
+# Where a cut indexed value's digest starts.
+_CUT = "…sha256:"
+_NUL = "\x00"
+_REPLACEMENT = "\ufffd"
+
+
+def storable_text(value: str | None, indexed: bool = False) -> str | None:
+    """``value`` as Postgres stores it: U+0000 as U+FFFD and, for an indexed column, at most
+    ``MAX_INDEXED_BYTES`` bytes (its start, ``…sha256:`` and the hex SHA-256 of the whole, so
+    two long values stay apart)."""
+    if value is None:
+        return None
+    if _NUL in value:
+        value = value.replace(_NUL, _REPLACEMENT)
+    if indexed and len(value) * 4 > MAX_INDEXED_BYTES:
+        raw = value.encode("utf-8", "surrogatepass")
+        if len(raw) > MAX_INDEXED_BYTES:
+            digest = hashlib.sha256(raw).hexdigest()
+            room = MAX_INDEXED_BYTES - len((_CUT + digest).encode())
+            value = raw[:room].decode("utf-8", "ignore") + _CUT + digest
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    """A JSON value with U+0000 replaced in every string and key."""
+    if isinstance(value, str):
+        return value.replace(_NUL, _REPLACEMENT) if _NUL in value else value
+    if isinstance(value, dict):
+        return {(k.replace(_NUL, _REPLACEMENT) if isinstance(k, str) else k): _storable_json(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable_json(v) for v in value]
+    return value
+
+
+def _storable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An event's (or record's) row in a form Postgres accepts, ``sanitized`` set when that
+    changed anything."""
+    out: dict[str, Any] = {}
+    for column, value in row.items():
+        if isinstance(value, str):
+            out[column] = storable_text(value, column in _INDEXED)
+        elif isinstance(value, (dict, list)):
+            out[column] = _storable_json(value)
+        else:
+            out[column] = value
+    if "sanitized" in row:
+        out["sanitized"] = row["sanitized"] or any(out[c] != row[c] for c in row)
+    return out
+
+
+def _suspect(doc: str, rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether a batch's rows may hold something Postgres refuses: an escaped U+0000 in their
+    JSON document (orjson writes U+0000 as ``\\u0000``), or a long indexed value."""
+    return "\\u0000" in doc or any(
+        isinstance(row.get(c), str) and len(row[c]) * 4 > MAX_INDEXED_BYTES
+        for row in rows for c in _INDEXED)
+
+
+def _storable_doc(rows: list[dict[str, Any]]) -> str:
+    """The JSON document of a batch's rows, each in a form Postgres accepts."""
+    doc = _json_rows(rows)
+    if _suspect(doc, rows):
+        doc = _json_rows([_storable_row(row) for row in rows])
+    return doc
+
+
 def _json(value: Any) -> bytes:
     """The jsonb columns, written with orjson (several times faster than the standard
     library, which psycopg uses by default); what orjson refuses, the standard library writes."""
@@ -236,8 +320,10 @@ def _normalized(e: Event, adapt: bool) -> tuple[Any, ...]:
 
 
 def normalized_values(e: Event) -> dict[str, Any]:
-    """The event's normalized columns of webhook_events, as Python values (jsonb decoded)."""
-    return dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
+    """The event's normalized columns of webhook_events as stored (in the form Postgres
+    accepts: :func:`storable_text`), as Python values (jsonb decoded)."""
+    row = dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
+    return {c: v for c, v in _storable_row(row).items()}
 
 
 def _json_rows(rows: list[dict[str, Any]]) -> str:
@@ -251,7 +337,7 @@ def _event_values(e: Event) -> dict[str, Any]:
     row = dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)))
     row.update(id=e.id, provider=e.provider, dedup_key=e.dedup_key,
                occurred_at=e.occurred_at.isoformat(), received_at=e.received_at.isoformat(),
-               delivery_id=e.delivery_id, stale=e.stale)
+               delivery_id=e.delivery_id, stale=e.stale, sanitized=False)
     return row
 
 
@@ -346,6 +432,7 @@ def superseded_in_records(conn: psycopg.Connection[Any], events: Sequence[Event]
     about = [(e, r) for e in events if (r := e.state_record) is not None]
     if not about:
         return set()
+    about = [(e, _stored_record(r)) for e, r in about]
     keys = sorted({r for _, r in about})
     found = conn.execute(
         "SELECT r.provider, r.resource_type, r.resource_id, r.occurred_at, r.event_id"
@@ -363,6 +450,13 @@ def superseded_in_records(conn: psycopg.Connection[Any], events: Sequence[Event]
     return out
 
 
+def _stored_record(record: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A record's key as webhook_records stores it (:func:`storable_text`)."""
+    provider, resource_type, resource_id = record
+    return (storable_text(provider) or "", storable_text(resource_type, True) or "",
+            storable_text(resource_id, True) or "")
+
+
 def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
     """Bring webhook_records up to date with ``events``, inside the caller's transaction.
     Rows are written in key order, so two batches touching the same records lock them in the
@@ -377,11 +471,26 @@ def _upsert_records(cur: psycopg.Cursor[Any], events: Sequence[Event]) -> None:
     # Of a batch's events about one record, only the newest can be the record's state once
     # they are all applied in (occurred_at, id) order: it is the only one written.
     if newest:
-        cur.execute(_UPSERT_RECORD, [_json_rows([
-            {"provider": record[0], "resource_type": record[1], "resource_id": record[2],
-             "occurred_at": e.occurred_at.isoformat(), "kind": _stored_kind(e),
-             "event_id": e.id, "data": e.data, "deleted": e.deletes}
-            for record, e in sorted(newest.items(), key=lambda pair: pair[0])])])
+        rows = [{"provider": record[0], "resource_type": record[1], "resource_id": record[2],
+                 "occurred_at": e.occurred_at.isoformat(), "kind": _stored_kind(e),
+                 "event_id": e.id, "data": e.data, "deleted": e.deletes}
+                for record, e in newest.items()]
+        doc = _json_rows(rows)
+        if _suspect(doc, rows):
+            rows = [_storable_row(row) for row in rows]
+        # In the order of the stored keys (those of long ids are cut), see above.
+        rows.sort(key=lambda r: (r["provider"], r["resource_type"], r["resource_id"]))
+        cur.execute(_UPSERT_RECORD, [_json_rows(rows)])
+
+
+def _update_params(e: Event) -> dict[str, Any]:
+    """The parameters of _UPDATE_NORMALIZED for one event, in the form Postgres accepts."""
+    raw = dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=False)), sanitized=False)
+    row = _storable_row(raw)
+    for column in ("data", "previous", "changes"):
+        if row[column] is not None or column == "data":
+            row[column] = Jsonb(row[column], dumps=_json)
+    return dict(row, id=e.id, activity=e.activity)
 
 
 class PostgresSink:
@@ -438,7 +547,7 @@ class PostgresSink:
             # round trips to Postgres per batch instead of five.
             with conn.pipeline(), conn.transaction(), conn.cursor() as cur, \
                     conn.cursor() as records:
-                cur.execute(_INSERT_EVENTS, [_json_rows([_event_values(e) for e in events])])
+                cur.execute(_INSERT_EVENTS, [_storable_doc([_event_values(e) for e in events])])
                 _upsert_records(records, events)
                 new_deliveries = {str(row[0]) for row in cur.fetchall() if row[0] is not None}
                 missing = new_deliveries - deliveries.keys()
@@ -477,10 +586,7 @@ class PostgresSink:
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(_UPDATE_NORMALIZED, [
-                    dict(zip(NORMALIZED_COLUMNS, _normalized(e, adapt=True)), id=e.id,
-                         activity=e.activity)
-                    for e in events])
+                cur.executemany(_UPDATE_NORMALIZED, [_update_params(e) for e in events])
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
             self.close()
             raise TransientSinkError(f"Postgres unavailable: {exc}") from exc

@@ -257,6 +257,9 @@ class SlackSink:
     # Nobody needs to read about a change that a newer one already replaced.
     skip_stale_default: ClassVar[bool] = True
 
+    # One deliver job holds at most one digest's worth of events (workers.fanout).
+    job_events: ClassVar[int] = SLACK_DIGEST_MAX
+
     def __init__(self, url: str, redis_url: str, names: Names,
                  done_ttl: int = constants.DEFAULT_DEDUP_TTL,
                  timeout: float = constants.SINK_HTTP_TIMEOUT,
@@ -391,7 +394,7 @@ class SlackSink:
 
     def _post(self, payload: dict[str, Any]) -> None:
         try:
-            response = self._client.get().post(self.url, json=payload)
+            response = self._client.post(self.url, json=payload)
         except httpx.TransportError as exc:
             raise TransientSinkError(f"Slack webhook unreachable: {type(exc).__name__}") from None
         status = response.status_code

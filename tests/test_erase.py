@@ -327,3 +327,27 @@ def test_suppress_drops_the_contacts_future_events_until_lifted(
     drain(runtime)
     assert {r["contact_email"] for r in rows(database_url, "SELECT * FROM webhook_events")} \
         == {BOB, JANE}
+
+
+@pytest.mark.parametrize("spelled, given", [
+    ("jane.fw＠example.com", "jane.fw@example.com"),  # stored with a fullwidth at-sign
+    ("jane.fw@example.com", "jane.fw＠example.com"),  # typed with one
+    ("ｊａｎｅ.fw﹫example.com", "JANE.FW@example.com"),  # fullwidth letters, small at-sign
+])
+def test_erase_finds_an_address_however_unicode_spells_its_at_sign(
+        runtime: Runtime, settings: Settings, database_url: str, spelled: str,
+        given: str) -> None:
+    """NFKC: the fullwidth ＠ and the small ﹫ are the at-sign a person reads, in the data and
+    in what they type."""
+    rt = runtime
+    jane = outboundry_delivery(name="Jane Wide", email=spelled)
+    bob = outboundry_delivery(name="Bob Plain")
+    enqueue_batch(rt.ingest_queue, [jane, bob], rt.names.job_id("batch", "wide"))
+    drain(rt)
+    assert len(rows(database_url, "SELECT id FROM webhook_events")) == 2
+    report = erase(settings, EmailSubject(given))
+    assert report.counts["webhook_events"] == 1 and report.counts["webhook_deliveries"] == 1
+    left = rows(database_url, "SELECT contact_email FROM webhook_events")
+    assert [r["contact_email"] for r in left] == [bob["body"] and
+                                                 orjson.loads(bob["body"])["data"]["lead"]["email"]]
+    assert db_mentions(database_url, "example.com")["webhook_deliveries"] == 1

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest import constants
 from ingest.config import Settings
+from ingest.redaction import reason
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -82,10 +83,13 @@ def queues(settings: Settings, sink: str | None = None,
 
 
 def failure_reason(job: Job) -> str:
+    """The last line of the job's recorded exception, redacted once more: a reason written
+    before receivers' answers were redacted as they are now (an email a CRM echoed) is shown
+    masked too."""
     result = job.latest_result()
     text = (result.exc_string if result is not None else None) or ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no reason recorded: retries used up)"
+    return reason(lines[-1]) if lines else "(no reason recorded: retries used up)"
 
 
 def _ids(job: Job) -> tuple[str, ...]:

@@ -19,6 +19,11 @@ started here rather than by its ``start_http_server`` only to choose how often t
 thread looks for a stop: every ``_STOP_CHECK`` seconds, not 0.5, so a worker told to stop
 is not kept waiting for it (the module docstring of workers/watchdog.py says why that
 matters).
+
+A worker forks its scheduler (workers.watchdog), and a forked child inherits every open file,
+the metrics port's listening socket included: a scheduler still finishing (or outliving a
+worker killed with SIGKILL) would keep the port, and the restarted worker would fail with
+"Address already in use". So a forked child closes its copy of the socket at once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,28 @@ from ingest.exceptions import ConfigError
 __all__ = ["WorkerMetrics", "clean_multiproc_dir"]
 
 log = logging.getLogger("workers.exposition")
+
+# The metrics servers listening in this process: a forked child closes its copies at once.
+_listening: set[Any] = set()
+_fork_hook_installed = False
+
+
+def _close_inherited_sockets() -> None:
+    """In a freshly forked child: close the listening sockets it inherited (its parent keeps
+    serving on them); the serving threads did not come along anyway."""
+    for server in list(_listening):
+        try:
+            server.socket.close()
+        except OSError:
+            pass
+    _listening.clear()
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_close_inherited_sockets)
+        _fork_hook_installed = True
 
 # The environment variable prometheus-client reads to switch to multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -155,12 +182,15 @@ class WorkerMetrics:
             self.close()
             raise ConfigError(PORT_SETTING, f"cannot listen on {self.host}:{self.port}: "
                                             f"{exc.strerror or exc}") from None
+        _install_fork_hook()
+        _listening.add(self._server)
         log.info("serving metrics on http://%s:%d/metrics", self.host, self.port,
                  extra={"port": self.port})
         return self
 
     def close(self) -> None:
         if self._server is not None:
+            _listening.discard(self._server)
             self._server.shutdown()
             self._server.server_close()
             self._server = None

@@ -31,7 +31,7 @@ from ingest.kinds import UNKNOWN
 from ingest.redaction import reason
 from ingest.rq_jobs import deliver_retry, enqueue_new
 from sinks.registry import EnabledSink
-from workers import dedup, records, suppression
+from workers import dedup, fanout, records, suppression
 from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
@@ -70,13 +70,20 @@ def _job_form(event: Event, rendered: Mapping[str, dict[str, Any]]) -> dict[str,
 
 def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[str, Delivery],
                        rendered: Mapping[str, dict[str, Any]] | None = None) -> int:
-    """One deliver job per sink whose filter matches; ids make re-enqueueing a no-op.
+    """One deliver job per sink whose filter matches, or, past the sink's bound, several
+    (workers.fanout: bounded jobs, a chain per bulk delivery); ids make re-enqueueing a no-op.
     ``rendered``: ``to_job()`` of events by id, as already made (see :func:`process_batch`)."""
     rendered = rendered or {}
     created = 0
     for name, enabled in rt.sinks.items():
         chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
         if not chosen:
+            continue
+        if len(chosen) > fanout.job_events(enabled):
+            forms = {e.id: _job_form(e, rendered) for e in chosen}
+            raws = enabled.deliveries_for(chosen, deliveries) or {}
+            created += fanout.enqueue_bounded(rt, name, enabled, chosen, forms,
+                                              {i: d.to_dict() for i, d in raws.items()})
             continue
         wanted = enabled.deliveries_for(chosen, deliveries)
         raw = None if wanted is None else [d.to_dict() for d in wanted.values()]
@@ -247,11 +254,22 @@ def _alone_token(envelope: Any) -> str:
 
 
 def deliver(sink_name: str, events: list[dict[str, Any]],
-            deliveries: list[dict[str, Any]] | None = None) -> dict[str, int]:
+            deliveries: list[dict[str, Any]] | None = None,
+            chain: dict[str, Any] | None = None) -> dict[str, int]:
+    """Hand ``events`` to one sink. ``chain``: this job is a chunk of a bulk delivery's
+    chain (workers.fanout), whose next chunk it queues first."""
     rt = current_runtime()
     enabled = rt.sinks.get(sink_name)
     if enabled is None:
         raise PermanentSinkError(f"sink {sink_name!r} is not enabled here (INGEST_SINKS)")
+    if chain is not None:
+        fanout.hand_on(rt, sink_name, chain)
+    elif len(events) > fanout.job_events(enabled):
+        # Written before jobs were bounded (or re-queued from the dead letters): bounded now.
+        created = fanout.split_job(rt, sink_name, enabled, events, deliveries)
+        log.info("split %d events into bounded jobs", len(events),
+                 extra={"sink": sink_name, "count": created})
+        return {"delivered": 0, "rechunked": len(events)}
     evs = records.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
     skipped = {"stale": len(events) - len(evs)} if len(evs) < len(events) else {}
     if not evs:

@@ -206,6 +206,10 @@ def _rewrite(func: str, args: list[Any], scope: _Scope) -> list[Any] | None:
             # it). A rewritten delivery still holds it.
             events = [dict(e, delivery_id=None) if e.get("delivery_id") in removed else e
                       for e in events]
+        if len(args) > 3 and args[3]:
+            # A chunk of a bulk delivery's chain (workers.fanout) stays, if empty: it still
+            # queues the next chunk when it runs.
+            return [args[0], events, kept_raw, *args[3:]]
         return [args[0], events, kept_raw, *args[3:]] if events else None
     # A job we do not know the shape of: recognize the subject in its decoded arguments.
     return None if subject.in_value(args) else args

@@ -16,6 +16,13 @@ the same escape there has more backslashes. Every place is therefore looked at i
    envelope's body, are decoded too), compared string by string, case-insensitively, as a whole
    address: ``mary.jane@example.com`` and ``jane@example.community`` are other people.
 
+Other spellings of the address a person would call the same (Unicode NFKC): the address given
+is normalized (``jane＠example.com`` typed with a fullwidth at-sign is ``jane@example.com``),
+and text holding a compatibility character that NFKC turns into one of the address's (the
+fullwidth ``＠``, the small ``﹫``, fullwidth letters and digits), as is or as a JSON escape, is
+compared in its NFKC form too. Postgres pre-selects such rows by their at-sign (any of its
+spellings); the rest of the address is confirmed in Python.
+
 A record (``--resource``) is recognized by the events its deliveries normalize into; the same
 cheap test on its id spares normalizing deliveries that cannot be about it.
 
@@ -33,8 +40,10 @@ goes whole too: one event's values cannot be split between people.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import unicodedata
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +125,31 @@ def _literal(char: str) -> str:
     return rf"\u{code:04x}" if code <= 0xFFFF else rf"\U{code:08x}"
 
 
+# Where the compatibility characters a person would read as an address's are: general
+# punctuation, small form variants, halfwidth and fullwidth forms.
+_COMPAT_RANGES = ((0x2000, 0x2070), (0xFE50, 0xFE70), (0xFF00, 0xFFF0))
+
+
+@functools.cache
+def _compat_spellings() -> dict[str, tuple[str, ...]]:
+    """For each character, the other single characters NFKC turns into it (``@``: ``＠``,
+    ``﹫``; ``a``: ``ａ``, ...), from the ranges above."""
+    found: dict[str, list[str]] = {}
+    for low, high in _COMPAT_RANGES:
+        for code in range(low, high):
+            char = chr(code)
+            folded = unicodedata.normalize("NFKC", char)
+            if len(folded) == 1 and folded != char:
+                found.setdefault(folded.lower(), []).append(char)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def _variants_of(text: str) -> list[str]:
+    """The compatibility spellings of every character of ``text`` (see above)."""
+    spellings = _compat_spellings()
+    return sorted({v for c in set(text.lower()) for v in spellings.get(c, ())})
+
+
 def _looks_like_json(text: str) -> bool:
     head = text[:64].lstrip()
     return head[:1] in ("{", "[")
@@ -179,11 +213,28 @@ class EmailSubject:
     _escapes: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _escapes_b: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
 
+    _wide: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _wide_b: re.Pattern[bytes] | None = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        if "@" not in self.address or len(self.address.strip()) < 3:
+        # NFKC: an address typed with a fullwidth ＠ (or letters) is the ASCII address.
+        address = unicodedata.normalize("NFKC", self.address).strip().lower()
+        if "@" not in address or len(address) < 3:
             raise ValueError("--email needs an email address")
-        address = self.address.strip().lower()
         object.__setattr__(self, "address", address)
+        # Text holding another spelling of one of the address's characters, as is or as a
+        # JSON escape, is looked at again in its NFKC form.
+        variants = _variants_of(address)
+        wide = None
+        wide_b = None
+        if variants:
+            escapes = "|".join(f"u{ord(v):04x}" for v in variants)
+            wide = re.compile("[" + "".join(re.escape(v) for v in variants) + "]|\\\\+(?:"
+                              + escapes + ")", re.IGNORECASE)
+            wide_b = re.compile(b"|".join(re.escape(v.encode()) for v in variants)
+                                + b"|\\\\+(?:" + escapes.encode() + b")", re.IGNORECASE)
+        object.__setattr__(self, "_wide", wide)
+        object.__setattr__(self, "_wide_b", wide_b)
         object.__setattr__(self, "_loose", re.compile(escaped_pattern(address), re.IGNORECASE))
         object.__setattr__(self, "_exact", re.compile(_BEFORE + re.escape(address) + _AFTER,
                                                       re.IGNORECASE))
@@ -206,13 +257,23 @@ class EmailSubject:
                 low_b = text.lower()
                 if self.address.encode() in low_b:
                     return True
-                if self._escapes_b.search(low_b) is None:
+                if self._escapes_b.search(low_b) is None and (
+                        self._wide_b is None or self._wide_b.search(text) is None):
                     return False
             text = text.decode("utf-8", "replace")
         low = text.lower()
         if self.address in low:
             return True
-        return self._escapes.search(low) is not None and self._loose.search(text) is not None
+        if self._escapes.search(low) is not None and self._loose.search(text) is not None:
+            return True
+        # Another spelling (＠, fullwidth letters): as is, in NFKC form; escaped, maybe.
+        if self._wide is None or (found := self._wide.search(text)) is None:
+            return False
+        return "\\" in found.group() or self.address in self._folded(text)
+
+    @staticmethod
+    def _folded(text: str) -> str:
+        return unicodedata.normalize("NFKC", text).lower()
 
     def in_text(self, text: str) -> bool:
         return self._walk([(text, 0)])
@@ -248,6 +309,9 @@ class EmailSubject:
             return False
         if self._exact.search(text):
             return True
+        if self._wide is not None and self._wide.search(text) is not None \
+                and self._exact.search(self._folded(text)):
+            return True
         if depth < _MAX_NESTING and _looks_like_json(text):
             try:
                 stack.append((orjson.loads(text), depth + 1))
@@ -267,7 +331,12 @@ class EmailSubject:
         starts = sorted({f"\\u{ord(v):04x}"[:4] for c in self.address
                          for v in {c, c.upper()} if len(v) == 1})
         starts += [f"\\{c}" for c in sorted(set(self.address) & set('/"'))]
+        # An address whose at-sign is spelled otherwise (＠, ﹫), as is or escaped.
+        ats = [a for c in _compat_spellings().get("@", ()) for a in (c, f"\\u{ord(c):04x}")]
+        starts += ats
         guard = " OR ".join(f"strpos({{x}}, %(g{i})s) > 0" for i in range(len(starts)))
+        wide = " OR ".join(f"strpos({{x}}, %(g{i})s) > 0"
+                           for i in range(len(starts) - len(ats), len(starts)))
         return SqlMatch(
             events="lower(e.contact_email) = %(a)s",
             records="false",
@@ -275,7 +344,7 @@ class EmailSubject:
                     "rx": escaped_pattern(self.address),
                     **{f"g{i}": start for i, start in enumerate(starts)}},
             text=f"(strpos({{x}}, %(a)s) > 0 OR (({guard}) AND {{x}} ~ %(esc)s"
-                 " AND {x} ~* %(rx)s))",
+                 " AND {x} ~* %(rx)s)" + (f" OR {wide}" if wide else "") + ")",
         )
 
 

@@ -18,8 +18,9 @@ secret). Kept with the archived delivery: ``outreach-org-id`` (the Outreach orga
 ``outreach-webhook-cleanup-token``, a credential (it deregisters the webhook even after API
 access is revoked).
 
-Dedup key: event name + resource type + id + ``attributes.updatedAt``; without ``updatedAt``, a
-digest of ``data`` (never of ``meta``: ``deliveredAt`` changes between attempts). A destroyed
+Dedup key: event name + resource type + id + ``attributes.updatedAt``; without ``updatedAt`` or
+without an id (blank, 0 or null), a digest of ``data`` (never of ``meta``: ``deliveredAt``
+changes between attempts). A destroyed
 resource carries its last-known attributes, so its ``updatedAt`` is stale (seen live: 20 s
 before the delete): it still keys the event (stable across retries), but ``occurred_at`` is
 ``meta.deliveredAt``.
@@ -174,7 +175,12 @@ class OutreachProvider(SignedProvider):
         action = event_type.rpartition(".")[2] or None
 
         updated_at = time_key(attributes.get("updatedAt"))
-        version = updated_at or f"data:{canonical_digest(data)}"
+        # Without an id, updatedAt does not tell two resources apart (two blank-id events of one
+        # second would share a key, and the second be dropped as a copy): the data decides, as
+        # for Salesloft.
+        identified = resource_id not in (None, "", "0")  # Outreach ids start at 1
+        version = (updated_at if identified and updated_at
+                   else f"data:{canonical_digest(data)}")
         dedup_key = "|".join([event_type, resource_type or "", resource_id or "", version])
 
         delivered_at = parse_time(meta.get("deliveredAt"))

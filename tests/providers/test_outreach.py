@@ -318,3 +318,25 @@ def test_the_tenant_is_the_outreach_org_id_header_and_it_is_kept(
     }
     (event,) = rows(database_url, "SELECT workspace_id FROM webhook_events")
     assert event["workspace_id"] == ORG
+
+
+@pytest.mark.parametrize("blank", ["", None, 0])
+def test_events_without_an_id_and_the_same_updated_at_are_two_events(blank: Any) -> None:
+    """A blank data.id does not identify a resource: two such events of one second with
+    different data are two events (the data's digest keys them, as for Salesloft), and the
+    same one again is still one."""
+
+    def payload(title: str) -> dict[str, Any]:
+        return {"data": {"type": "prospect", "id": blank,
+                         "attributes": {"title": title, "updatedAt": "2026-06-04T05:00:00Z"}},
+                "meta": {"eventName": "prospect.updated",
+                         "deliveredAt": "2026-06-04T05:00:01Z"}}
+
+    first, second = _event(payload("CTO")), _event(payload("CEO"))
+    assert first.dedup_key != second.dedup_key and first.id != second.id
+    again = payload("CTO")
+    again["meta"]["deliveredAt"] = "2026-06-04T05:00:02Z"  # a retry
+    assert _event(again).id == first.id
+    named = payload("CTO")
+    named["data"]["id"] = 42
+    assert _event(named).dedup_key == "prospect.updated|prospect|42|2026-06-04T05:00:00+00:00"

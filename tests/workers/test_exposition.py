@@ -186,3 +186,61 @@ def test_a_metrics_port_in_use_stops_start_up_naming_the_variable(
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "INGEST_METRICS_PORT" in result.stderr and str(port) in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _listening_inode(port: int) -> str | None:
+    """The socket inode listening on 127.0.0.1:``port`` (from /proc/net/tcp), if any."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
+            return fields[9]
+    return None
+
+
+def _holds_socket(pid: int, inode: str) -> bool:
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_restarted_worker_gets_its_metrics_port_while_the_old_scheduler_lingers(
+        worker_env: dict[str, str], stop_at_end: list[subprocess.Popen[str]]) -> None:
+    """A worker forks its scheduler. The scheduler must not keep the metrics port's socket:
+    here it is frozen (SIGSTOP, so it cannot exit) and its worker killed, as a SIGKILLed
+    container's would linger; a new worker on the same port must still start and serve."""
+    port = int(worker_env["INGEST_METRICS_PORT"])
+    queue = Settings.from_env(worker_env).names.ingest_queue
+    first = ingest("worker", "--queue", queue, env=worker_env)
+    stop_at_end.append(first)
+    wait_until(lambda: serving(port) or first.poll() is not None, 60, "first worker's /metrics")
+    wait_until(lambda: bool(_children(first.pid)), 30, "the forked scheduler")
+    scheduler = _children(first.pid)[0]
+    inode = _listening_inode(port)
+    assert inode is not None
+    assert _holds_socket(first.pid, inode)
+    assert not _holds_socket(scheduler, inode), "the forked scheduler kept the metrics socket"
+    os.kill(scheduler, signal.SIGSTOP)
+    try:
+        first.kill()
+        first.wait(timeout=30)  # (its output pipe stays open in the frozen scheduler)
+        second = ingest("worker", "--queue", queue, env=worker_env)
+        stop_at_end.append(second)
+        wait_until(lambda: serving(port) or second.poll() is not None, 60, "second /metrics")
+        assert second.poll() is None, second.communicate()[0][-2000:]
+        assert serving(port)
+    finally:
+        os.kill(scheduler, signal.SIGKILL)
+        if first.stdout is not None:
+            first.stdout.close()
