@@ -85,10 +85,15 @@ def test_waiting_deliver_jobs_go_to_postgres_in_one_send_each_finished_with_its_
 
 def test_a_group_whose_send_fails_runs_each_job_alone_and_only_the_bad_event_fails(
         runtime: Any, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    # A NUL character: valid JSON, refused by Postgres (jsonb cannot hold \u0000).
-    bad = envelope(21, {"note": "a\u0000b"})
+    bad = envelope(21)
     ids = deliver_jobs(runtime, [envelope(10), envelope(11)], [envelope(20), bad],
                        [envelope(30)])
+    # An event its sink refuses for good: the Postgres sink refuses one whose raw delivery
+    # did not come with it (it keeps every stored event's delivery). Taken out of its job.
+    job = Job.fetch(ids[1], connection=runtime.redis, serializer=FastJSONSerializer)
+    sink_name, events, raw = job.args
+    job.args = (sink_name, events, [d for d in raw if d["id"] != bad["id"]])
+    job.save()
     with caplog.at_level(logging.WARNING, logger="workers.watchdog"):
         worker(runtime).work(burst=True, with_scheduler=False)
 
