@@ -106,3 +106,16 @@ def test_retry_after_reads_seconds_dates_and_the_reset_header() -> None:
     assert retry_after(httpx.Headers({"Retry-After": "-5"}), now) == 0.0
     assert retry_after(httpx.Headers({"Retry-After": "soon"}), now) is None
     assert retry_after(httpx.Headers({"Retry-After": "99999"}), now) == 300.0
+
+
+def test_the_limits_the_docs_state_are_the_clients() -> None:
+    from pathlib import Path
+
+    from ingest.subscriptions import http
+
+    text = " ".join((Path(__file__).resolve().parents[2] / "docs" / "operations.md")
+                    .read_text().split())
+    assert (http.CALL_DEADLINE, http.REQUEST_TIMEOUT) == (60.0, 10.0)
+    assert http.MAX_ANSWER_BYTES == 1024 * 1024
+    assert ("Each API call ends within 60 s whatever happens (each attempt within 10 s), "
+            "reads at most 1 MiB") in text
