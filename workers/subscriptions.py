@@ -26,10 +26,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from ingest.exceptions import ConfigError
 from ingest.rq_jobs import make_job
 from ingest.subscriptions.access import check_every, public_url
 from ingest.subscriptions.model import SubscriptionError
 from ingest.subscriptions.run import check_provider, managed_providers
+from ingest.subscriptions.state import Health, write_health
 from workers.runtime import Runtime, current_runtime
 
 __all__ = ["CHECK_JOB", "run_check", "schedule", "schedule_at_start"]
@@ -46,12 +48,24 @@ def _checked(runtime: Runtime) -> list[str]:
             if runtime.settings.secrets_for(name)]
 
 
+def _validate(runtime: Runtime, names: list[str]) -> None:
+    """Read every checked provider's API settings now (no request is made): a malformed one
+    stops the starting worker naming the variable, instead of failing each check later."""
+    providers = managed_providers()
+    for name in names:
+        api = providers[name].subscriptions(runtime.settings, None)
+        if api is not None:
+            api.close()
+
+
 def schedule(runtime: Runtime, now: float | None = None, after: int | None = None) -> bool:
     """Schedule the check of the next slot (after slot ``after``, when the check of that
     slot asks) unless a worker already did. True when this call did."""
     every = check_every(runtime.settings)
-    if every is None or public_url(runtime.settings) is None or not _checked(runtime):
+    names = _checked(runtime)
+    if every is None or public_url(runtime.settings) is None or not names:
         return False
+    _validate(runtime, names)
     now = time.time() if now is None else now
     slot = max(math.floor(now / every) + 1, (after or 0) + 1)
     marker = runtime.names.key(f"subscriptions:check:{slot}")
@@ -68,8 +82,8 @@ def schedule(runtime: Runtime, now: float | None = None, after: int | None = Non
 
 def schedule_at_start(runtime: Runtime) -> None:
     """At a worker's start: schedule the next check; Redis failing only postpones it (the
-    next worker start, or the running chain, schedules it). A malformed setting stops the
-    worker, naming it."""
+    next worker start, or the running chain, schedules it). A malformed setting (the public
+    URL, the interval, a provider's API access) stops the worker, naming it."""
     try:
         if schedule(runtime):
             log.info("scheduled the next webhook subscription check")
@@ -85,7 +99,11 @@ def run_check(slot: int) -> dict[str, Any]:
     for name in _checked(rt):
         try:
             plan = check_provider(rt.settings, rt.redis, name)
-        except SubscriptionError as exc:
+        except (SubscriptionError, ConfigError) as exc:
+            # Recorded like any failed check, so /metrics and `ingest status` show it; the
+            # job itself does not fail (it would be a dead letter of the ingest queue).
+            write_health(rt.redis, rt.names, Health(name, time.time(), False, [str(exc)],
+                                                    check_every(rt.settings), str(exc)))
             log.warning("subscription check of %s failed: %s", name, exc,
                         extra={"provider": name})
             results[name] = "error"

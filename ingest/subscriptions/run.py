@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from redis import Redis
 
@@ -57,7 +56,8 @@ def _connect(settings: Settings, redis: Redis, name: str,
 
 
 def _plan(settings: Settings, redis: Redis, name: str, api: SubscriptionAPI,
-          plan: ProviderPlan, delete_extra: bool) -> None:
+          plan: ProviderPlan, delete_extra: bool) -> set[str] | None:
+    """Fill ``plan`` from the provider's list; the ids it listed (None when it could not)."""
     provider = load_providers()[name]
     secrets = settings.secrets_for(name)
     plan.wanted = api.topics(getattr(provider, "kinds", None) or {})
@@ -67,12 +67,13 @@ def _plan(settings: Settings, redis: Redis, name: str, api: SubscriptionAPI,
         remotes = api.list()
     except CredentialsRefused as exc:
         plan.error, plan.refused = str(exc), True
-        return
+        return None
     except SubscriptionError as exc:
         plan.error = str(exc)
-        return
+        return None
     plan.items = make_plan(api, plan.wanted, plan.url, secrets, records, remotes,
                            delete_extra=delete_extra)
+    return {r.id for r in remotes}
 
 
 def _record(settings: Settings, redis: Redis, plan: ProviderPlan) -> None:
@@ -129,7 +130,12 @@ def apply_provider(settings: Settings, redis: Redis, name: str, delete_extra: bo
         outcomes = execute(api, before.items, before.url, secret,
                            Records(redis, settings.names, name), delete_extra, progress)
         after = ProviderPlan(name, before.url)
-        _plan(settings, redis, name, api, after, delete_extra=False)
+        present = _plan(settings, redis, name, api, after, delete_extra=False)
+        if present is not None:
+            # Forget what was deleted at the provider since (by hand, or by this run).
+            records = Records(redis, settings.names, name)
+            for rid in set(records.all()) - present:
+                records.forget(rid)
         _record(settings, redis, after)
         return Applied(before, outcomes, after)
     except CredentialsRefused as exc:
@@ -141,8 +147,3 @@ def apply_provider(settings: Settings, redis: Redis, name: str, delete_extra: bo
         redis.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
                    "return redis.call('del', KEYS[1]) end return 0", 1, lock, owner)
 
-
-def stats(api: Any) -> dict[str, int]:
-    """What an adapter's HTTP client did (requests, rate_limited, refreshed, retried)."""
-    client = getattr(api, "client", None)
-    return dict(getattr(client, "stats", {}))

@@ -129,3 +129,17 @@ def test_nothing_is_scheduled_without_a_public_url_or_with_the_check_off(
             assert runtime.ingest_queue.scheduled_job_registry.get_job_ids() == []
         finally:
             runtime.close()
+
+
+def test_a_malformed_api_setting_stops_the_starting_worker_naming_it(
+        sub_env: Callable[..., dict[str, str]], database_url: str) -> None:
+    from ingest.exceptions import ConfigError
+
+    runtime = Runtime(Settings.from_env(sub_env(DATABASE_URL=database_url,
+                                                SALESLOFT_API_URL="api.salesloft.com")))
+    try:
+        with pytest.raises(ConfigError) as caught:
+            subscriptions.schedule_at_start(runtime)
+        assert caught.value.variable == "SALESLOFT_API_URL"
+    finally:
+        runtime.close()
