@@ -2,21 +2,17 @@
 :class:`ingest.config.Settings` (never from the environment directly), validated here, every
 credential wrapped in :class:`ingest.config.Secret` so it never prints.
 
-=============================================  ================================================
-``INGEST_PUBLIC_URL``                          where providers reach this deployment; each
-                                               subscription points at
-                                               ``<INGEST_PUBLIC_URL>/webhooks/<provider>``
-``INGEST_SUBSCRIPTIONS_CHECK_EVERY``           how often a worker checks the subscriptions
-                                               (``15m`` by default, ``off``)
-``<P>_API_URL``                                the provider's API (its public one by default;
-                                               tests point it at a fake)
-``OUTREACH_API_TOKEN``, ``SALESLOFT_API_KEY``  a bearer token or key, used as it is
-``<P>_OAUTH_CLIENT_ID``, ``..._CLIENT_SECRET``,  an OAuth app and the refresh token of its
-``..._REFRESH_TOKEN`` (``..._TOKEN_URL``,       grant: access tokens are refreshed as they
-``OUTREACH_OAUTH_REDIRECT_URI``)                expire (ingest.subscriptions.tokens)
-``<P>_SUBSCRIPTION_EVENTS``                    globs of the provider's event names to
-                                               subscribe to; ``!glob`` leaves some out
-=============================================  ================================================
+- ``INGEST_PUBLIC_URL``: where providers reach this deployment; each subscription points at
+  ``<INGEST_PUBLIC_URL>/webhooks/<provider>``.
+- ``INGEST_SUBSCRIPTIONS_CHECK_EVERY``: how often a worker checks the subscriptions (``15m``
+  by default; ``off``).
+- ``<P>_API_URL``: the provider's API (its public one by default; tests point it at a fake).
+- ``OUTREACH_API_TOKEN``, ``SALESLOFT_API_KEY``: a bearer token or key, used as it is.
+- ``<P>_OAUTH_CLIENT_ID``, ``<P>_OAUTH_CLIENT_SECRET``, ``<P>_OAUTH_REFRESH_TOKEN`` (and
+  ``<P>_OAUTH_TOKEN_URL``, ``OUTREACH_OAUTH_REDIRECT_URI``): an OAuth app and the refresh token
+  of its grant; access tokens are refreshed as they expire (ingest.subscriptions.tokens).
+- ``<P>_SUBSCRIPTION_EVENTS``: globs of the provider's event names to subscribe to;
+  ``!glob`` leaves some out.
 
 ``<P>`` is the provider's setting prefix (``OUTREACH``, ``SALESLOFT``). A provider with neither
 a token nor a complete OAuth grant has no API access: ``plan`` says so and the check skips it.

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import orjson
 
 from tests.helpers import SECRETS
-from tests.subscriptions.conftest import PUBLIC_URL, wanted
+from tests.subscriptions.conftest import OUTREACH_TOKEN, PUBLIC_URL, SALESLOFT_KEY, wanted
 from tests.subscriptions.fake_apis import FakeOutreach, FakeSalesloft
 
 Run = Callable[..., tuple[int, str, str]]
@@ -41,6 +41,9 @@ def test_a_fresh_deployment_plans_every_subscription_and_apply_creates_exactly_t
 
     code, out, err = run(env, "subscriptions", "apply", "--yes")
     assert code == 0, out + err
+    for credential in (OUTREACH_TOKEN, SALESLOFT_KEY, *SECRETS["outreach"],
+                       *SECRETS["salesloft"]):
+        assert credential not in out + err
     assert _topics(outreach_api) == wanted("outreach")
     assert all(w["url"] == OUTREACH_HOOK and w["secret"] == SECRETS["outreach"][0]
                and w["active"] and w["payloadVersion"] == 2
@@ -71,6 +74,7 @@ def test_a_deactivated_outreach_webhook_shows_why_and_apply_re_enables_it(
                             "2026-03-01T08:30:00.000Z")
 
     code, out, _ = run(env, "subscriptions", "plan", "--provider", "outreach")
+    assert max(len(line) for line in out.splitlines()) <= 80
     out = flat(out)
     assert code == 1
     assert "re-enable" in out and "prospect.updated" in out
