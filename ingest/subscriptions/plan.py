@@ -272,14 +272,21 @@ def execute(api: SubscriptionAPI, items: Sequence[Item], url: str, secret: str,
     fp = fingerprint(secret)
     outcomes: list[Outcome] = []
 
+    def delete(remote: Remote) -> None:
+        try:
+            api.delete(remote)
+        except ApiError as exc:
+            if exc.status != 404:  # gone already (deleted by hand meanwhile): done
+                raise
+        records.forget(remote.id)
+
     def recreate(item: Item) -> str:
         old = item.remote
         assert old is not None
         new = api.create(old.topic, url, secret)
         records.put(new.id, new.topic, url, fp)
         if item.ours or delete_extra:
-            api.delete(old)
-            records.forget(old.id)
+            delete(old)
             return f"re-created {old.topic} as {api.provider} {new.id} (deleted {old.id})"
         return (f"created {old.topic} as {api.provider} {new.id}; {old.id} was not created "
                 "here: left (--delete-extra deletes it)")
@@ -309,8 +316,7 @@ def execute(api: SubscriptionAPI, items: Sequence[Item], url: str, secret: str,
                 line = recreate(item)
             elif item.action == "delete":
                 assert item.remote is not None
-                api.delete(item.remote)
-                records.forget(item.remote.id)
+                delete(item.remote)
                 line = f"deleted {item.topic} ({api.provider} {item.remote.id})"
             else:
                 raise ValueError(f"unknown action {item.action!r}")

@@ -242,3 +242,35 @@ def test_apply_asks_and_changes_nothing_without_yes_outside_a_terminal(
     code, _, err = run(sub_env(), "subscriptions", "apply")
     assert code == 2 and "--yes" in err
     assert not outreach_api.webhooks
+
+
+def test_a_webhook_deleted_between_plan_and_apply_is_created_again(
+        run: Run, sub_env: Callable[..., dict[str, str]], outreach_api: FakeOutreach) -> None:
+    from ingest.config import Settings
+    from ingest.redis_conn import worker_redis
+    from ingest.subscriptions.outreach import OutreachSubscriptions
+    from ingest.subscriptions.plan import execute
+    from ingest.subscriptions.run import check_provider
+    from ingest.subscriptions.state import Records
+
+    env = sub_env(SALESLOFT_API_KEY="")
+    assert run(env, "subscriptions", "apply", "--yes")[0] == 0
+    (wid,) = outreach_api.find("task", "completed")
+    outreach_api.deactivate(wid, "failing", "2026-03-01T08:30:00.000Z")
+    settings = Settings.from_env(env)
+    redis = worker_redis(settings.require_redis())
+    api = OutreachSubscriptions.from_settings(settings, redis)
+    assert api is not None
+    try:
+        plan = check_provider(settings, redis, "outreach")
+        assert [(i.state, i.action) for i in plan.problems] == [("inactive", "enable")]
+        del outreach_api.webhooks[wid]  # by hand, in Outreach's UI, meanwhile
+        (outcome,) = execute(api, plan.items, f"{PUBLIC_URL}/webhooks/outreach",
+                             SECRETS["outreach"][0], Records(redis, settings.names, "outreach"))
+    finally:
+        api.close()
+        redis.close()
+    assert outcome.done, outcome.line
+    assert "re-created task.completed" in outcome.line
+    (new,) = outreach_api.find("task", "completed")
+    assert new != wid and outreach_api.webhooks[new]["active"]
