@@ -31,7 +31,8 @@ def _setup_logging(settings: Settings, fmt: str | None = None) -> None:
 
     secrets = [s.reveal() for group in settings.provider_secrets.values() for s in group]
     secrets += [v for k, v in settings.raw.items()
-                if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL", "_API_KEY")) and v]
+                if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL",
+                               "_API_KEY")) and v]
     setup_logging(fmt or settings.log_format, secrets, log_level(settings))
 
 
