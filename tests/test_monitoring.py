@@ -49,7 +49,8 @@ def test_the_alert_rules_cover_what_operators_need() -> None:
     names = {rule["alert"] for rule in _alert_rules()}
     assert names == {"IngestProviderSilent", "IngestRefusalRatioHigh", "IngestDeadLettersGrowing",
                      "IngestOldestJobTooOld", "IngestSpoolNotEmpty", "IngestQueueWithoutWorker",
-                     "IngestAcceptorDown", "IngestConnectionLimitReached"}
+                     "IngestAcceptorDown", "IngestConnectionLimitReached",
+                     "IngestSubscriptionUnhealthy"}
     for rule in _alert_rules():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
 

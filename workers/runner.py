@@ -194,6 +194,9 @@ def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool 
     names = queues or rt.queue_names()
     if rt.names.ingest_queue in names:
         _schedule_retention(rt)
+        from workers.subscriptions import schedule_at_start
+
+        schedule_at_start(rt)  # the periodic webhook subscription check (issue 36)
     if len(names) == 1:
         return _single(rt, names[0], burst)
     if burst:

@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from ingest import constants, metrics
 from ingest.activity import UNKNOWN, ActivityCollector, RefusalLog, mark_started
+from ingest.subscriptions.state import SubscriptionCollector
 from ingest.deployment import keep_registered
 from ingest.config import Settings
 from ingest.acceptor.durable import Durable, NotDurable
@@ -182,7 +183,9 @@ class Acceptor:
         self.refusals = RefusalLog(
             self._enqueuer.async_redis if self._enqueuer is not None else None, settings.names)
         redis = getattr(durable, "redis", None)
-        self.collectors = [ActivityCollector(redis, settings)] if redis is not None else []
+        self.collectors = ([ActivityCollector(redis, settings),
+                            SubscriptionCollector(redis, settings.names)]
+                           if redis is not None else [])
         self.structure = StructureCheck()
 
     def _count(self, provider: str, result: str) -> None:

@@ -31,7 +31,8 @@ def _setup_logging(settings: Settings, fmt: str | None = None) -> None:
 
     secrets = [s.reveal() for group in settings.provider_secrets.values() for s in group]
     secrets += [v for k, v in settings.raw.items()
-                if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL")) and v]
+                if k.endswith(("_SECRET", "_SECRETS", "_TOKEN", "_TOKENS", "_URL",
+                               "_API_KEY")) and v]
     setup_logging(fmt or settings.log_format, secrets, log_level(settings))
 
 
@@ -313,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
 # command when the parser is built; the modules keep their heavy imports inside the command.
 _COMMAND_MODULES = ("workers.dlq", "ingest.commands.replay", "ingest.commands.erase",
                     "ingest.commands.retention", "ingest.commands.status",
-                    "ingest.commands.query")
+                    "ingest.commands.query", "ingest.commands.subscriptions")
 
 
 def _use_dev_stack(command: str) -> None:

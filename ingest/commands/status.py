@@ -170,6 +170,9 @@ def build_status(redis: Any, settings: Settings) -> dict[str, Any]:
                 f"never (watching since {_ago(state.now, state.started)})")
             attention.append(f"provider {name} is silent: last accepted {since}, limit "
                              f"{p.silence_after:g} s (INGEST_SILENCE_AFTER)")
+    from ingest.subscriptions.state import add_to_status
+
+    add_to_status(redis, settings.names, state.now, providers, attention)
     queues, sinks, workers = [], [], {}
     for q in state.queues:
         queues.append({"queue": q.name, "label": q.label, "queued": q.queued,

@@ -31,6 +31,7 @@ __all__ = [
     "Sample",
     "SampleSource",
     "SignedProvider",
+    "SubscriptionSource",
     "TokenProvider",
     "as_id",
     "canonical_digest",
@@ -109,6 +110,18 @@ class SampleSource(Protocol):
     sample is a new event unless sent again on purpose."""
 
     def sample(self, rng: random.Random, secret: str) -> Sample: ...
+
+
+@runtime_checkable
+class SubscriptionSource(Protocol):
+    """A provider whose own API lists and changes its webhook subscriptions, so that
+    ``ingest subscriptions plan``/``apply`` and the workers' periodic check can see and repair
+    them. ``subscriptions(settings, redis)`` returns an
+    :class:`ingest.subscriptions.model.SubscriptionAPI` built from the deployment's settings
+    (its API URL and credentials), or None when it configures none. Optional, like
+    ``sample``; ingest.subscriptions.adapter has a base class for writing one."""
+
+    def subscriptions(self, settings: Any, redis: Any) -> Any: ...
 
 
 def _matches_any(presented: str, expected: Iterable[str]) -> bool:

@@ -162,6 +162,12 @@ class OutreachProvider(SignedProvider):
     })
     retries_network_errors: ClassVar[bool] = True
 
+    def subscriptions(self, settings: Any, redis: Any) -> Any:
+        """Its webhook subscriptions API (ingest.subscriptions.outreach), or None unconfigured."""
+        from ingest.subscriptions.outreach import OutreachSubscriptions
+
+        return OutreachSubscriptions.from_settings(settings, redis)
+
     def events(self, delivery: Delivery) -> list[Event]:
         payload = load_object(delivery)
         meta = obj(payload.get("meta"))

@@ -219,6 +219,12 @@ class SalesloftProvider(SignedProvider):
     digestmod: ClassVar[str] = "sha1"
     kept_headers: ClassVar[frozenset[str]] = frozenset({EVENT_HEADER})
 
+    def subscriptions(self, settings: Any, redis: Any) -> Any:
+        """Its webhook subscriptions API (ingest.subscriptions.salesloft), or None unconfigured."""
+        from ingest.subscriptions.salesloft import SalesloftSubscriptions
+
+        return SalesloftSubscriptions.from_settings(settings, redis)
+
     def events(self, delivery: Delivery) -> list[Event]:
         payload = load_object(delivery)
         # The body's event_type is covered by the signature, the header is not: prefer it.
