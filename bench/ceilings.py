@@ -152,14 +152,14 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
 
 
 def batch_checks(url: str, seconds: float, batch: int = 64) -> dict[str, float]:
-    """Microseconds per event of ``workers.dedup.claim`` and ``workers.records.mark_stale``
+    """Microseconds per event of ``workers.dedup.claim`` and ``workers.marks.mark_stale``
     (one script call per batch each), with the workers' Redis client."""
     from datetime import timedelta  # noqa: PLC0415
 
     from ingest.constants import DEFAULT_DEDUP_TTL, Names  # noqa: PLC0415
     from ingest.events import Event  # noqa: PLC0415
     from ingest.redis_conn import worker_redis  # noqa: PLC0415
-    from workers import dedup, records  # noqa: PLC0415
+    from workers import dedup, marks  # noqa: PLC0415
 
     client = worker_redis(url)
     names = Names("bench-checks")
@@ -177,7 +177,7 @@ def batch_checks(url: str, seconds: float, batch: int = 64) -> dict[str, float]:
             t0 = time.perf_counter()
             dedup.claim(client, names, "bench-job", evs)
             t1 = time.perf_counter()
-            records.mark_stale(client, names, evs, DEFAULT_DEDUP_TTL)
+            marks.mark_stale(client, names, evs, DEFAULT_DEDUP_TTL)
             t2 = time.perf_counter()
             spent["claim"] += t1 - t0
             spent["stale"] += t2 - t1

@@ -84,7 +84,7 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
             f"{_n(e1['events_per_s'])} / {_n(acc['rate'])} per s",
             f"{e1['events_per_s'] / acc['rate']:.2f}x", ">= 0.5x",
             e1["events_per_s"] >= 0.5 * acc["rate"]),
-        *([Row("stale check (workers.records), one script call per 64-event batch",
+        *([Row("stale check (workers.marks), one script call per 64-event batch",
                f"{r['checks']['stale']:.1f} us/event",
                f"{r['checks']['stale'] * e1['events_per_s'] / 1e6:.1%} of an event's end-to-end "
                f"time; dedup claim {r['checks']['claim']:.1f} us/event")]

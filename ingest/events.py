@@ -147,7 +147,7 @@ class Event:
     ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``activity`` says
     whether the event is a fact of its own (an open, a reply, a call) rather than a new version
     of its record (``ingest.kinds``; set by the normalize step from the provider's tables).
-    ``stale`` is set by the worker (workers.records): a state event about the same record that
+    ``stale`` is set by the worker (workers.marks): a state event about the same record that
     happened later was already processed. An activity event is never stale.
     """
 

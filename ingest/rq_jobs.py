@@ -108,7 +108,7 @@ _attempted = 0
 def jobs_written() -> int:
     """How many jobs this process has written, or found already written, so far: a worker
     whose job moved this on wrote follow-up jobs, which ``INGEST_REDIS_MIN_REPLICAS`` makes it
-    wait for (workers.watchdog). A job found already written counts too: a retried job's first
+    wait for (workers.worker). A job found already written counts too: a retried job's first
     run may have written it without any replica acknowledging it."""
     return _attempted
 

@@ -20,7 +20,7 @@ from rq import Worker
 from ingest.commands.embedded import free_port
 from ingest.rq_jobs import FastJSONSerializer
 from workers.runtime import Runtime
-from workers.watchdog import StopsPromptly
+from workers.worker import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
 SECRETS: dict[str, tuple[str, str]] = {

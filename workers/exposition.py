@@ -20,7 +20,7 @@ thread looks for a stop: every ``_STOP_CHECK`` seconds, not 0.5, so a worker tol
 is not kept waiting for it (the module docstring of workers/watchdog.py says why that
 matters).
 
-A worker forks its scheduler (workers.watchdog), and a forked child inherits every open file,
+A worker forks its scheduler (workers.scheduler), and a forked child inherits every open file,
 the metrics port's listening socket included: a scheduler still finishing (or outliving a
 worker killed with SIGKILL) would keep the port, and the restarted worker would fail with
 "Address already in use". So a forked child closes its copy of the socket at once.

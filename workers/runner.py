@@ -37,7 +37,8 @@ from ingest.rq_jobs import FastJSONSerializer
 from ingest.startup import wait_for_redis
 from workers.runtime import Runtime, install_runtime
 from workers.grouping import Groups
-from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
+from workers.scheduler import ResilientScheduler, die_with_parent
+from workers.worker import IngestWorker
 
 __all__ = ["run_worker"]
 

@@ -21,7 +21,7 @@ from rq.scheduler import RQScheduler
 from ingest.rq_jobs import FastJSONSerializer, enqueue_batch
 from tests.helpers import SimpleWorker, drain, rows
 from workers.grouping import Groups
-from workers.watchdog import IngestWorker
+from workers.worker import IngestWorker
 
 
 def envelope(n: int, data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def test_a_group_whose_send_fails_runs_each_job_alone_and_only_the_bad_event_fai
     bad = envelope(21, {"note": "a\u0000b"})
     ids = deliver_jobs(runtime, [envelope(10), envelope(11)], [envelope(20), bad],
                        [envelope(30)])
-    with caplog.at_level(logging.WARNING, logger="workers.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="workers.worker"):
         worker(runtime).work(burst=True, with_scheduler=False)
 
     assert "3 jobs run together failed (PermanentSinkError)" in caplog.text
