@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 import psycopg
@@ -48,6 +48,10 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 from ingest.redaction import reason
+from sinks import postgres_data
+
+if TYPE_CHECKING:
+    from ingest.subjects import Erasure
 
 __all__ = [
     "NORMALIZED_COLUMNS",
@@ -502,6 +506,10 @@ class PostgresSink:
     # One transaction takes this many events as well as 64, for less per event: a worker
     # joins waiting deliver jobs into one send up to this many (workers.grouping).
     batch_events: ClassVar[int] = 256
+    # What it keeps, for `ingest erase` and retention (sinks.postgres_data).
+    title: ClassVar[str] = "Postgres"
+    erases: ClassVar[tuple[str, ...]] = postgres_data.ERASES
+    expires: ClassVar[Mapping[str, str]] = postgres_data.EXPIRES
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -510,6 +518,21 @@ class PostgresSink:
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresSink:
         return cls(settings.require_database())
+
+    @classmethod
+    def for_stored_data(cls, settings: Settings) -> PostgresSink:
+        """The sink for erasing and expiring what it stored, enabled or not: DATABASE_URL."""
+        return cls(settings.require_database())
+
+    def erase(self, erasure: Erasure) -> dict[str, int]:
+        """Remove one subject's rows, in one transaction (sinks.postgres_data.erase)."""
+        return postgres_data.erase(self.url, erasure)
+
+    def expire(self, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
+               batch: int = 1000, probe: bool = False) -> Iterator[tuple[str, int]]:
+        """Remove expired rows in batches (sinks.postgres_data.expire)."""
+        return postgres_data.expire(self.url, cutoffs, dry_run=dry_run, batch=batch,
+                                    probe=probe)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

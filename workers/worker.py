@@ -183,7 +183,7 @@ class IngestWorker(StopsPromptly, Watchdog, SimpleWorker):
         self.abandoned_after = abandoned_after
         self.beat_interval = max(1.0, abandoned_after / 3)
         # True once SIGTERM/SIGINT asked this worker to stop (as opposed to RQ quitting its loop
-        # on a Redis error, after which the runner starts a new worker).
+        # on a Redis error, after which the worker process starts a new worker).
         self.stop_requested_by_signal = False
         self._running: list[tuple[Job, Execution]] = []  # the job, or the group, running now
         self._running_lock = threading.Lock()

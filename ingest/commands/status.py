@@ -107,7 +107,7 @@ def _last_failure(redis: Any, queue: str) -> str | None:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workers.dlq import failure_reason
+    from ingest.commands.dlq import failure_reason
 
     newest = redis.zrevrange(f"rq:failed:{queue}", 0, 0)
     if not newest:

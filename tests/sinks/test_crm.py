@@ -30,7 +30,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 SECOND_SECRET = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24tMDAwMQ=="

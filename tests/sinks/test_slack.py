@@ -28,7 +28,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -190,7 +190,7 @@ def test_a_refused_event_fails_alone_and_dlq_retry_posts_it_once(
     enqueue(rt, envelope)
     run_jobs(rt)
     assert len(list_failures(rt.redis, rt.settings, "slack")) == 1
-    from workers.dlq import retry_failures
+    from ingest.commands.dlq import retry_failures
 
     assert retry_failures(rt.redis, rt.settings, "slack") == 1
     run_jobs(rt)

@@ -1,4 +1,4 @@
-"""Starting workers: ``ingest worker``.
+"""The worker processes ``ingest worker`` starts: one per queue, supervised.
 
 RQ pops a job atomically into its in-progress list only when a worker listens on a single
 queue (BLMOVE); listening on several falls back to BLPOP, where a worker killed between the pop
@@ -42,7 +42,7 @@ from workers.worker import IngestWorker
 
 __all__ = ["run_worker"]
 
-log = logging.getLogger("workers.runner")
+log = logging.getLogger("workers.processes")
 
 # A child that dies sooner than this after its start counts as crashing; back off.
 _MIN_HEALTHY_SECONDS = 10.0

@@ -45,7 +45,7 @@ from ingest.exceptions import ConfigError
 
 __all__ = ["WorkerMetrics", "clean_multiproc_dir"]
 
-log = logging.getLogger("workers.exposition")
+log = logging.getLogger("ingest.commands.metrics_server")
 
 # The metrics servers listening in this process: a forked child closes its copies at once.
 _listening: set[Any] = set()
