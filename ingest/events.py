@@ -26,6 +26,15 @@ _EVENT_ID_HASH = hashlib.sha1(_EVENT_ID_NAMESPACE.bytes, usedforsecurity=False)
 
 # Actions (an event's ``action``) that remove the record they are about; ``kind``s ending in
 # ``.deleted`` do too. Migration 0004 spells the same rule in SQL for rows stored before it.
+# The normalized fields whose fallbacks are counted (ingest_normalization_fallbacks_total):
+# occurred_at taken from the delivery or receipt time; contact_email or campaign_id absent
+# where the resource type should carry it. A closed set, so the metric's labels stay bounded.
+# (Providers import them from ingest.providers.base, as before.)
+OCCURRED_AT = "occurred_at"
+CONTACT_EMAIL = "contact_email"
+CAMPAIGN_ID = "campaign_id"
+FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
+
 DELETE_ACTIONS = frozenset({"deleted", "destroyed", "bulk_deleted"})
 
 
@@ -169,7 +178,7 @@ class Event:
     changes: dict[str, dict[str, Any]] | None = None
     stale: bool = False
     activity: bool = False
-    # Normalized fields this event had to fall back on (ingest.providers.base.FALLBACK_FIELDS),
+    # Normalized fields this event had to fall back on (FALLBACK_FIELDS),
     # counted by the worker; not part of the public shape.
     fallbacks: tuple[str, ...] = field(default=(), compare=False)
     id: str = field(init=False)

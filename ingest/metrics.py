@@ -21,8 +21,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from ingest.events import Event
-from ingest.providers.base import FALLBACK_FIELDS
+from ingest.events import FALLBACK_FIELDS, Event
 
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
 

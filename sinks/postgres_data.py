@@ -32,7 +32,19 @@ if TYPE_CHECKING:
     from ingest.subjects import Erasure
 
 __all__ = ["DELETE_BATCH", "DELIVERIES", "ERASES", "EVENTS_BY_INDEX", "EXPIRES", "erase",
-           "expire"]
+           "EXAMPLE_QUERY", "expire", "newest_events"]
+
+
+# The example ``ingest sql --help`` shows.
+EXAMPLE_QUERY = "select kind, count(*) from webhook_events group by 1"
+
+
+def newest_events(provider: str | None, limit: int) -> tuple[str, list[Any]]:
+    """``ingest events``' read-only query (newest first) and its parameters."""
+    where = "WHERE provider = %s " if provider else ""
+    return ("SELECT received_at, provider, kind, contact_email AS contact, resource_id, stale "
+            f"FROM webhook_events {where}ORDER BY received_at DESC, id LIMIT %s",
+            [*([provider] if provider else []), limit])
 
 # -- erasing ----------------------------------------------------------------------------------
 

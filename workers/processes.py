@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from types import FrameType
 
 from redis import Redis
@@ -131,13 +132,13 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
             return 0
 
 
-def _supervise(queues: list[str], burst: bool) -> int:
+def _supervise(queues: list[str], burst: bool, command: Sequence[str]) -> int:
     children: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     stopping = False
     failures: dict[str, int] = {}
 
     def spawn(queue: str) -> None:
-        cmd = [sys.executable, "-m", "ingest.commands.cli", "worker", "--queue", queue]
+        cmd = [*command, "--queue", queue]
         if burst:
             cmd.append("--burst")
         children[queue] = (subprocess.Popen(cmd), time.monotonic())
@@ -185,7 +186,11 @@ def _schedule_retention(rt: Runtime) -> None:
         log.warning("could not schedule the daily retention run: %s", exc)
 
 
-def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> int:
+def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False,
+               command: Sequence[str] | None = None) -> int:
+    """Serve ``queues`` (default: every queue the configuration needs): one in this process,
+    or one child process per queue, supervised, each started as ``command`` (the ``ingest
+    worker`` command line, given by the CLI) with ``--queue NAME``."""
     rt = Runtime(settings)  # validates sinks and connects before taking any job
     # Redis may still be starting (a host's boot, `docker compose up`): wait for it, bounded
     # and logged, rather than die with a traceback. Once running, a worker waits out any
@@ -200,4 +205,6 @@ def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool 
     if burst:
         # Drain in pipeline order: ingest jobs create the sink jobs the next queues serve.
         return max(_single(rt, name, burst=True) for name in names)
-    return _supervise(names, burst)
+    if command is None:
+        raise ValueError("several queues need the command line that starts one worker")
+    return _supervise(names, burst, command)

@@ -129,7 +129,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # after SIGTERM without it, 0.07 s with it), and the scheduler it forks shares those
         # pages instead of copying them as the collector touches them.
         gc.freeze()
-        return run_worker(settings, queues or None, burst=args.burst)
+        return run_worker(settings, queues or None, burst=args.burst,
+                          command=[sys.executable, "-m", "ingest.commands.cli", "worker"])
     finally:
         if exposition is not None:
             exposition.close()

@@ -18,7 +18,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import orjson
 
 from ingest import safejson
-from ingest.events import Contact, Delivery, Event
+from ingest.events import (
+    CAMPAIGN_ID,
+    CONTACT_EMAIL,
+    FALLBACK_FIELDS,
+    OCCURRED_AT,
+    Contact,
+    Delivery,
+    Event,
+)
 from ingest.exceptions import NormalizationError, SignatureError
 
 __all__ = [
@@ -46,13 +54,8 @@ __all__ = [
 # Headers that carry credentials: never stored, never logged, whatever the provider.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 
-# The normalized fields whose fallbacks are counted (ingest_normalization_fallbacks_total):
-# occurred_at taken from the delivery or receipt time; contact_email or campaign_id absent
-# where the resource type should carry it. A closed set, so the metric's labels stay bounded.
-OCCURRED_AT = "occurred_at"
-CONTACT_EMAIL = "contact_email"
-CAMPAIGN_ID = "campaign_id"
-FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
+# The normalized fields whose fallbacks are counted (OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID,
+# FALLBACK_FIELDS) are defined with the Event (ingest.events) and exported here as before.
 
 Sample = tuple[bytes, dict[str, str]]  # (body, headers) of one signed sample delivery
 
