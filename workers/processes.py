@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
