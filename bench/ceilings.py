@@ -115,8 +115,9 @@ def _row(template: tuple[Any, ...], n: int) -> tuple[Any, ...]:
 
 def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
     """Rows/s into a copy of webhook_events, ``batch`` rows per transaction."""
-    # The sink's exact statement and JSON encoding.
-    from sinks.postgres import _INSERT_EVENT, _json  # noqa: PLC0415
+    # The sink's columns and JSON encoding, one row per statement.
+    from ingest.safejson import dumps as _json  # noqa: PLC0415
+    from sinks.postgres import EVENT_COLUMNS  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
     data = {"type": "prospect", "id": 1, "attributes": {
@@ -127,7 +128,9 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
                 "updated", now, now, None, "ada@example.com", "Ada Sample", None, "42",
                 Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None, False,
                 Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json))
-    statement = _INSERT_EVENT.replace("INSERT INTO webhook_events", "INSERT INTO bench_events")
+    statement = (f"\nINSERT INTO bench_events ({', '.join(EVENT_COLUMNS)})\n"
+                 f"VALUES ({', '.join(['%s'] * len(EVENT_COLUMNS))})\n"
+                 "ON CONFLICT DO NOTHING\nRETURNING delivery_id\n")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_events")
         conn.execute("CREATE TABLE bench_events (LIKE webhook_events INCLUDING ALL)")

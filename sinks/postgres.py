@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from ingest.subjects import Erasure
 
 __all__ = [
+    "EVENT_COLUMNS",
     "NORMALIZED_COLUMNS",
     "ArchiveQuery",
     "MigrationError",
@@ -86,12 +87,8 @@ _EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "recei
                   *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13],
                   "sanitized")
 
-_INSERT_EVENT = f"""
-INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
-VALUES ({", ".join(["%s"] * len(_EVENT_COLUMNS))})
-ON CONFLICT DO NOTHING
-RETURNING delivery_id
-"""
+# Public for the bench's ceiling of one-row inserts (bench.ceilings.pg_inserts).
+EVENT_COLUMNS = _EVENT_COLUMNS
 
 # The same insert for a whole batch in one statement, its rows one JSON array (written by
 # orjson in one call, read by Postgres in C), in array order. One statement per batch instead
