@@ -155,7 +155,8 @@ class Event:
     ``previous`` holds prior values when the provider sends them, and ``changes`` the same as
     ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``activity`` says
     whether the event is a fact of its own (an open, a reply, a call) rather than a new version
-    of its record (``ingest.kinds``; set by the normalize step from the provider's tables).
+    of its record (``ingest.kinds``; set from the provider's tables by ``Provider.event``, or,
+    for a provider that builds its events itself, by the normalize step).
     ``stale`` is set by the worker (workers.marks): a state event about the same record that
     happened later was already processed. An activity event is never stale.
     """

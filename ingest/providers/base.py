@@ -28,11 +28,13 @@ from ingest.events import (
     Event,
 )
 from ingest.exceptions import NormalizationError, SignatureError
+from ingest.kinds import is_activity, lookup
 
 __all__ = [
     "CAMPAIGN_ID",
     "CONTACT_EMAIL",
     "FALLBACK_FIELDS",
+    "MakesEvents",
     "OCCURRED_AT",
     "KindTable",
     "Provider",
@@ -124,7 +126,26 @@ def _matches_any(presented: str, expected: Iterable[str]) -> bool:
     return ok
 
 
-class SignedProvider:
+class MakesEvents:
+    """``self.event(delivery, ...)``: an :class:`Event` of ``delivery`` with what every event
+    shares filled in: ``provider`` (this provider's name), ``kind`` (from its ``kinds`` table,
+    :func:`ingest.kinds.lookup`, unless given), ``received_at`` and ``delivery_id`` (the
+    delivery's), ``occurred_at`` (the delivery's receipt time when None) and ``activity``
+    (``ingest.kinds``, with its ``kind_classes``). The shared bases below include it."""
+
+    name: ClassVar[str]
+    kinds: ClassVar[Mapping[str, str]]
+
+    def event(self, delivery: Delivery, *, event_type: str, dedup_key: str,
+              occurred_at: datetime | None, kind: str | None = None, **fields: Any) -> Event:
+        kind = lookup(self.kinds, event_type) if kind is None else kind
+        return Event(provider=self.name, dedup_key=dedup_key, event_type=event_type, kind=kind,
+                     occurred_at=occurred_at or delivery.received_at,
+                     received_at=delivery.received_at, delivery_id=delivery.id,
+                     activity=is_activity(kind, event_type, kind_classes(self)), **fields)
+
+
+class SignedProvider(MakesEvents):
     """Base for providers that sign the raw body with a hex HMAC in one header."""
 
     signature_header: ClassVar[str]
@@ -150,7 +171,7 @@ class SignedProvider:
             raise SignatureError(f"{self.signature_header} does not match any configured secret")
 
 
-class TokenProvider:
+class TokenProvider(MakesEvents):
     """Base for providers authenticated by a shared token: ``Authorization: Bearer <token>``
     or ``?token=<token>``."""
 

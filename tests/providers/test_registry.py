@@ -137,3 +137,11 @@ def test_every_sample_builder_makes_deliveries_its_provider_verifies_and_maps(
                             body=body.decode())
         events = source.events(delivery)
         assert events and all(e.kind != UNKNOWN for e in events), (provider, body)
+
+
+def test_the_example_plugin_in_the_docs_is_the_tested_one() -> None:
+    """docs/providers.md shows tests/plugins/example_provider's module as it is, verbatim."""
+    module = (Path(__file__).resolve().parents[1] / "plugins" / "example_provider"
+              / "acme_webhooks" / "__init__.py").read_text()
+    shown = DOCS.read_text().split("# acme_webhooks/__init__.py\n", 1)[1].split("\n```", 1)[0]
+    assert shown.rstrip("\n") == module.rstrip("\n")
