@@ -13,7 +13,7 @@ Beside the ceilings, :func:`batch_checks` times the two script calls a worker ma
 different records, as the bench's traffic is.
 
 The HTTP ceiling (bare Starlette) needs a load generator and a server process; it is run by
-``bench.__main__`` like the acceptor.
+``bench.phases`` like the acceptor.
 """
 
 from __future__ import annotations

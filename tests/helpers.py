@@ -23,13 +23,19 @@ from workers.runtime import Runtime
 from workers.worker import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
-SECRETS: dict[str, tuple[str, str]] = {
-    "outreach": ("outreach-secret-old-0001", "outreach-secret-new-0002"),
-    "salesloft": ("salesloft-token-old-0001", "salesloft-token-new-0002"),
-    "outcaller": ("outcaller-token-old-0001", "outcaller-token-new-0002"),
-    "outboundry": ("outboundry-token-old-0001", "outboundry-token-new-0002"),
-    "mailstand": ("mailstand-token-old-0001", "mailstand-token-new-0002"),
-}
+def secrets_for(provider: str) -> tuple[str, str]:
+    """The test secrets of a provider (an old and a new one: rotation), from its name alone."""
+    return f"{provider}-secret-old-0001", f"{provider}-secret-new-0002"
+
+
+def _secrets() -> dict[str, tuple[str, str]]:
+    from ingest.providers import load_providers
+
+    return {name: secrets_for(name) for name in load_providers()}
+
+
+# Every registered provider's (a new provider needs no entry here).
+SECRETS: dict[str, tuple[str, str]] = _secrets()
 
 
 class SimpleWorker(StopsPromptly, rq.SimpleWorker):

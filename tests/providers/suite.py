@@ -47,6 +47,23 @@ def _utc(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
 
 
+def suites() -> dict[str, type[ProviderSuite]]:
+    """Provider name -> its suite (tests/providers/conftest.py imports every test module)."""
+    found: dict[str, type[ProviderSuite]] = {}
+    pending = list(ProviderSuite.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "provider" in cls.__dict__:
+            found[cls.provider] = cls
+    return found
+
+
+def suite_of(provider: str) -> ProviderSuite:
+    """An instance of the provider's suite, for tests that loop over every provider."""
+    return suites()[provider]()
+
+
 class ProviderSuite:
     provider: ClassVar[str]
     # sample file (under tests/samples/<provider>/) -> expected webhook_events columns
@@ -71,6 +88,17 @@ class ProviderSuite:
     def headers_for_event(self, event_type: str) -> dict[str, str]:
         """Unsigned headers that name ``event_type`` where the provider sends it in a header."""
         return {}
+
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        """A delivery authenticated with ``secret`` whose event type (ending in ``suffix``) no
+        kind table knows, as if the provider sent something new: body, headers, event type
+        (tests/providers/test_mixed_traffic.py)."""
+        raise NotImplementedError
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        """One stored sample whose optional timestamp is ``value``, and its unsigned headers
+        (tests/providers/test_normalization_drift.py)."""
+        raise NotImplementedError
 
     def reserialize(self, body: bytes) -> bytes:
         """The same event with different bytes (key order, whitespace), as a proxy might."""

@@ -81,6 +81,19 @@ class TestMailstand(ProviderSuite):
         },
     }
 
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        from datetime import datetime, timezone
+
+        event = f"spam_report_{suffix}"
+        body = orjson.dumps({"id": f"evt_{suffix}", "type": event,
+                             "created_at": int(datetime.now(timezone.utc).timestamp())})
+        return body, {"Authorization": f"Bearer {secret}"}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "mailstand/send.raw").read_bytes())
+        payload["created_at"] = value
+        return orjson.dumps(payload), {}
+
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         return {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"}
 

@@ -82,6 +82,20 @@ class TestOutboundry(ProviderSuite):
         },
     }
 
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        from datetime import datetime, timezone
+
+        event = f"profile-viewed-{suffix}"
+        body = orjson.dumps({"event": event, "company_id": "c1",
+                             "timestamp": datetime.now(timezone.utc).isoformat(),
+                             "data": {"lead": {"id": "lead-1"}}})
+        return body, {"Authorization": f"Bearer {secret}"}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "outboundry/invite_sent.raw").read_bytes())
+        payload["timestamp"] = value
+        return orjson.dumps(payload), {}
+
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         return {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"}
 

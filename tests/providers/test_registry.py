@@ -15,20 +15,13 @@ from ingest.events import Delivery
 from ingest.kinds import ACTIVITY, STATE, UNKNOWN, is_activity, is_known_kind, kind_class, lookup
 from ingest.providers import Provider, load_providers
 from ingest.providers.base import KindTable, SampleSource, kind_classes
-from tests.providers.suite import ProviderSuite, classified
+from tests.providers.suite import ProviderSuite, classified, suites
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 
 
 def _suites() -> dict[str, type[ProviderSuite]]:
-    found: dict[str, type[ProviderSuite]] = {}
-    pending = list(ProviderSuite.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "provider" in cls.__dict__:
-            found[cls.provider] = cls
-    return found
+    return suites()
 
 
 def test_every_registered_provider_has_a_provider_suite() -> None:

@@ -193,6 +193,21 @@ class TestSalesloft(ProviderSuite):
     }
     samples_tested_elsewhere = ("cadence_membership_created_array.raw",)
 
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        import hashlib
+        import hmac
+        from datetime import datetime, timezone
+
+        event = f"opportunity_stage_changed_{suffix}"
+        body = orjson.dumps({"id": 1, "updated_at": datetime.now(timezone.utc).isoformat()})
+        sig = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+        return body, {"x-salesloft-signature": sig, "x-salesloft-event": event}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "salesloft/person_updated_bare.raw").read_bytes())
+        payload["updated_at"] = payload["created_at"] = value
+        return orjson.dumps(payload), {"x-salesloft-event": "person_updated"}
+
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         try:
             event = orjson.loads(body).get("event_type") or "person_updated"
