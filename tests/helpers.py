@@ -40,7 +40,7 @@ SECRETS: dict[str, tuple[str, str]] = _secrets()
 
 class SimpleWorker(StopsPromptly, rq.SimpleWorker):
     """RQ's SimpleWorker, whose teardown never waits a minute for its command listener
-    (workers/watchdog.py says when RQ's does): tests run many burst workers."""
+    (workers/worker.py says when RQ's does): tests run many burst workers."""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,

@@ -17,7 +17,7 @@ files are created when :mod:`ingest.metrics` is imported, which must come after 
 The HTTP server is prometheus-client's (its WSGI app, a threading WSGI server, no access log),
 started here rather than by its ``start_http_server`` only to choose how often the serving
 thread looks for a stop: every ``_STOP_CHECK`` seconds, not 0.5, so a worker told to stop
-is not kept waiting for it (the module docstring of workers/watchdog.py says why that
+is not kept waiting for it (the module docstring of workers/worker.py says why that
 matters).
 
 A worker forks its scheduler (workers.scheduler), and a forked child inherits every open file,
