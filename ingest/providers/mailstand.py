@@ -119,7 +119,6 @@ class MailstandProvider(TokenProvider):
                 contact=found,
                 campaign_id=campaign_id,
                 data=payload,
-                previous=None,
                 fallbacks=missing(
                     occurred_at=when is None,
                     contact_email=event_type in _MESSAGE_EVENTS and not (found and found.email),

@@ -100,7 +100,6 @@ class OutboundryProvider(TokenProvider):
                 contact=found,
                 campaign_id=as_id(obj(data.get("campaign")).get("id")),
                 data=data,
-                previous=None,
                 # Every event is about a lead; a lead without an email is worth seeing.
                 fallbacks=missing(occurred_at=when is None,
                                   contact_email=not (found and found.email)),

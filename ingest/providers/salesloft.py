@@ -265,11 +265,9 @@ class SalesloftProvider(SignedProvider):
             resource_type=resource_type,
             resource_id=resource_id,
             action=action,
-            workspace_id=None,
             contact=found,
             campaign_id=campaign_id,
             data=resource,
-            previous=None,
             fallbacks=missing(
                 occurred_at=when is None,
                 contact_email=resource_type in _ABOUT_A_PERSON and not (found and found.email),
