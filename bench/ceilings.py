@@ -127,7 +127,8 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
     template = (None, "outreach", None, "prospect.updated", "contact.updated", "prospect", "1",
                 "updated", now, now, None, "ada@example.com", "Ada Sample", None, "42",
                 Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None, False,
-                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json))
+                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json),
+                False)  # sanitized
     statement = (f"\nINSERT INTO bench_events ({', '.join(EVENT_COLUMNS)})\n"
                  f"VALUES ({', '.join(['%s'] * len(EVENT_COLUMNS))})\n"
                  "ON CONFLICT DO NOTHING\nRETURNING delivery_id\n")
