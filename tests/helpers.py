@@ -23,6 +23,19 @@ from workers.runtime import Runtime
 from workers.worker import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
+def suites_by(base: type, attribute: str) -> dict[str, type]:
+    """Every subclass of ``base`` (a shared suite) that sets ``attribute`` itself, by its
+    value: the provider's or the sink's name."""
+    found: dict[str, type] = {}
+    pending = list(base.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if attribute in cls.__dict__:
+            found[cls.__dict__[attribute]] = cls
+    return found
+
+
 def secrets_for(provider: str) -> tuple[str, str]:
     """The test secrets of a provider (an old and a new one: rotation), from its name alone."""
     return f"{provider}-secret-old-0001", f"{provider}-secret-new-0002"

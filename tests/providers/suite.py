@@ -22,7 +22,7 @@ from ingest.events import Delivery, event_id
 from ingest.kinds import is_activity, kind_class
 from ingest.providers import load_providers
 from ingest.providers.base import kind_classes
-from tests.helpers import SECRETS, drain, rows
+from tests.helpers import SECRETS, drain, rows, suites_by
 from workers.normalize import normalize
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -49,14 +49,7 @@ def _utc(value: str) -> datetime:
 
 def suites() -> dict[str, type[ProviderSuite]]:
     """Provider name -> its suite (tests/providers/conftest.py imports every test module)."""
-    found: dict[str, type[ProviderSuite]] = {}
-    pending = list(ProviderSuite.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "provider" in cls.__dict__:
-            found[cls.provider] = cls
-    return found
+    return suites_by(ProviderSuite, "provider")
 
 
 def suite_of(provider: str) -> ProviderSuite:

@@ -37,18 +37,12 @@ def _suites() -> dict[str, type]:
     """Sink name -> its SinkSuite subclass, in every test module of this folder."""
     import importlib
 
+    from tests.helpers import suites_by
     from tests.sinks.suite import SinkSuite
 
     for path in sorted(HERE.glob("test_*.py")):
         importlib.import_module(f"tests.sinks.{path.stem}")
-    found: dict[str, type] = {}
-    pending = list(SinkSuite.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "sink" in cls.__dict__:
-            found[cls.sink] = cls
-    return found
+    return suites_by(SinkSuite, "sink")
 
 
 def test_every_registered_sink_and_the_example_plugin_run_the_shared_suite() -> None:
