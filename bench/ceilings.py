@@ -13,7 +13,7 @@ Beside the ceilings, :func:`batch_checks` times the two script calls a worker ma
 different records, as the bench's traffic is.
 
 The HTTP ceiling (bare Starlette) needs a load generator and a server process; it is run by
-``bench.__main__`` like the acceptor.
+``bench.phases`` like the acceptor.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def _row(template: tuple[Any, ...], n: int) -> tuple[Any, ...]:
 
 def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
     """Rows/s into a copy of webhook_events, ``batch`` rows per transaction."""
-    # The sink's exact statement and JSON encoding.
-    from sinks.postgres import _INSERT_EVENT, _json  # noqa: PLC0415
+    # The sink's columns and JSON encoding, one row per statement.
+    from ingest.safejson import dumps as _json  # noqa: PLC0415
+    from sinks.postgres import EVENT_COLUMNS  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
     data = {"type": "prospect", "id": 1, "attributes": {
@@ -126,8 +127,11 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
     template = (None, "outreach", None, "prospect.updated", "contact.updated", "prospect", "1",
                 "updated", now, now, None, "ada@example.com", "Ada Sample", None, "42",
                 Jsonb(data, dumps=_json), Jsonb({"title": "Director"}, dumps=_json), None, False,
-                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json))
-    statement = _INSERT_EVENT.replace("INSERT INTO webhook_events", "INSERT INTO bench_events")
+                Jsonb({"title": {"from": "Director", "to": "VP Engineering"}}, dumps=_json),
+                False)  # sanitized
+    statement = (f"\nINSERT INTO bench_events ({', '.join(EVENT_COLUMNS)})\n"
+                 f"VALUES ({', '.join(['%s'] * len(EVENT_COLUMNS))})\n"
+                 "ON CONFLICT DO NOTHING\nRETURNING delivery_id\n")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_events")
         conn.execute("CREATE TABLE bench_events (LIKE webhook_events INCLUDING ALL)")
@@ -152,14 +156,14 @@ def pg_inserts(url: str, seconds: float, batch: int = 256) -> float:
 
 
 def batch_checks(url: str, seconds: float, batch: int = 64) -> dict[str, float]:
-    """Microseconds per event of ``workers.dedup.claim`` and ``workers.records.mark_stale``
+    """Microseconds per event of ``workers.dedup.claim`` and ``workers.marks.mark_stale``
     (one script call per batch each), with the workers' Redis client."""
     from datetime import timedelta  # noqa: PLC0415
 
     from ingest.constants import DEFAULT_DEDUP_TTL, Names  # noqa: PLC0415
     from ingest.events import Event  # noqa: PLC0415
     from ingest.redis_conn import worker_redis  # noqa: PLC0415
-    from workers import dedup, records  # noqa: PLC0415
+    from workers import dedup, marks  # noqa: PLC0415
 
     client = worker_redis(url)
     names = Names("bench-checks")
@@ -177,7 +181,7 @@ def batch_checks(url: str, seconds: float, batch: int = 64) -> dict[str, float]:
             t0 = time.perf_counter()
             dedup.claim(client, names, "bench-job", evs)
             t1 = time.perf_counter()
-            records.mark_stale(client, names, evs, DEFAULT_DEDUP_TTL)
+            marks.mark_stale(client, names, evs, DEFAULT_DEDUP_TTL)
             t2 = time.perf_counter()
             spent["claim"] += t1 - t0
             spent["stale"] += t2 - t1

@@ -49,7 +49,7 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
     """The report as Markdown; appends the pipeline rows (with their verdicts) to ``rows``."""
     bare, acc = r["bare"], r["acceptor"]
     e1, e2 = r["e2e1"], r["e2e2"]
-    d1, d2 = r["drain1"], r["drain2"]  # the median pair (bench.__main__.phase_drains)
+    d1, d2 = r["drain1"], r["drain2"]  # the median pair (bench.phases.phase_drains)
     pairs = r.get("drain_pairs") or [{"one": d1, "two": d2}]
     drains = [d for pair in pairs for d in pair.values()]
     cores = r.get("cores", 2)
@@ -84,7 +84,7 @@ def render(r: dict[str, Any], rows: list[Row]) -> str:
             f"{_n(e1['events_per_s'])} / {_n(acc['rate'])} per s",
             f"{e1['events_per_s'] / acc['rate']:.2f}x", ">= 0.5x",
             e1["events_per_s"] >= 0.5 * acc["rate"]),
-        *([Row("stale check (workers.records), one script call per 64-event batch",
+        *([Row("stale check (workers.marks), one script call per 64-event batch",
                f"{r['checks']['stale']:.1f} us/event",
                f"{r['checks']['stale'] * e1['events_per_s'] / 1e6:.1%} of an event's end-to-end "
                f"time; dedup claim {r['checks']['claim']:.1f} us/event")]
@@ -278,3 +278,26 @@ def _costs(r: dict[str, Any], phases: list[tuple[dict[str, Any], str]]) -> list[
                "DATABASE_URL set, whatever else uses that server counts too. Unset it for "
                "these two columns (the bench then starts its own).", ""]
               if r.get("pg_server_shared") else [])]
+
+
+def render_replicas(results: dict[str, Any]) -> str:
+    bare = results["bare"]
+    lines = [results["machine"],
+             f"ceiling, bare Starlette: {bare['rate']:,.0f} req/s, p99 {bare['p99_ms']:.1f} ms;"
+             f" Redis LPUSH (async): {float(results['lpush_async']):,.0f}/s",
+             "acceptor alone, primary with one replica (append-only file on both):",
+             f"{'round':>5} {'MIN_REPLICAS':>12} {'req/s':>8} {'of bare':>8} {'p50 ms':>7} "
+             f"{'p99 ms':>7} {'batch':>6} {'lost':>5}"]
+    for i, round_ in enumerate(results["rounds"], 1):
+        for wanted, acc in round_.items():
+            lines.append(f"{i:>5} {wanted:>12} {acc['rate']:>8,.0f} "
+                         f"{acc['rate'] / bare['rate']:>8.0%} {acc['p50_ms']:>7.1f} "
+                         f"{acc['p99_ms']:>7.1f} {acc['mean_batch']:>6.1f} {acc['lost']:>5}"
+                         + ("  (some spooled: a replica fell short)" if acc["spooled"] else ""))
+    for wanted in ("0", "1"):
+        runs = [r[wanted] for r in results["rounds"]]
+        rate = sum(r["rate"] for r in runs) / len(runs)
+        p99 = sum(r["p99_ms"] for r in runs) / len(runs)
+        lines.append(f"mean, MIN_REPLICAS={wanted}: {rate:,.0f} req/s "
+                     f"({rate / bare['rate']:.0%} of bare), p99 {p99:.1f} ms")
+    return "\n".join(lines)

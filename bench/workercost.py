@@ -98,7 +98,7 @@ def _drain(rt: Any, queue: str, redis_proc: psutil.Process, db_url: str,
            profile: str | None = None, alone: bool = False) -> dict[str, float]:
     from ingest.rq_jobs import FastJSONSerializer
     from workers.grouping import Groups
-    from workers.watchdog import IngestWorker
+    from workers.worker import IngestWorker
 
     with psycopg.connect(db_url, autocommit=True) as conn:
         def backends() -> list[psutil.Process]:

@@ -1,4 +1,6 @@
-"""What the running deployment registered in Redis: its providers, sinks and queues.
+"""What the running deployment registered in Redis (its providers, sinks and queues), and its
+state read back (:func:`read_state`: activity, silence and backlog, for ``ingest status``
+and the ``/metrics`` gauges).
 
 ``ingest status`` must be right from any host that can reach Redis, with nothing but
 ``REDIS_URL`` (and ``INGEST_NAMESPACE`` for a namespaced deployment) in its shell: the
@@ -36,10 +38,11 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from ingest import constants
+from ingest.activity import enqueued_time
 from ingest.config import Settings
 
-__all__ = ["Deployment", "deployment_queues", "keep_registered", "read_deployment",
-           "registration"]
+__all__ = ["Deployment", "ProviderState", "QueueState", "State", "deployment_queues",
+           "keep_registered", "read_deployment", "read_state", "registration"]
 
 log = logging.getLogger("ingest.deployment")
 
@@ -132,3 +135,119 @@ def deployment_queues(redis: Redis, names: constants.Names,
             sink = member[len(prefix):]
             out.setdefault(sink, names.sink_queue(sink))
     return list(out.items())
+
+
+# -- the state of the deployment: activity, silence and backlog (scrape time, `ingest status`) -
+
+
+@dataclass
+class QueueState:
+    name: str
+    label: str  # "ingest" or the sink's name
+    queued: int = 0
+    started: int = 0
+    scheduled: int = 0
+    failed: int = 0
+    oldest_seconds: float = 0.0
+    workers: int = 0
+
+
+@dataclass
+class ProviderState:
+    name: str
+    last_accepted: float | None
+    last_refused: float | None
+    silent: bool | None  # None: not watched
+    silence_after: float | None
+
+
+@dataclass
+class State:
+    now: float
+    started: float | None
+    providers: list[ProviderState] = field(default_factory=list)
+    queues: list[QueueState] = field(default_factory=list)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _queues(settings: Settings) -> list[tuple[str, str]]:
+    names = settings.names
+    return [("ingest", names.ingest_queue)] + [(s, names.sink_queue(s)) for s in settings.sinks]
+
+
+def read_state(redis: Redis, settings: Settings,
+               providers: Mapping[str, float | None] | None = None,
+               queues: list[tuple[str, str]] | None = None) -> State:
+    """Activity, silence and backlog, in two pipelined round trips whatever the load: counts
+    are O(1) reads (LLEN, ZCARD, SCARD), the oldest job is the head of each queue.
+
+    ``providers`` (name -> silence threshold) and ``queues`` ((label, name) pairs) default to
+    what ``settings`` enables; ``ingest status`` passes the deployment's (ingest.deployment)."""
+    from rq.job import Job
+
+    names = settings.names
+    if queues is None:
+        queues = _queues(settings)
+    if providers is None:
+        providers = {name: settings.silence_threshold(name)
+                     for name in sorted(settings.provider_secrets)}
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(names.key("activity:accepted"))
+    pipe.hgetall(names.key("activity:refused"))
+    pipe.get(names.key("activity:started"))
+    for _, qname in queues:
+        pipe.llen(f"rq:queue:{qname}")
+        pipe.zcard(f"rq:wip:{qname}")
+        pipe.zcard(f"rq:scheduled:{qname}")
+        pipe.zcard(f"rq:failed:{qname}")
+        pipe.lindex(f"rq:queue:{qname}", 0)
+        pipe.smembers(f"rq:workers:{qname}")
+    replies = pipe.execute()
+    seconds, micros = replies[0]
+    now = seconds + micros / 1e6  # Redis's clock: ages agree across hosts
+    accepted = {k.decode(): _float(v) for k, v in replies[1].items()}
+    refused = {k.decode(): _float(v) for k, v in replies[2].items()}
+    started = _float(replies[3])
+    if started is None:
+        redis.set(names.key("activity:started"), repr(now), nx=True)
+        started = now
+    state = State(now=now, started=started)
+    heads: list[tuple[QueueState, bytes]] = []
+    worker_keys: list[tuple[QueueState, list[bytes]]] = []
+    at = 4
+    for label, qname in queues:
+        queued, wip, scheduled, failed, head, workers = replies[at:at + 6]
+        at += 6
+        q = QueueState(qname, label, queued, wip, scheduled, failed)
+        state.queues.append(q)
+        if head:
+            heads.append((q, head))
+        worker_keys.append((q, sorted(workers)[:constants.SCRAPE_MAX_WORKERS]))
+    if heads or worker_keys:
+        pipe = redis.pipeline(transaction=False)
+        for _, head in heads:
+            pipe.hget(Job.key_for(head.decode()), "enqueued_at")
+        for _, keys in worker_keys:
+            for key in keys:
+                pipe.exists(key)  # a worker that died uncleanly leaves its set entry behind
+        replies = pipe.execute()
+        for (q, _), enqueued in zip(heads, replies, strict=False):
+            when = enqueued_time(enqueued)
+            q.oldest_seconds = max(0.0, now - when) if when is not None else 0.0
+        at = len(heads)
+        for q, keys in worker_keys:
+            q.workers = sum(bool(r) for r in replies[at:at + len(keys)])
+            at += len(keys)
+    for name, threshold in providers.items():
+        last = accepted.get(name)
+        since = last if last is not None else started
+        silent = None if threshold is None else now - since > threshold
+        state.providers.append(ProviderState(name, last, refused.get(name), silent, threshold))
+    return state

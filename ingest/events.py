@@ -26,6 +26,15 @@ _EVENT_ID_HASH = hashlib.sha1(_EVENT_ID_NAMESPACE.bytes, usedforsecurity=False)
 
 # Actions (an event's ``action``) that remove the record they are about; ``kind``s ending in
 # ``.deleted`` do too. Migration 0004 spells the same rule in SQL for rows stored before it.
+# The normalized fields whose fallbacks are counted (ingest_normalization_fallbacks_total):
+# occurred_at taken from the delivery or receipt time; contact_email or campaign_id absent
+# where the resource type should carry it. A closed set, so the metric's labels stay bounded.
+# (Providers import them from ingest.providers.base, as before.)
+OCCURRED_AT = "occurred_at"
+CONTACT_EMAIL = "contact_email"
+CAMPAIGN_ID = "campaign_id"
+FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
+
 DELETE_ACTIONS = frozenset({"deleted", "destroyed", "bulk_deleted"})
 
 
@@ -146,8 +155,9 @@ class Event:
     ``previous`` holds prior values when the provider sends them, and ``changes`` the same as
     ``{field: {"from": old, "to": new}}`` (see :func:`changes_between`). ``activity`` says
     whether the event is a fact of its own (an open, a reply, a call) rather than a new version
-    of its record (``ingest.kinds``; set by the normalize step from the provider's tables).
-    ``stale`` is set by the worker (workers.records): a state event about the same record that
+    of its record (``ingest.kinds``; set from the provider's tables by ``Provider.event``, or,
+    for a provider that builds its events itself, by the normalize step).
+    ``stale`` is set by the worker (workers.marks): a state event about the same record that
     happened later was already processed. An activity event is never stale.
     """
 
@@ -169,7 +179,7 @@ class Event:
     changes: dict[str, dict[str, Any]] | None = None
     stale: bool = False
     activity: bool = False
-    # Normalized fields this event had to fall back on (ingest.providers.base.FALLBACK_FIELDS),
+    # Normalized fields this event had to fall back on (FALLBACK_FIELDS),
     # counted by the worker; not part of the public shape.
     fallbacks: tuple[str, ...] = field(default=(), compare=False)
     id: str = field(init=False)

@@ -127,7 +127,7 @@ class TextFormatter(logging.Formatter):
 class RqPerJobFilter(logging.Filter):
     """Drops the two INFO lines RQ's worker writes for every job (taken from the queue, done):
     our own line per job ("batch processed", "delivered") says the same with the job id. With
-    RQ's result-lifespan line (off in workers.watchdog) they cost the workers a few percent of
+    RQ's result-lifespan line (off in workers.worker) they cost the workers a few percent of
     their CPU per event (docs/performance.md). RQ's other lines (start, stop, warnings,
     failures) pass; at INGEST_LOG_LEVEL=debug these pass too."""
 

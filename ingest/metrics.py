@@ -7,8 +7,9 @@ multiprocess mode aggregates them; :func:`render` handles both cases.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -21,10 +22,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from ingest.events import Event
-from ingest.providers.base import FALLBACK_FIELDS
+from ingest.events import FALLBACK_FIELDS, Event
 
-__all__ = ["CONTENT_TYPE_LATEST", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "ActivityCollector", "render"]
 
 # -- acceptor -------------------------------------------------------------------------------
 DELIVERIES = Counter(
@@ -157,3 +157,65 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
             registry.register(collector)
         text += generate_latest(registry)
     return text, CONTENT_TYPE_LATEST
+
+
+class ActivityCollector:
+    """A prometheus-client collector reading :func:`ingest.deployment.read_state` at scrape
+    time: activity, silence and backlog gauges (``redis``: a client, ``settings``: Settings)."""
+
+    def __init__(self, redis: Any, settings: Any) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    def describe(self) -> list[Any]:
+        return []  # read at scrape time only: never call Redis at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ingest.deployment import read_state
+
+        up = GaugeMetricFamily("ingest_activity_redis_up",
+                               "1 when /metrics could read activity and backlog from Redis.")
+        try:
+            state = read_state(self.redis, self.settings)
+        except Exception as exc:
+            logging.getLogger("ingest.activity").warning("metrics: could not read activity from Redis: %r", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        last_acc = GaugeMetricFamily(
+            "ingest_last_accepted_timestamp_seconds",
+            "Unix time of the provider's last accepted delivery, any acceptor.", labels=["provider"])
+        last_ref = GaugeMetricFamily(
+            "ingest_last_refused_timestamp_seconds",
+            "Unix time of the provider's last refused request, any acceptor.", labels=["provider"])
+        silent = GaugeMetricFamily(
+            "ingest_provider_silent",
+            "1 when an enabled provider accepted nothing for INGEST_SILENCE_AFTER.",
+            labels=["provider"])
+        for p in state.providers:
+            if p.last_accepted is not None:
+                last_acc.add_metric([p.name], p.last_accepted)
+            if p.last_refused is not None:
+                last_ref.add_metric([p.name], p.last_refused)
+            if p.silent is not None:
+                silent.add_metric([p.name], 1 if p.silent else 0)
+        jobs = GaugeMetricFamily("ingest_queue_jobs", "Jobs in an RQ queue, by state.",
+                                 labels=["queue", "state"])
+        oldest = GaugeMetricFamily("ingest_queue_oldest_seconds",
+                                   "Age of the oldest queued job (0 when none).", labels=["queue"])
+        workers = GaugeMetricFamily("ingest_queue_workers", "Live RQ workers serving a queue.",
+                                    labels=["queue"])
+        dead = GaugeMetricFamily("ingest_dead_letters",
+                                 "Jobs in a queue's failed registry (`ingest dlq list`).",
+                                 labels=["sink"])
+        for q in state.queues:
+            for name in ("queued", "started", "scheduled", "failed"):
+                jobs.add_metric([q.name, name], getattr(q, name))
+            oldest.add_metric([q.name], q.oldest_seconds)
+            workers.add_metric([q.name], q.workers)
+            dead.add_metric([q.label], q.failed)
+        yield from (last_acc, last_ref, silent, jobs, oldest, workers, dead)

@@ -25,6 +25,7 @@ from ingest import constants
 
 __all__ = [
     "FastJSONSerializer",
+    "compress_fast",
     "batch_job",
     "batch_retry",
     "deliver_retry",
@@ -85,13 +86,19 @@ class _FastZlib:
         return zlib.compress(data, level)
 
 
-rq.job.zlib = _FastZlib  # type: ignore[assignment,attr-defined]
+def compress_fast() -> None:
+    """Make RQ compress job data at level 1 (:class:`_FastZlib`) in this process from now on.
+    Called where our jobs are made (:func:`make_job`, :func:`batch_job`) and by a worker's
+    runtime (workers.runtime), which saves jobs too: importing this module changes nothing."""
+    if rq.job.zlib is not _FastZlib:  # type: ignore[attr-defined, comparison-overlap]
+        rq.job.zlib = _FastZlib  # type: ignore[assignment,attr-defined]
 
 
 def make_job(queue: Queue, func: str, args: tuple[Any, ...], job_id: str,
              retry: Retry | None, description: str) -> Job:
     """One of our jobs, not yet written: our timeout and TTLs, an explicit id, and a short
     description (RQ's default is the call with its arguments: every body)."""
+    compress_fast()
     return queue.create_job(
         func, args=args, job_id=job_id, retry=retry, description=description,
         timeout=constants.JOB_TIMEOUT, result_ttl=constants.RESULT_TTL,
@@ -108,7 +115,7 @@ _attempted = 0
 def jobs_written() -> int:
     """How many jobs this process has written, or found already written, so far: a worker
     whose job moved this on wrote follow-up jobs, which ``INGEST_REDIS_MIN_REPLICAS`` makes it
-    wait for (workers.watchdog). A job found already written counts too: a retried job's first
+    wait for (workers.worker). A job found already written counts too: a retried job's first
     run may have written it without any replica acknowledging it."""
     return _attempted
 

@@ -27,19 +27,48 @@ then takes several of them into one ``send`` of up to about that many events. If
 raises, each of those jobs runs again on its own, exactly as without grouping, so the sink
 sees the same events again (``send`` is idempotent anyway). Without ``batch_events`` each
 job's events are sent on their own.
+
+A sink that keeps data (rows, messages waiting to be sent) takes part in ``ingest erase`` and
+in retention through two optional capabilities, reached through
+:class:`sinks.registry.EnabledSink` like ``send``:
+
+- ``erase(erasure)`` (:class:`ErasingSink`): remove one subject's data (``erasure.subject``
+  recognizes it: ``in_event``, ``in_value``, ``might_be_in``; ``erasure.delivery(envelope)``
+  rewrites a raw delivery that also holds other people's events), or with
+  ``erasure.dry_run`` only count it; return the counts per place, the places named in its
+  ``erases`` (in print order). ``erase_in_flight = True`` says its data is waiting to be sent
+  (an outbox): it is erased with the queued jobs, before and after the running jobs end, so
+  none of it goes out meanwhile; otherwise once, last, after they ended.
+- ``expire(cutoffs, dry_run=, batch=, probe=)`` (:class:`ExpiringSink`): remove what was received
+  before the cutoff of its retention (``"deliveries"``: ``INGEST_RETENTION_DAYS``,
+  ``"events"``: ``INGEST_EVENTS_RETENTION_DAYS``), ``batch`` rows at a time, yielding
+  ``(place, rows)`` after each batch (the retention run paces itself between them and may stop
+  between two); dry, one ``(place, rows that would go)`` per place, and with ``probe`` only
+  whether any would (1 or 0: a cheap look, after each slice of the daily run). ``expires`` maps each of
+  its places to the retention that applies to it.
+
+Data outlives the sink being enabled (a person's rows must be erasable after the sink is
+switched off), so both reach every *installed* sink that has them, through the class's
+optional ``for_stored_data(settings)``: a sink built from only what reaching its data needs
+(the Postgres sink: ``DATABASE_URL``; the Slack sink: Redis, no webhook URL). It raises
+:class:`ingest.exceptions.ConfigError` when that is not configured; ``title`` names the place
+in messages ("Postgres").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ingest.config import Settings
     from ingest.events import Delivery, Event
+    from ingest.subjects import Erasure
 
-__all__ = ["ClosingSink", "RawSink", "Sink", "UpdatingSink", "matches_any"]
+__all__ = ["ClosingSink", "ErasingSink", "ExpiringSink", "RawSink", "Sink", "UpdatingSink",
+           "matches_any"]
 
 
 @runtime_checkable
@@ -79,6 +108,28 @@ class ClosingSink(Protocol):
     """A sink holding something to release (a connection) when the worker stops."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ErasingSink(Protocol):
+    """A sink that keeps data about people and removes one subject's (``ingest erase``)."""
+
+    # The places it reports, in print order (e.g. its tables).
+    erases: ClassVar[tuple[str, ...]]
+
+    def erase(self, erasure: Erasure) -> Mapping[str, int]: ...
+
+
+@runtime_checkable
+class ExpiringSink(Protocol):
+    """A sink whose stored data expires (``INGEST_RETENTION_DAYS``,
+    ``INGEST_EVENTS_RETENTION_DAYS``): retention removes it in paced batches."""
+
+    # Place -> the retention that applies to it ("deliveries" or "events").
+    expires: ClassVar[Mapping[str, str]]
+
+    def expire(self, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
+               batch: int = 1000, probe: bool = False) -> Iterator[tuple[str, int]]: ...
 
 
 def matches_any(kind: str, patterns: Iterable[str]) -> bool:

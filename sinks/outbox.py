@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis import Redis
@@ -39,7 +39,10 @@ from redis import Redis
 from ingest import safejson
 from ingest.events import Event
 
-__all__ = ["Outbox"]
+if TYPE_CHECKING:
+    from ingest.subjects import Subject
+
+__all__ = ["Outbox", "erase_waiting"]
 
 # KEYS: queue, items, inflight. ARGV: key prefix, ttl seconds, then id, json pairs.
 _PARK = """
@@ -225,3 +228,31 @@ class Outbox:
         """Claimed events that could not be posted go back to the front of the queue."""
         if ids:
             self._give_back(keys=self._keys, args=[self.prefix, *ids])
+
+
+def erase_waiting(redis: Redis, prefixes: str, subject: Subject, dry_run: bool = False) -> int:
+    """Remove one subject's events waiting in every outbox whose prefix matches the glob
+    ``prefixes`` (``<namespace>slack:*:``: every Slack webhook's); returns how many (dry: would
+    go). An event being posted right now is removed too: its claimer then finds it gone."""
+    removed = 0
+    for items in redis.scan_iter(match=prefixes + "items", count=500):
+        prefix = items[: -len(b"items")]
+        for event_id, value in redis.hgetall(items).items():
+            if not subject.might_be_in(value):
+                continue
+            try:
+                event = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
+            if not (subject.in_event(event) if isinstance(event, dict) else False):
+                continue
+            removed += 1
+            if dry_run:
+                continue
+            pipe = redis.pipeline(transaction=True)
+            pipe.hdel(items, event_id)
+            pipe.zrem(prefix + b"queue", event_id)
+            pipe.zrem(prefix + b"inflight", event_id)
+            pipe.srem(prefix + b"solo", event_id)
+            pipe.execute()
+    return removed

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 import psycopg
@@ -48,8 +48,13 @@ from ingest.config import Settings
 from ingest.events import Delivery, Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 from ingest.redaction import reason
+from sinks import postgres_data
+
+if TYPE_CHECKING:
+    from ingest.subjects import Erasure
 
 __all__ = [
+    "EVENT_COLUMNS",
     "NORMALIZED_COLUMNS",
     "ArchiveQuery",
     "MigrationError",
@@ -82,12 +87,8 @@ _EVENT_COLUMNS = ("id", "provider", "dedup_key", *NORMALIZED_COLUMNS[:6], "recei
                   *NORMALIZED_COLUMNS[6:13], "delivery_id", "stale", NORMALIZED_COLUMNS[13],
                   "sanitized")
 
-_INSERT_EVENT = f"""
-INSERT INTO webhook_events ({", ".join(_EVENT_COLUMNS)})
-VALUES ({", ".join(["%s"] * len(_EVENT_COLUMNS))})
-ON CONFLICT DO NOTHING
-RETURNING delivery_id
-"""
+# Public for the bench's ceiling of one-row inserts (bench.ceilings.pg_inserts).
+EVENT_COLUMNS = _EVENT_COLUMNS
 
 # The same insert for a whole batch in one statement, its rows one JSON array (written by
 # orjson in one call, read by Postgres in C), in array order. One statement per batch instead
@@ -502,6 +503,10 @@ class PostgresSink:
     # One transaction takes this many events as well as 64, for less per event: a worker
     # joins waiting deliver jobs into one send up to this many (workers.grouping).
     batch_events: ClassVar[int] = 256
+    # What it keeps, for `ingest erase` and retention (sinks.postgres_data).
+    title: ClassVar[str] = "Postgres"
+    erases: ClassVar[tuple[str, ...]] = postgres_data.ERASES
+    expires: ClassVar[Mapping[str, str]] = postgres_data.EXPIRES
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -510,6 +515,21 @@ class PostgresSink:
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresSink:
         return cls(settings.require_database())
+
+    @classmethod
+    def for_stored_data(cls, settings: Settings) -> PostgresSink:
+        """The sink for erasing and expiring what it stored, enabled or not: DATABASE_URL."""
+        return cls(settings.require_database())
+
+    def erase(self, erasure: Erasure) -> dict[str, int]:
+        """Remove one subject's rows, in one transaction (sinks.postgres_data.erase)."""
+        return postgres_data.erase(self.url, erasure)
+
+    def expire(self, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
+               batch: int = 1000, probe: bool = False) -> Iterator[tuple[str, int]]:
+        """Remove expired rows in batches (sinks.postgres_data.expire)."""
+        return postgres_data.expire(self.url, cutoffs, dry_run=dry_run, batch=batch,
+                                    probe=probe)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from ingest import safejson
 from ingest.config import Settings, parse_bool, parse_list
@@ -12,9 +13,20 @@ from ingest.events import Delivery, Event
 from ingest.exceptions import ConfigError, PermanentSinkError, PluginError
 from ingest.plugins import load_group
 from ingest.redaction import reason
-from sinks.base import ClosingSink, RawSink, Sink, UpdatingSink, matches_any
+from sinks.base import (
+    ClosingSink,
+    ErasingSink,
+    ExpiringSink,
+    RawSink,
+    Sink,
+    UpdatingSink,
+    matches_any,
+)
 
-__all__ = ["EnabledSink", "build_sinks", "load_sink_classes"]
+if TYPE_CHECKING:
+    from ingest.subjects import Erasure
+
+__all__ = ["EnabledSink", "build_sinks", "data_keepers", "load_sink_classes"]
 
 # Errors of the data itself, raised by a sink that did not sort them out: permanent.
 _DATA_ERRORS = (safejson.Unserializable, RecursionError, UnicodeError)
@@ -103,6 +115,41 @@ class EnabledSink:
         if isinstance(self.sink, ClosingSink):
             self.sink.close()
 
+    # -- the data it keeps (sinks.base: ErasingSink, ExpiringSink) -------------------------
+
+    @property
+    def title(self) -> str:
+        """How messages name the place its data is in ("Postgres")."""
+        return str(getattr(self.sink, "title", self.name))
+
+    @property
+    def erases(self) -> tuple[str, ...]:
+        """The places ``erase`` reports, in print order; () when it erases nothing."""
+        return tuple(self.sink.erases) if isinstance(self.sink, ErasingSink) else ()
+
+    @property
+    def erase_in_flight(self) -> bool:
+        """True when its data waits to be sent (erased with the queued jobs)."""
+        return getattr(self.sink, "erase_in_flight", False) is True
+
+    def erase(self, erasure: Erasure) -> dict[str, int]:
+        """Remove (dry: count) one subject's data; counts per place, {} when it keeps none."""
+        if not isinstance(self.sink, ErasingSink):
+            return {}
+        return {str(place): int(n) for place, n in self.sink.erase(erasure).items()}
+
+    @property
+    def expires(self) -> dict[str, str]:
+        """Place -> the retention that applies to it; {} when nothing of it expires."""
+        return dict(self.sink.expires) if isinstance(self.sink, ExpiringSink) else {}
+
+    def expire(self, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
+               batch: int = 1000, probe: bool = False) -> Iterator[tuple[str, int]]:
+        """Remove (dry: count) what is older than its retention, yielding ``(place, rows)``
+        after each batch; nothing when it keeps nothing that expires."""
+        if isinstance(self.sink, ExpiringSink):
+            yield from self.sink.expire(cutoffs, dry_run=dry_run, batch=batch, probe=probe)
+
 
 def sink_event_globs(settings: Settings, cls: Any) -> tuple[str, ...]:
     raw = settings.section(cls.name).get("EVENTS")
@@ -142,3 +189,33 @@ def build_sinks(settings: Settings) -> dict[str, EnabledSink]:
         built[name] = EnabledSink(sink, sink_event_globs(settings, cls),
                                   sink_skips_stale(settings, cls))
     return built
+
+
+def data_keepers(settings: Settings, capability: str = "erase",
+                 ) -> tuple[dict[str, EnabledSink], dict[str, ConfigError]]:
+    """Every installed sink that keeps data it can ``capability`` (``"erase"`` or
+    ``"expire"``: sinks.base), enabled or not (data
+    outlives a sink being switched off), built through its ``for_stored_data(settings)``
+    (else, when enabled, its ``from_settings``), in the order erasure reports them: sinks
+    whose data waits to be sent first. Also, by title, those whose storage is not configured
+    (the Postgres sink without DATABASE_URL): nothing of theirs could be reached."""
+    keepers: dict[str, EnabledSink] = {}
+    unreachable: dict[str, ConfigError] = {}
+    for name, cls in sorted(load_sink_classes().items(),
+                            key=lambda item: getattr(item[1], "erase_in_flight", False) is not True):
+        if not callable(getattr(cls, capability, None)):
+            continue
+        build = getattr(cls, "for_stored_data", None)
+        if not callable(build):
+            if name not in settings.sinks:
+                continue  # without for_stored_data, reachable only while it is enabled
+            build = cls.from_settings
+        try:
+            sink = build(settings)
+        except ConfigError as exc:
+            unreachable[str(getattr(cls, "title", name))] = exc
+            continue
+        except Exception as exc:
+            raise PluginError(name, f"cannot reach its stored data: {exc!r}") from exc
+        keepers[name] = EnabledSink(sink, ())
+    return keepers, unreachable

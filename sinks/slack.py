@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 from redis import Redis
@@ -43,7 +43,10 @@ from ingest.events import Event
 from ingest.exceptions import PermanentSinkError, TransientSinkError
 from ingest.redaction import reason
 from sinks._http import ProcessClient, check_url, parse_retry_after, parse_timeout, short_body
-from sinks.outbox import Outbox
+from sinks.outbox import Outbox, erase_waiting
+
+if TYPE_CHECKING:
+    from ingest.subjects import Erasure
 
 __all__ = ["SlackSink", "render_digest", "render_event"]
 
@@ -284,6 +287,30 @@ class SlackSink:
         url = check_url("SLACK_WEBHOOK_URL", section.get("WEBHOOK_URL"))
         return cls(url, settings.require_redis(), settings.names, done_ttl=settings.dedup_ttl,
                    timeout=parse_timeout(section.get("TIMEOUT"), "SLACK_TIMEOUT"))
+
+    # -- the events waiting in its outboxes, for `ingest erase` -----------------------------
+
+    title: ClassVar[str] = "Slack outbox"
+    erases: ClassVar[tuple[str, ...]] = ("slack outbox",)
+    # Its data waits to be posted: erased with the queued jobs, before any of it goes out.
+    erase_in_flight: ClassVar[bool] = True
+
+    @classmethod
+    def for_stored_data(cls, settings: Settings) -> SlackSink:
+        """The sink for erasing what waits in its outboxes (every webhook's, enabled or not):
+        Redis only; it never posts."""
+        return cls("", settings.require_redis(), settings.names)
+
+    def erase(self, erasure: Erasure) -> dict[str, int]:
+        """Remove the subject's events waiting in every Slack webhook's outbox."""
+        from ingest.redis_conn import worker_redis
+
+        redis = worker_redis(self.redis_url)
+        try:
+            return {"slack outbox": erase_waiting(redis, self.names.key("slack:*:"),
+                                                  erasure.subject, erasure.dry_run)}
+        finally:
+            redis.close()
 
     def __repr__(self) -> str:
         return f"<SlackSink webhook #{self.target}>"

@@ -20,21 +20,40 @@ from rq import Worker
 from ingest.commands.embedded import free_port
 from ingest.rq_jobs import FastJSONSerializer
 from workers.runtime import Runtime
-from workers.watchdog import StopsPromptly
+from workers.worker import StopsPromptly
 
 # Secrets the tests configure for each provider; rotation tests use both of a pair.
-SECRETS: dict[str, tuple[str, str]] = {
-    "outreach": ("outreach-secret-old-0001", "outreach-secret-new-0002"),
-    "salesloft": ("salesloft-token-old-0001", "salesloft-token-new-0002"),
-    "outcaller": ("outcaller-token-old-0001", "outcaller-token-new-0002"),
-    "outboundry": ("outboundry-token-old-0001", "outboundry-token-new-0002"),
-    "mailstand": ("mailstand-token-old-0001", "mailstand-token-new-0002"),
-}
+def suites_by(base: type, attribute: str) -> dict[str, type]:
+    """Every subclass of ``base`` (a shared suite) that sets ``attribute`` itself, by its
+    value: the provider's or the sink's name."""
+    found: dict[str, type] = {}
+    pending = list(base.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if attribute in cls.__dict__:
+            found[cls.__dict__[attribute]] = cls
+    return found
+
+
+def secrets_for(provider: str) -> tuple[str, str]:
+    """The test secrets of a provider (an old and a new one: rotation), from its name alone."""
+    return f"{provider}-secret-old-0001", f"{provider}-secret-new-0002"
+
+
+def _secrets() -> dict[str, tuple[str, str]]:
+    from ingest.providers import load_providers
+
+    return {name: secrets_for(name) for name in load_providers()}
+
+
+# Every registered provider's (a new provider needs no entry here).
+SECRETS: dict[str, tuple[str, str]] = _secrets()
 
 
 class SimpleWorker(StopsPromptly, rq.SimpleWorker):
     """RQ's SimpleWorker, whose teardown never waits a minute for its command listener
-    (workers/watchdog.py says when RQ's does): tests run many burst workers."""
+    (workers/worker.py says when RQ's does): tests run many burst workers."""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,

@@ -1,4 +1,4 @@
-"""How erase recognizes a subject (ingest.commands.subjects), without servers: every JSON
+"""How erase recognizes a subject (ingest.subjects), without servers: every JSON
 spelling of an address, only whole addresses, and the rewriting of a delivery that holds
 several people's events."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingest.commands.subjects import (
+from ingest.subjects import (
     EmailSubject,
     ResourceSubject,
     escaped_pattern,

@@ -160,7 +160,7 @@ def test_a_worker_writes_one_line_per_job_of_its_own_and_rqs_only_at_debug(
     from datetime import datetime, timezone
 
     from ingest.rq_jobs import enqueue_batch
-    from workers.runner import run_worker
+    from workers.processes import run_worker
     from workers.runtime import Runtime, install_runtime
 
     settings = Settings.from_env(make_env(database_url, INGEST_LOG_LEVEL=level))

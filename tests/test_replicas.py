@@ -31,7 +31,7 @@ from ingest.redis_conn import acceptor_async_redis, acceptor_redis
 from ingest.rq_jobs import enqueue_batch
 from tests.helpers import wait_until
 from workers.runtime import Runtime, install_runtime
-from workers.watchdog import IngestWorker
+from workers.worker import IngestWorker
 
 
 class Pair:

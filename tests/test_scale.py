@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from ingest.commands.erase import DELIVERIES, EVENTS_BY_INDEX, EmailSubject, ResourceSubject
+from ingest.commands.erase import EmailSubject, ResourceSubject
+from sinks.postgres_data import DELETE_BATCH, DELIVERIES, EVENTS_BY_INDEX
 from sinks.postgres import migrate
 from tests.helpers import with_database
-from workers import retention
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 ROWS = 200_000
@@ -83,7 +83,7 @@ def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str
         # Retention's own statement, as it runs it: through the received_at index, and the
         # delete itself by ctid (a Tid Scan), with no lookup per row through the primary key.
         for table, days in (("webhook_deliveries", 130), ("webhook_events", 360)):
-            statement = retention.DELETE_BATCH.format(table=table)
+            statement = DELETE_BATCH.format(table=table)
             with conn.cursor() as cur:
                 cur.execute("EXPLAIN (FORMAT JSON) " + statement, [
                     datetime(1970, 1, 1, tzinfo=timezone.utc),

@@ -2,7 +2,7 @@
 
 Every `ingest worker` exits with code 0 within 2 s of SIGTERM when idle, and within the job in
 hand plus 2 s when busy (having finished that job); the whole Procfile set stops together in
-2 s, each process with code 0 (the acceptor too: a platform reads anything else as a crash). A redis-py release once made every worker take up to 60 s (workers/watchdog.py, the
+2 s, each process with code 0 (the acceptor too: a platform reads anything else as a crash). A redis-py release once made every worker take up to 60 s (workers/worker.py, the
 module docstring's last paragraph), mostly when several processes stopped at once on a busy
 machine: so each scenario runs 10 times, and the Procfile's processes get SIGTERM together.
 

@@ -15,9 +15,9 @@ behind it and runs them as one:
 
 At most ``MAX_GROUP_JOBS`` jobs go together. Only jobs already waiting join: nobody waits for
 a group to fill, so a quiet queue runs each job alone, as before; and a worker asks for more
-only when the last job's success pipeline found jobs waiting (workers.watchdog).
+only when the last job's success pipeline found jobs waiting (workers.worker).
 
-Each job keeps its own life in RQ (workers.watchdog.IngestWorker): all are started (status,
+Each job keeps its own life in RQ (workers.worker.IngestWorker): all are started (status,
 started registry, heartbeats) in one transaction before the run and finished in one pipeline
 after it, so a worker that dies mid-run leaves every one of them to the watchdog, which
 retries each alone. If the run raises (a delivery that must be set aside, a sink's error),
@@ -42,7 +42,7 @@ __all__ = ["Groups"]
 
 
 class Groups:
-    """The rules of :class:`workers.watchdog.JobGroups` for our two job functions."""
+    """The rules of :class:`workers.worker.JobGroups` for our two job functions."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt

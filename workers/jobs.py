@@ -31,7 +31,7 @@ from ingest.kinds import UNKNOWN
 from ingest.redaction import reason
 from ingest.rq_jobs import deliver_retry, enqueue_new
 from sinks.registry import EnabledSink
-from workers import dedup, fanout, records, suppression
+from workers import dedup, fanout, marks, suppression
 from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
@@ -61,7 +61,7 @@ def _digest(ids: Sequence[str]) -> str:
 
 def _job_form(event: Event, rendered: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """``event.to_job()``, from what process_batch already rendered when it can: only
-    ``stale`` may have changed since (workers.records)."""
+    ``stale`` may have changed since (workers.marks)."""
     out = rendered.get(event.id)
     if out is None:
         return event.to_job()
@@ -76,7 +76,7 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[st
     rendered = rendered or {}
     created = 0
     for name, enabled in rt.sinks.items():
-        chosen = records.for_sink(enabled, [e for e in events if enabled.wants(e)])
+        chosen = marks.for_sink(enabled, [e for e in events if enabled.wants(e)])
         if not chosen:
             continue
         if len(chosen) > fanout.job_events(enabled):
@@ -164,7 +164,7 @@ def _process(calls: Sequence[tuple[str, list[dict[str, Any]]]],
         per_job[owner_of[event_id]]["suppressed"] += 1
     owners = [owner_of[e.id] for e in events]
     fresh = [e for e, ok in zip(events, dedup.claim(rt.redis, rt.names, owners, events)) if ok]
-    fresh = records.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
+    fresh = marks.mark_stale(rt.redis, rt.names, fresh, rt.settings.dedup_ttl)
     kinds: Counter[tuple[str, str]] = Counter()  # counted once per (provider, kind)
     for event in fresh:
         produced[event.provider] -= 1
@@ -270,7 +270,7 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         log.info("split %d events into bounded jobs", len(events),
                  extra={"sink": sink_name, "count": created})
         return {"delivered": 0, "rechunked": len(events)}
-    evs = records.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
+    evs = marks.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
     skipped = {"stale": len(events) - len(evs)} if len(evs) < len(events) else {}
     if not evs:
         return {"delivered": 0, **skipped}
@@ -375,7 +375,7 @@ def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> l
         ids_of_call.append(ids)
         for d in deliveries or ():
             raw.setdefault(d["id"], d)
-    evs = records.still_current(rt.redis, rt.names, enabled, list(merged.values()))
+    evs = marks.still_current(rt.redis, rt.names, enabled, list(merged.values()))
     if evs:
         _send(enabled, evs, raw.values())
         _delivered(sink_name, evs, job_ids[0], jobs=len(calls))

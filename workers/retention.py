@@ -3,25 +3,21 @@
 The worker runs it (:func:`schedule`, :func:`run_slice`); ``ingest retention``
 (ingest.commands.retention) runs :func:`run_retention` by hand.
 
-``INGEST_RETENTION_DAYS`` applies to ``webhook_deliveries`` (the raw bodies),
-``INGEST_EVENTS_RETENTION_DAYS`` to ``webhook_events``, both by ``received_at``. Unset keeps
-forever.
+``INGEST_RETENTION_DAYS`` applies to raw deliveries (``"deliveries"``: the Postgres sink's
+``webhook_deliveries``), ``INGEST_EVENTS_RETENTION_DAYS`` to events (``"events"``:
+``webhook_events``), both by when they were received. Unset keeps forever. What expires is
+each sink's own (sinks.base: ``expire``, reached through :class:`sinks.registry.EnabledSink`,
+for every installed sink that keeps such data, enabled or not); this module only paces it.
 
 Why batched deletes: rows go a thousand at a time, each batch its own short transaction
-found through the ``received_at`` index, so no lock is held for long, writers never wait on
-it, and autovacuum keeps up. (Monthly partitions dropped whole would be cheaper still, but
-the sink's ``ON CONFLICT`` needs the primary key, ``id`` (which keeps ``(provider,
-dedup_key)`` unique too), over the whole table, which a partitioned table only allows when it
-includes the partition key.)
+(sinks.postgres_data says how), so no lock is held for long, writers never wait on it, and
+autovacuum keeps up.
 
 The pace (:class:`Pace`, :func:`next_step`): after each batch the run rests several times as
 long as the batch took, so it deletes a tenth of the time at most. It backs off (longer
 rests) when a batch takes much longer per row than the fastest ones before it, a sign the
 server is busy with something else, and when jobs wait in the ingest or sink
-queues; it comes back to its full pace once neither holds. Each batch deletes by ``ctid``
-(the rows' places in the table), in ``received_at`` order from where the last one stopped:
-no lookup per row through the primary key, and no walk over the index entries of rows
-already deleted.
+queues; it comes back to its full pace once neither holds.
 
 Workers run it once a day (:func:`schedule`): the first worker to start claims the day's run
 with a Redis ``SET NX`` marker and schedules one job, with a fixed id, through RQ's scheduler
@@ -46,13 +42,13 @@ from rq.job import Job
 
 from ingest.config import Settings
 from ingest.rq_jobs import enqueue_unique, make_job
-from sinks.postgres import connect
+from sinks.registry import EnabledSink, data_keepers
 from workers.runtime import Runtime, current_runtime
 
 log = logging.getLogger("workers.retention")
 
-__all__ = ["DELETE_BATCH", "TABLES", "Pace", "cutoffs", "next_step", "queued_jobs",
-           "remaining", "run_retention", "run_slice", "schedule"]
+__all__ = ["Pace", "cutoffs", "expiring", "next_step", "places", "queued_jobs", "remaining",
+           "run_retention", "run_slice", "schedule"]
 
 # Rows removed per transaction: each commit takes a few milliseconds of one server process
 # and writes well under a megabyte of WAL. (Fixed: the pace adapts the rests, so batch times
@@ -86,26 +82,26 @@ SLICE_JOB = "workers.retention.run_slice"
 # Earlier versions' name of the same job: schedule() repairs a run they scheduled.
 _OLD_SLICE_JOBS = ("ingest.retention.run_slice",)
 
-# The tables retention applies to, in the order reports print them.
-TABLES = ("webhook_deliveries", "webhook_events")
-
-# The oldest rows first, from where the last batch stopped (received_at >= its newest): the
-# index scan does not walk again over the entries of rows deleted earlier in the run, which
-# stay in the index until vacuum. The rows are locked in the subquery (SKIP LOCKED: a row a
-# replay or an erase is changing now waits for the next run) and deleted by ctid, so the
-# delete finds them without a lookup per row through the primary key.
-DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
-                "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
-                "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
 def cutoffs(settings: Settings, now: datetime | None = None) -> dict[str, datetime]:
-    """Table -> rows received before this instant expire. Tables kept forever are absent."""
+    """Retention ("deliveries", "events") -> what was received before this instant expires.
+    Those kept forever are absent."""
     now = now or datetime.now(timezone.utc)
-    days = {"webhook_deliveries": settings.retention_days,
-            "webhook_events": settings.events_retention_days}
+    days = {"deliveries": settings.retention_days, "events": settings.events_retention_days}
     return {t: now - timedelta(days=d) for t, d in days.items() if d is not None}
+
+
+def expiring(settings: Settings) -> list[EnabledSink]:
+    """Every installed sink whose data expires, built to reach it (sinks.registry). One
+    whose storage is not configured stops the run, naming the setting."""
+    keepers, unreachable = data_keepers(settings, "expire")
+    for exc in unreachable.values():
+        raise exc
+    return [k for k in keepers.values() if k.expires]
+
+
+def places(keepers: list[EnabledSink]) -> dict[str, str]:
+    """Place (a table) -> the retention that applies to it, in the order reports print."""
+    return {place: kind for k in keepers for place, kind in k.expires.items()}
 
 
 @dataclass
@@ -187,7 +183,8 @@ def run_retention(settings: Settings, dry_run: bool = False, now: datetime | Non
                   progress: Callable[[str, int], None] | None = None,
                   redis: Redis | None = None, pace: Pace | None = None,
                   stop_on_backlog: bool = False) -> dict[str, int]:
-    """Remove (or, dry, count) what is older than the retention; returns rows per table.
+    """Remove (or, dry, count) what is older than the retention; returns rows per place
+    (table) whose retention is set.
 
     Stops at ``deadline`` (time.monotonic()) when one is given, after one batch at least, and
     with ``stop_on_backlog`` as soon as jobs wait in the queues (a worker's slice). With
@@ -196,53 +193,66 @@ def run_retention(settings: Settings, dry_run: bool = False, now: datetime | Non
     pace = pace or Pace()
     size = batch or BATCH
     limits = cutoffs(settings, now)
-    removed = dict.fromkeys(limits, 0)
-    with connect(settings.require_database(), autocommit=True) as conn:
-        for table, cutoff in limits.items():
+    keepers = expiring(settings)
+    removed = {place: 0 for place, kind in places(keepers).items() if kind in limits}
+    try:
+        for keeper in keepers:
             if dry_run:
-                row = conn.execute(f"SELECT count(*) FROM {table} WHERE received_at < %s",
-                                   [cutoff]).fetchone()
-                removed[table] = int(row[0]) if row else 0
+                for place, rows in keeper.expire(limits, dry_run=True):
+                    removed[place] = rows
                 continue
-            since = _EPOCH
-            finished = False
-            while True:
-                started = time.monotonic()
-                cur = conn.execute(DELETE_BATCH.format(table=table), [since, cutoff, size])
-                got = [r[0] for r in cur.fetchall()]
-                took = time.monotonic() - started
-                done = len(got)
-                if got:
-                    since = max(got)
-                removed[table] += done
-                if progress is not None and done:
-                    progress(table, done)
-                waiting = _waiting(redis, settings)
-                rest = next_step(pace, table, done, took, waiting)
-                log.debug("retention batch: %d rows from %s in %.1f ms, %d jobs waiting; "
-                          "resting %.1f ms", done, table, took * 1000, waiting, rest * 1000)
-                if done < size:
-                    finished = True
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                if stop_on_backlog and waiting > BACKLOG_JOBS:
-                    break
-                time.sleep(rest)
-                pace.resting += rest
-            if not finished:
+            if not _expire_paced(keeper, limits, size, removed, pace, settings, deadline,
+                                 progress, redis, stop_on_backlog):
                 break  # out of time, or jobs are waiting: the rest is for the next slice
+    finally:
+        for keeper in keepers:
+            keeper.close()
     return removed
 
 
-def remaining(settings: Settings, now: datetime | None = None) -> bool:
-    """True when some table still holds expired rows."""
-    with connect(settings.require_database(), autocommit=True) as conn:
-        for table, cutoff in cutoffs(settings, now).items():
-            if conn.execute(f"SELECT 1 FROM {table} WHERE received_at < %s LIMIT 1",
-                            [cutoff]).fetchone():
+def _expire_paced(keeper: EnabledSink, limits: dict[str, datetime], size: int,
+                  removed: dict[str, int], pace: Pace, settings: Settings,
+                  deadline: float | None, progress: Callable[[str, int], None] | None,
+                  redis: Redis | None, stop_on_backlog: bool) -> bool:
+    """One sink's expired data, batch by batch at ``pace``. True when all of it went."""
+    batches = keeper.expire(limits, batch=size)
+    try:
+        while True:
+            started = time.monotonic()
+            step = next(batches, None)
+            if step is None:
                 return True
-    return False
+            place, done = step
+            took = time.monotonic() - started
+            removed[place] = removed.get(place, 0) + done
+            if progress is not None and done:
+                progress(place, done)
+            waiting = _waiting(redis, settings)
+            rest = next_step(pace, place, done, took, waiting)
+            log.debug("retention batch: %d rows from %s in %.1f ms, %d jobs waiting; "
+                      "resting %.1f ms", done, place, took * 1000, waiting, rest * 1000)
+            if done < size:
+                continue  # that place is done: the next one, without a rest
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if stop_on_backlog and waiting > BACKLOG_JOBS:
+                return False
+            time.sleep(rest)
+            pace.resting += rest
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+def remaining(settings: Settings, now: datetime | None = None) -> bool:
+    """True when some sink still holds expired data."""
+    limits = cutoffs(settings, now)
+    keepers = expiring(settings)
+    try:
+        return any(rows for keeper in keepers
+                   for _, rows in keeper.expire(limits, dry_run=True, probe=True))
+    finally:
+        for keeper in keepers:
+            keeper.close()
 
 
 # -- the daily run ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from rq import Queue
 
 from ingest.config import Settings
 from ingest.constants import Names
-from ingest.rq_jobs import FastJSONSerializer
+from ingest.rq_jobs import FastJSONSerializer, compress_fast
 from ingest.providers import Provider, load_providers
 from ingest.redis_conn import worker_redis
 from sinks.registry import EnabledSink, build_sinks
@@ -25,6 +25,7 @@ __all__ = ["Runtime", "current_runtime", "install_runtime"]
 
 class Runtime:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+        compress_fast()  # the jobs this process writes or saves again: RQ at level 1
         self.settings = settings
         self.names: Names = settings.names
         self.redis = redis if redis is not None else worker_redis(settings.require_redis())

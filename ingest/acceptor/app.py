@@ -34,7 +34,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ingest import constants, metrics
-from ingest.activity import UNKNOWN, ActivityCollector, RefusalLog, mark_started
+from ingest.activity import mark_started
+from ingest.metrics import ActivityCollector
+from ingest.refusals import UNKNOWN, RefusalLog
 from ingest.subscriptions.state import SubscriptionCollector
 from ingest.deployment import keep_registered
 from ingest.config import Settings

@@ -101,7 +101,7 @@ def _report_redis_at_start(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.exposition import WorkerMetrics
+    from ingest.commands.metrics_server import WorkerMetrics
 
     settings = _settings()
     _setup_logging(settings)
@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if exposition is not None:
         exposition.start()
     try:
-        from workers.runner import run_worker
+        from workers.processes import run_worker
 
         # Nearly everything the process will hold is imported by now, for as long as it runs:
         # out of the collector's sight (gc.freeze), it is neither traversed by every full
@@ -130,7 +130,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # after SIGTERM without it, 0.07 s with it), and the scheduler it forks shares those
         # pages instead of copying them as the collector touches them.
         gc.freeze()
-        return run_worker(settings, queues or None, burst=args.burst)
+        return run_worker(settings, queues or None, burst=args.burst,
+                          command=[sys.executable, "-m", "ingest.commands.cli", "worker"])
     finally:
         if exposition is not None:
             exposition.close()
@@ -312,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in their own modules: each module's add_command(add) registers its
 # command when the parser is built; the modules keep their heavy imports inside the command.
-_COMMAND_MODULES = ("workers.dlq", "ingest.commands.replay", "ingest.commands.erase",
+_COMMAND_MODULES = ("ingest.commands.dlq", "ingest.commands.replay", "ingest.commands.erase",
                     "ingest.commands.retention", "ingest.commands.status",
                     "ingest.commands.query", "ingest.commands.subscriptions")
 

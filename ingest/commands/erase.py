@@ -8,7 +8,7 @@ Examples::
 
 An address is recognized however a raw body spells it (JSON escapes such as
 ``jane\u0040example.com``, any case) and only as a whole address; a record by the events its
-deliveries normalize into (ingest.commands.subjects says how, and how cheaply).
+deliveries normalize into (ingest.subjects says how, and how cheaply).
 
 Where it looks, in this order (each place's count is printed; the address itself never is,
 only its SHA-256):
@@ -25,12 +25,12 @@ only its SHA-256):
    also holds other people's is written again without the subject's deliveries and events.
    A started job is only rewritten (its worker already holds the data): erase waits for it to
    end (``--wait``) and looks again, so what it wrote is removed from Postgres afterwards.
-3. the Slack outbox: events waiting to be posted.
-4. Postgres, in one transaction: ``webhook_events`` (``contact_email`` equal to the address,
-   case-insensitively, through its index, or the address anywhere in the row), the
-   ``webhook_deliveries`` those events came from and any archived delivery whose body or
-   headers mention it, and the ``webhook_records`` that mention it. A row goes into
-   ``webhook_erasures`` with the counts.
+3. every installed sink that keeps data (sinks.base: ``erase``), enabled or not, through
+   :class:`sinks.registry.EnabledSink`: first those whose data waits to be sent (the Slack
+   outbox: events waiting to be posted), with the jobs, then, once the running jobs ended,
+   the others (Postgres, in one transaction: ``webhook_events``, the ``webhook_deliveries``
+   they came from and any archived delivery that mentions the subject, ``webhook_records``;
+   a row goes into ``webhook_erasures`` with the counts: sinks.postgres_data).
 
 A raw delivery that holds several people's events (a Salesloft ``data`` array) keeps the
 others': it is written again without the subject's elements, wherever it is (spool, RQ jobs,
@@ -58,33 +58,23 @@ from pathlib import Path
 from typing import Any
 
 from ingest import constants
-from ingest.commands.subjects import (
-    EmailSubject,
-    ResourceSubject,
-    Subject,
-    parse_resource,
-    without_subject,
-)
 from ingest.config import Settings
-from ingest.events import Delivery
-from ingest.providers import Provider
+from ingest.subjects import EmailSubject, Erasure, ResourceSubject, Subject, parse_resource
 
-__all__ = ["DELIVERIES", "EVENTS_BY_INDEX", "PLACES", "EmailSubject", "ErasureReport",
-           "ResourceSubject", "Subject", "add_command", "erase", "parse_resource"]
+__all__ = ["PLACES", "EmailSubject", "ErasureReport", "ResourceSubject", "Subject",
+           "add_command", "erase", "parse_resource"]
 
 # Seconds between looks at started jobs that hold the subject, while erase waits for them.
 _POLL = 0.5
-# The places of a report, in the order they are printed. The deliveries "rewritten" were kept
-# without the subject's events (other people's stay); the other counts are of what went.
+# The places of a report this command searches itself, in the order they are printed; the
+# sinks' places (their ``erases``) follow. The deliveries "rewritten" were kept without the
+# subject's events (other people's stay); the other counts are of what went.
 PLACES = (
     "spool records", "spool records rewritten", "spool segments in use",
     "spool rewrite leftovers",
     "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
-    "rq events removed", "rq jobs still running", "slack outbox",
-    "webhook_events", "webhook_deliveries", "webhook_deliveries rewritten", "webhook_records",
+    "rq events removed", "rq jobs still running",
 )
-_REWRITTEN = ("spool records rewritten", "rq deliveries rewritten",
-              "webhook_deliveries rewritten")
 
 
 @dataclass
@@ -92,25 +82,21 @@ class ErasureReport:
     counts: Counter[str] = field(default_factory=Counter)
     dry_run: bool = False
     not_searched: list[str] = field(default_factory=list)  # places this run could not reach
+    places: tuple[str, ...] = PLACES  # every place, in print order: ours, then the sinks'
 
     def as_dict(self) -> dict[str, int]:
-        return {place: self.counts[place] for place in PLACES}
+        return {place: self.counts[place] for place in self.places}
 
 
-@dataclass
-class _Scope:
-    """One erasure: whom, with which providers (to split deliveries), when, and its counts."""
+class _Scope(Erasure):
+    """One erasure (ingest.subjects.Erasure) with this command's report: its counts are the
+    report's."""
 
-    subject: Subject
-    providers: Mapping[str, Provider]
-    now: datetime
-    report: ErasureReport
-
-    def delivery(self, envelope: Any) -> Any:
-        """The envelope itself, None (it goes), or a rewritten copy: see without_subject."""
-        if not isinstance(envelope, dict):
-            return envelope
-        return without_subject(envelope, self.subject, self.providers, self.now)
+    def __init__(self, subject: Subject, now: datetime, report: ErasureReport,
+                 providers: Mapping[str, Any] | None = None) -> None:
+        super().__init__(subject, dry_run=report.dry_run, now=now, counts=report.counts,
+                         places=report.places, providers=providers)
+        self.report = report
 
 
 # -- the spool --------------------------------------------------------------------------------
@@ -141,7 +127,7 @@ def _erase_spool(directory: Path, scope: _Scope) -> None:
 def _queue_names(settings: Settings, redis: Any) -> list[str]:
     from rq import Queue
 
-    from workers.dlq import queues
+    from ingest.commands.dlq import queues
 
     names = settings.names
     found = [name for _, name in queues(settings)]
@@ -247,7 +233,8 @@ def _erase_jobs(settings: Settings, redis: Any, scope: _Scope) -> set[str]:
             before = Counter(report.counts)
             new_args = _rewrite(str(func), list(args), scope)
             if new_args == list(args):
-                report.counts = before
+                report.counts.clear()
+                report.counts.update(before)
                 _scrub_results(redis, job_id, key, subject, report)
                 continue
             if started:
@@ -287,115 +274,14 @@ def _scrub_results(redis: Any, job_id: str, key: str, subject: Subject,
             break
 
 
-# -- the Slack outbox -------------------------------------------------------------------------
+# -- the sinks' data -------------------------------------------------------------------------
 
 
-def _erase_outbox(settings: Settings, redis: Any, subject: Subject,
-                  report: ErasureReport) -> None:
-    import orjson
-
-    for items in redis.scan_iter(match=settings.names.key("slack:*:items"), count=500):
-        prefix = items[: -len(b"items")]
-        for event_id, value in redis.hgetall(items).items():
-            if not subject.might_be_in(value):
-                continue
-            try:
-                event = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                continue
-            if not (subject.in_event(event) if isinstance(event, dict) else False):
-                continue
-            report.counts["slack outbox"] += 1
-            if report.dry_run:
-                continue
-            pipe = redis.pipeline(transaction=True)
-            pipe.hdel(items, event_id)
-            pipe.zrem(prefix + b"queue", event_id)
-            pipe.zrem(prefix + b"inflight", event_id)
-            pipe.srem(prefix + b"solo", event_id)
-            pipe.execute()
-
-
-# -- Postgres ---------------------------------------------------------------------------------
-
-# A row's text, computed once per row (OFFSET 0 keeps Postgres from inlining it into each use).
-_TEXT = "CROSS JOIN LATERAL (SELECT lower({row}) AS x OFFSET 0) t"
-# The subject's events found through an index (by contact, or by record); tests/test_scale.py
-# checks the plan.
-EVENTS_BY_INDEX = "SELECT e.id, e.delivery_id FROM webhook_events e WHERE {events}"
-# The deliveries the erased events came from (by primary key), and those whose body or headers
-# may mention the subject (a scan, for an address; nothing for a record).
-DELIVERIES = (
-    "SELECT d.id, d.provider, d.received_at, d.headers, convert_from(d.body, 'UTF8'),"
-    " d.erased_at FROM webhook_deliveries d "
-    + _TEXT.format(row="convert_from(d.body, 'UTF8') || ' ' || d.headers::text")
-    + " WHERE d.id = ANY(%(deliveries)s::uuid[]) OR {mentions}")
-
-
-def _erase_postgres(url: str, scope: _Scope) -> None:
-    import psycopg
-    from psycopg.types.json import Jsonb
-
-    from sinks.postgres import connect
-
-    subject, report = scope.subject, scope.report
-    match = subject.sql()
-    with connect(url) as conn, conn.transaction():
-        # Events: by contact through the index, then (for an address) anywhere else in a row,
-        # each candidate confirmed on its decoded values.
-        events: dict[Any, Any] = dict(conn.execute(
-            EVENTS_BY_INDEX.format(events=match.events), match.params).fetchall())
-        if match.text is not None:
-            for event_id, delivery_id, row in conn.execute(
-                    "SELECT e.id, e.delivery_id, to_jsonb(e) FROM webhook_events e "
-                    + _TEXT.format(row="e::text")
-                    + f" WHERE ({match.events}) IS NOT TRUE AND {match.mentions('t.x')}",
-                    match.params):
-                if subject.in_value(row):
-                    events[event_id] = delivery_id
-        linked = {str(d) for d in events.values() if d is not None}
-        params = dict(match.params, events=list(events), deliveries=sorted(linked))
-        # Deliveries: those the events came from, and any whose body or headers may mention
-        # the subject; each is kept, removed, or rewritten without the subject's events.
-        removed: list[Any] = []
-        rewritten: list[tuple[str, str, Any]] = []
-        for row in conn.execute(DELIVERIES.format(mentions=match.mentions("t.x")), params):
-            envelope = Delivery(id=str(row[0]), provider=row[1], received_at=row[2],
-                                headers=dict(row[3] or {}), body=row[4],
-                                erased_at=row[5]).to_dict()
-            new = scope.delivery(envelope)
-            if new is envelope:
-                if envelope["id"] in linked:
-                    # It does not name the subject, yet an erased event came from it:
-                    # replaying it would bring that event back.
-                    removed.append(row[0])
-                continue  # the text test matched someone else (mary.jane@ for jane@)
-            if new is None:
-                removed.append(row[0])
-            else:
-                rewritten.append((new["body"], new["erased_at"], row[0]))
-        records = [tuple(r[:3]) for r in conn.execute(
-            "SELECT r.provider, r.resource_type, r.resource_id,"
-            f" r.event_id = ANY(%(events)s::uuid[]) OR ({match.records}) IS TRUE,"
-            " to_jsonb(r) FROM webhook_records r " + _TEXT.format(row="r::text")
-            + f" WHERE r.event_id = ANY(%(events)s::uuid[]) OR {match.records}"
-            f" OR {match.mentions('t.x')}", params)
-            if r[3] or subject.in_value(r[4])]
-        report.counts["webhook_events"] += len(events)
-        report.counts["webhook_deliveries"] += len(removed)
-        report.counts["webhook_deliveries rewritten"] += len(rewritten)
-        report.counts["webhook_records"] += len(records)
-        if report.dry_run:
-            raise psycopg.Rollback()
-        conn.execute("DELETE FROM webhook_events WHERE id = ANY(%s::uuid[])", [list(events)])
-        conn.execute("DELETE FROM webhook_deliveries WHERE id = ANY(%s::uuid[])", [removed])
-        with conn.cursor() as cur:
-            cur.executemany("UPDATE webhook_deliveries SET body = convert_to(%s, 'UTF8'),"
-                            " erased_at = %s::timestamptz WHERE id = %s", rewritten)
-            cur.executemany("DELETE FROM webhook_records WHERE provider = %s AND "
-                            "resource_type = %s AND resource_id = %s", records)
-        conn.execute("INSERT INTO webhook_erasures (subject_sha256, counts) VALUES (%s, %s)",
-                     (subject.sha256, Jsonb(report.as_dict())))
+def _erase_sinks(keepers: list[Any], scope: _Scope, step: Callable[[str], None]) -> None:
+    """Each sink's own data (sinks.registry.EnabledSink.erase); its counts go in the report."""
+    for keeper in keepers:
+        step(keeper.title)
+        scope.report.counts.update(keeper.erase(scope))
 
 
 # -- the whole erasure ------------------------------------------------------------------------
@@ -408,11 +294,16 @@ def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: flo
     its future events (workers.suppression)."""
     from ingest.providers import load_providers
     from ingest.redis_conn import worker_redis
+    from sinks.registry import data_keepers
     from workers import suppression
 
-    report = ErasureReport(dry_run=dry_run)
+    keepers, unreachable = data_keepers(settings)
+    in_flight = [k for k in keepers.values() if k.erase_in_flight]
+    stored = [k for k in keepers.values() if not k.erase_in_flight]
+    places = PLACES + tuple(p for k in keepers.values() for p in k.erases)
+    report = ErasureReport(dry_run=dry_run, places=tuple(dict.fromkeys(places)))
     now = datetime.now(timezone.utc)
-    scope = _Scope(subject, load_providers(), now, report)
+    scope = _Scope(subject, now, report, load_providers())
     tell = step or (lambda _place: None)
     redis = worker_redis(settings.require_redis())
     try:
@@ -423,8 +314,7 @@ def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: flo
         _erase_spool(settings.spool_dir, scope)
         tell("RQ jobs")
         running = _erase_jobs(settings, redis, scope)
-        tell("Slack outbox")
-        _erase_outbox(settings, redis, subject, report)
+        _erase_sinks(in_flight, scope, tell)
         if running and not dry_run:
             tell("jobs still running")
             deadline = time.monotonic() + wait
@@ -432,18 +322,20 @@ def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: flo
                 time.sleep(_POLL)
                 running = {j for j in running if _is_started(redis, settings, j)}
             # What those jobs did meanwhile (events stored, jobs enqueued) is erased below.
-            again = _Scope(subject, scope.providers, now, ErasureReport())
+            again = _Scope(subject, now, ErasureReport(places=report.places), scope.providers)
             running |= _erase_jobs(settings, redis, again)
-            _erase_outbox(settings, redis, subject, again.report)
+            _erase_sinks(in_flight, again, lambda _place: None)
             report.counts.update(again.report.counts)
         report.counts["rq jobs still running"] = len(running) if not dry_run else 0
     finally:
         redis.close()
-    if settings.database_url:
-        tell("Postgres")
-        _erase_postgres(settings.database_url, scope)
-    else:
-        report.not_searched.append("Postgres: DATABASE_URL is not set")
+    for title, exc in unreachable.items():
+        report.not_searched.append(f"{title}: {exc.variable} is not set")
+    try:
+        _erase_sinks(stored, scope, tell)
+    finally:
+        for keeper in keepers.values():
+            keeper.close()
     return report
 
 
@@ -468,7 +360,7 @@ def _print_report(report: ErasureReport, subject: Subject, suppressed: bool = Fa
     table = Table()
     table.add_column("place")
     table.add_column("count", justify="right")
-    for place in PLACES:
+    for place in report.places:
         table.add_row(place, str(report.counts[place]))
     console.print(table)
     console.print(f"subject sha256: {subject.sha256}")
@@ -481,7 +373,7 @@ def _print_report(report: ErasureReport, subject: Subject, suppressed: bool = Fa
     if suppressed:
         console.print("Workers now drop this contact's future events "
                       "(lift with --unsuppress).")
-    if any(report.counts[p] for p in _REWRITTEN):
+    if any(report.counts[p] for p in report.places if p.endswith(" rewritten")):
         console.print("Raw deliveries that also held other people's events were kept without "
                       "this subject's and marked erased_at: their bodies are no longer the "
                       "bytes the provider signed.")

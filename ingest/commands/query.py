@@ -84,17 +84,13 @@ def cmd_events(args: argparse.Namespace) -> int:
     if problem:
         print(f"ingest events: {problem}", file=sys.stderr)
         return 2
+    from sinks.postgres_data import newest_events
+
     settings = Settings.from_env()
-    where, params = [], []
-    if args.provider:
-        where.append("provider = %s")
-        params.append(args.provider)
-    sql = ("SELECT received_at, provider, kind, contact_email AS contact, resource_id, stale "
-           f"FROM webhook_events {'WHERE ' + ' AND '.join(where) if where else ''} "
-           "ORDER BY received_at DESC, id LIMIT %s")
     # The kind filter is a glob (as <SINK>_EVENTS): read newest first, keep the matching ones.
     wanted = args.limit if not args.kind else MAX_ROWS
-    columns, rows, _ = _query(settings, sql, [*params, wanted])
+    sql, params = newest_events(args.provider, wanted)
+    columns, rows, _ = _query(settings, sql, params)
     if args.kind:
         rows = [r for r in rows if matches_any(r[2], (args.kind,))][:args.limit]
     _print_rows(columns, rows, args.json)
@@ -130,11 +126,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register ``ingest events`` and ``ingest sql`` (called by ingest.commands.cli)."""
+    from sinks.postgres_data import EXAMPLE_QUERY
+
     p = add("events", cmd_events, "the newest stored events (without psql)")
     p.add_argument("--limit", type=int, default=20, help="how many (default: %(default)s)")
     p.add_argument("--provider", help="only this provider's")
     p.add_argument("--kind", metavar="GLOB", help="only these kinds, e.g. 'email.*'")
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p = add("sql", cmd_sql, "run one read-only SQL query against DATABASE_URL (without psql)")
-    p.add_argument("query", help='e.g. "select kind, count(*) from webhook_events group by 1"')
+    p.add_argument("query", help=f'e.g. "{EXAMPLE_QUERY}"')
     p.add_argument("--json", action="store_true", help="one JSON object a line")

@@ -25,7 +25,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ingest.redis_conn import worker_redis
-    from workers.retention import TABLES, Pace, cutoffs, run_retention
+    from workers.retention import Pace, cutoffs, expiring, places, run_retention
 
     settings = Settings.from_env()
     limits = cutoffs(settings)
@@ -57,9 +57,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
     table.add_column("table")
     table.add_column("received before")
     table.add_column("would be removed" if args.dry_run else "removed", justify="right")
-    for name in TABLES:
-        if name in limits:
-            table.add_row(name, limits[name].isoformat(timespec="seconds"), str(removed[name]))
+    for name, kind in places(expiring(settings)).items():
+        if kind in limits:
+            table.add_row(name, limits[kind].isoformat(timespec="seconds"), str(removed[name]))
         else:
             table.add_row(name, "(kept forever)", "0")
     console.print(table)

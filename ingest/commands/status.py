@@ -107,7 +107,7 @@ def _last_failure(redis: Any, queue: str) -> str | None:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workers.dlq import failure_reason
+    from ingest.commands.dlq import failure_reason
 
     newest = redis.zrevrange(f"rq:failed:{queue}", 0, 0)
     if not newest:
@@ -126,7 +126,8 @@ def build_status(redis: Any, settings: Settings) -> dict[str, Any]:
     Providers and sinks are the running deployment's, as its acceptors and RQ registered them
     in Redis (ingest.deployment); only when no acceptor ever registered does this shell's
     configuration stand in (``deployment.source`` says which)."""
-    from ingest.activity import read_last_hour, read_state
+    from ingest.activity import read_last_hour
+    from ingest.deployment import read_state
     from ingest.deployment import deployment_queues, read_deployment
     from ingest.providers import load_providers
 
@@ -272,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_refused(args: argparse.Namespace) -> int:
-    from ingest.activity import UNKNOWN, read_refusals
+    from ingest.refusals import UNKNOWN, read_refusals
     from ingest.providers import load_providers
 
     settings = Settings.from_env()

@@ -18,13 +18,23 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import orjson
 
 from ingest import safejson
-from ingest.events import Contact, Delivery, Event
+from ingest.events import (
+    CAMPAIGN_ID,
+    CONTACT_EMAIL,
+    FALLBACK_FIELDS,
+    OCCURRED_AT,
+    Contact,
+    Delivery,
+    Event,
+)
 from ingest.exceptions import NormalizationError, SignatureError
+from ingest.kinds import is_activity, lookup
 
 __all__ = [
     "CAMPAIGN_ID",
     "CONTACT_EMAIL",
     "FALLBACK_FIELDS",
+    "MakesEvents",
     "OCCURRED_AT",
     "KindTable",
     "Provider",
@@ -47,13 +57,8 @@ __all__ = [
 # Headers that carry credentials: never stored, never logged, whatever the provider.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 
-# The normalized fields whose fallbacks are counted (ingest_normalization_fallbacks_total):
-# occurred_at taken from the delivery or receipt time; contact_email or campaign_id absent
-# where the resource type should carry it. A closed set, so the metric's labels stay bounded.
-OCCURRED_AT = "occurred_at"
-CONTACT_EMAIL = "contact_email"
-CAMPAIGN_ID = "campaign_id"
-FALLBACK_FIELDS = frozenset({OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID})
+# The normalized fields whose fallbacks are counted (OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID,
+# FALLBACK_FIELDS) are defined with the Event (ingest.events) and exported here as before.
 
 Sample = tuple[bytes, dict[str, str]]  # (body, headers) of one signed sample delivery
 
@@ -134,7 +139,26 @@ def _matches_any(presented: str, expected: Iterable[str]) -> bool:
     return ok
 
 
-class SignedProvider:
+class MakesEvents:
+    """``self.event(delivery, ...)``: an :class:`Event` of ``delivery`` with what every event
+    shares filled in: ``provider`` (this provider's name), ``kind`` (from its ``kinds`` table,
+    :func:`ingest.kinds.lookup`, unless given), ``received_at`` and ``delivery_id`` (the
+    delivery's), ``occurred_at`` (the delivery's receipt time when None) and ``activity``
+    (``ingest.kinds``, with its ``kind_classes``). The shared bases below include it."""
+
+    name: ClassVar[str]
+    kinds: ClassVar[Mapping[str, str]]
+
+    def event(self, delivery: Delivery, *, event_type: str, dedup_key: str,
+              occurred_at: datetime | None, kind: str | None = None, **fields: Any) -> Event:
+        kind = lookup(self.kinds, event_type) if kind is None else kind
+        return Event(provider=self.name, dedup_key=dedup_key, event_type=event_type, kind=kind,
+                     occurred_at=occurred_at or delivery.received_at,
+                     received_at=delivery.received_at, delivery_id=delivery.id,
+                     activity=is_activity(kind, event_type, kind_classes(self)), **fields)
+
+
+class SignedProvider(MakesEvents):
     """Base for providers that sign the raw body with a hex HMAC in one header."""
 
     signature_header: ClassVar[str]
@@ -160,7 +184,7 @@ class SignedProvider:
             raise SignatureError(f"{self.signature_header} does not match any configured secret")
 
 
-class TokenProvider:
+class TokenProvider(MakesEvents):
     """Base for providers authenticated by a shared token: ``Authorization: Bearer <token>``
     or ``?token=<token>``."""
 

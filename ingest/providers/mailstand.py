@@ -32,7 +32,7 @@ import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import ACTIVITY, lookup
+from ingest.kinds import ACTIVITY
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -107,13 +107,11 @@ class MailstandProvider(TokenProvider):
         found = contact(email=email, name=name)
         campaign_id = as_id(payload.get("campaign_id"))
         return [
-            Event(
-                provider=self.name,
+            self.event(
+                delivery,
                 dedup_key=event_id,
                 event_type=event_type,
-                kind=lookup(self.kinds, event_type),
-                occurred_at=when or delivery.received_at,
-                received_at=delivery.received_at,
+                occurred_at=when,
                 resource_type="contact",
                 resource_id=contact_id,
                 action=event_type,
@@ -121,8 +119,6 @@ class MailstandProvider(TokenProvider):
                 contact=found,
                 campaign_id=campaign_id,
                 data=payload,
-                previous=None,
-                delivery_id=delivery.id,
                 fallbacks=missing(
                     occurred_at=when is None,
                     contact_email=event_type in _MESSAGE_EVENTS and not (found and found.email),

@@ -32,7 +32,6 @@ import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import lookup
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -88,13 +87,11 @@ class OutboundryProvider(TokenProvider):
         when = parse_time(payload.get("timestamp"))
         found = contact(email=lead.get("email"), name=lead.get("name"), phone=lead.get("phone"))
         return [
-            Event(
-                provider=self.name,
+            self.event(
+                delivery,
                 dedup_key="|".join(parts),
                 event_type=event_type,
-                kind=lookup(self.kinds, event_type),
-                occurred_at=when or delivery.received_at,
-                received_at=delivery.received_at,
+                occurred_at=when,
                 resource_type="lead",
                 resource_id=lead_id,
                 # "invite-sent" is what happened to the lead: action "invite_sent".
@@ -103,8 +100,6 @@ class OutboundryProvider(TokenProvider):
                 contact=found,
                 campaign_id=as_id(obj(data.get("campaign")).get("id")),
                 data=data,
-                previous=None,
-                delivery_id=delivery.id,
                 # Every event is about a lead; a lead without an email is worth seeing.
                 fallbacks=missing(occurred_at=when is None,
                                   contact_email=not (found and found.email)),

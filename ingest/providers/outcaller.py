@@ -28,7 +28,7 @@ import orjson
 
 from ingest.events import Delivery, Event, changes_between
 from ingest.exceptions import NormalizationError
-from ingest.kinds import STATE, lookup
+from ingest.kinds import STATE
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -103,13 +103,11 @@ class OutCallerProvider(TokenProvider):
         when = parse_time(payload.get("timestamp"))
         found = contact(email=data.get("email"), name=data.get("name"), phone=data.get("phone"))
         return [
-            Event(
-                provider=self.name,
+            self.event(
+                delivery,
                 dedup_key=dedup_key,
                 event_type=event_type,
-                kind=lookup(self.kinds, event_type),
-                occurred_at=when or delivery.received_at,
-                received_at=delivery.received_at,
+                occurred_at=when,
                 resource_type=resource,
                 resource_id=resource_id,
                 action=action,
@@ -121,7 +119,6 @@ class OutCallerProvider(TokenProvider):
                 data=data,
                 previous=previous if isinstance(previous, dict) else None,
                 changes=changes_between(previous, data),
-                delivery_id=delivery.id,
                 fallbacks=missing(
                     occurred_at=when is None,
                     contact_email=resource == "lead" and not (found and found.email),

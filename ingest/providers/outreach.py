@@ -209,13 +209,12 @@ class OutreachProvider(SignedProvider):
         wants_campaign = resource_type in _IN_A_SEQUENCE or (
             resource_type == "mailing" and text(attributes.get("mailingType")) == "sequence")
         return [
-            Event(
-                provider=self.name,
+            self.event(
+                delivery,
                 dedup_key=dedup_key,
                 event_type=event_type,
                 kind=kind,
                 occurred_at=occurred_at,
-                received_at=delivery.received_at,
                 resource_type=resource_type,
                 resource_id=resource_id,
                 action=action,
@@ -225,7 +224,6 @@ class OutreachProvider(SignedProvider):
                 data=data,
                 previous=previous,
                 changes=changes_between(previous, attributes),
-                delivery_id=delivery.id,
                 fallbacks=missing(
                     occurred_at=when is None,
                     contact_email=resource_type in _PEOPLE and not (found and found.email),

@@ -262,22 +262,18 @@ class SalesloftProvider(SignedProvider):
         when = (created or updated) if action == "created" else (updated or created)
         found = _contact(resource_type, resource)
         campaign_id = _campaign_id(resource_type, resource)
-        return Event(
-            provider=self.name,
+        return self.event(
+            delivery,
             dedup_key=dedup_key,
             event_type=event_type,
             kind=kind,
-            occurred_at=when or delivery.received_at,
-            received_at=delivery.received_at,
+            occurred_at=when,
             resource_type=resource_type,
             resource_id=resource_id,
             action=action,
-            workspace_id=None,
             contact=found,
             campaign_id=campaign_id,
             data=resource,
-            previous=None,
-            delivery_id=delivery.id,
             fallbacks=missing(
                 occurred_at=when is None,
                 contact_email=resource_type in _ABOUT_A_PERSON and not (found and found.email),

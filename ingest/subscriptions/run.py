@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from ingest.config import Settings
-from ingest.providers import load_providers
-from ingest.providers.base import SubscriptionSource
+from ingest.providers import SubscriptionSource, load_providers
 from ingest.subscriptions.access import check_every, require_public_url, webhook_url
 from ingest.subscriptions.model import CredentialsRefused, SubscriptionAPI, SubscriptionError
 from ingest.subscriptions.plan import Outcome, ProviderPlan, execute, make_plan

@@ -22,7 +22,7 @@ from ingest.events import Delivery, event_id
 from ingest.kinds import is_activity, kind_class
 from ingest.providers import load_providers
 from ingest.providers.base import kind_classes
-from tests.helpers import SECRETS, drain, rows
+from tests.helpers import SECRETS, drain, rows, suites_by
 from workers.normalize import normalize
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -45,6 +45,16 @@ def classified(provider: Any, event_type: str, kind: str) -> bool:
 
 def _utc(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
+
+
+def suites() -> dict[str, type[ProviderSuite]]:
+    """Provider name -> its suite (tests/providers/conftest.py imports every test module)."""
+    return suites_by(ProviderSuite, "provider")
+
+
+def suite_of(provider: str) -> ProviderSuite:
+    """An instance of the provider's suite, for tests that loop over every provider."""
+    return suites()[provider]()
 
 
 class ProviderSuite:
@@ -71,6 +81,17 @@ class ProviderSuite:
     def headers_for_event(self, event_type: str) -> dict[str, str]:
         """Unsigned headers that name ``event_type`` where the provider sends it in a header."""
         return {}
+
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        """A delivery authenticated with ``secret`` whose event type (ending in ``suffix``) no
+        kind table knows, as if the provider sent something new: body, headers, event type
+        (tests/providers/test_mixed_traffic.py)."""
+        raise NotImplementedError
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        """One stored sample whose optional timestamp is ``value``, and its unsigned headers
+        (tests/providers/test_normalization_drift.py)."""
+        raise NotImplementedError
 
     def reserialize(self, body: bytes) -> bytes:
         """The same event with different bytes (key order, whitespace), as a proxy might."""

@@ -1,25 +1,24 @@
-"""All five providers at once, with duplicates, through the real acceptor and real workers."""
+"""Every provider at once, with duplicates, through the real acceptor and real workers."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import random
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-import orjson
 from prometheus_client import REGISTRY
 
 from ingest.events import Delivery
 from ingest.providers import load_providers
 from ingest.commands.samples import build_sample
 from tests.helpers import SECRETS, drain, rows
+from tests.providers.suite import suite_of
 
-BUILTINS = ("outreach", "salesloft", "outcaller", "outboundry", "mailstand")
+# Every registered provider (each has a ProviderSuite: tests/providers/test_registry.py).
+BUILTINS = tuple(load_providers())
 DISTINCT_PER_PROVIDER = 15
 MAX_COPIES = 3  # each distinct delivery is sent 1..3 times, byte for byte
 CONCURRENCY = 16
@@ -29,33 +28,9 @@ Planned = tuple[str, bytes, dict[str, str]]  # provider, body, headers
 
 def _unknown_event(provider: str, suffix: str) -> tuple[Planned, str]:
     """A delivery whose event type no kind table knows (a provider sending something new),
-    and that event type."""
-    now = datetime.now(timezone.utc).isoformat()
-    secret = SECRETS[provider][0]
-    bearer = {"Authorization": f"Bearer {secret}"}
-    if provider == "outreach":
-        event = f"widget.exploded_{suffix}"
-        body = orjson.dumps({"data": {"type": "widget", "id": 1, "attributes": {"updatedAt": now}},
-                             "meta": {"eventName": event}})
-        sig = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        return (provider, body, {"Outreach-Webhook-Signature": sig}), event
-    if provider == "salesloft":
-        event = f"opportunity_stage_changed_{suffix}"
-        body = orjson.dumps({"id": 1, "updated_at": now})
-        sig = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
-        return (provider, body, {"x-salesloft-signature": sig, "x-salesloft-event": event}), event
-    if provider == "outcaller":
-        event = f"voicemail.left_{suffix}"
-        body = orjson.dumps({"event": event, "timestamp": now, "data": {"id": "vm_1"}})
-    elif provider == "outboundry":
-        event = f"profile-viewed-{suffix}"
-        body = orjson.dumps({"event": event, "company_id": "c1", "timestamp": now,
-                             "data": {"lead": {"id": "lead-1"}}})
-    else:
-        event = f"spam_report_{suffix}"
-        body = orjson.dumps({"id": f"evt_{suffix}", "type": event,
-                             "created_at": int(datetime.now(timezone.utc).timestamp())})
-    return (provider, body, bearer), event
+    and that event type: the provider's suite makes it (ProviderSuite.unknown_delivery)."""
+    body, headers, event = suite_of(provider).unknown_delivery(SECRETS[provider][0], suffix)
+    return (provider, body, headers), event
 
 
 def _keys(delivered: Planned) -> set[tuple[str, str]]:

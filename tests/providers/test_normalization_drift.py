@@ -17,7 +17,7 @@ from ingest.events import Delivery
 from ingest.providers import load_providers
 from ingest.providers.base import parse_time
 from tests.helpers import SECRETS, drain, rows
-from tests.providers.suite import SAMPLES
+from tests.providers.suite import SAMPLES, suite_of
 
 RECEIVED = datetime(2026, 6, 4, 6, 0, tzinfo=timezone.utc)
 
@@ -48,28 +48,11 @@ BAD_TIMES = ["²", "0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"]
 
 
 def _with_time(provider: str, value: str) -> tuple[bytes, dict[str, str]]:
-    if provider == "outreach":
-        payload = orjson.loads((SAMPLES / "outreach/prospect_updated_v2.raw").read_bytes())
-        payload["data"]["attributes"]["updatedAt"] = value
-        payload["meta"]["deliveredAt"] = value
-        return orjson.dumps(payload), {}
-    if provider == "salesloft":
-        payload = orjson.loads((SAMPLES / "salesloft/person_updated_bare.raw").read_bytes())
-        payload["updated_at"] = payload["created_at"] = value
-        return orjson.dumps(payload), {"x-salesloft-event": "person_updated"}
-    if provider == "mailstand":
-        payload = orjson.loads((SAMPLES / "mailstand/send.raw").read_bytes())
-        payload["created_at"] = value
-        return orjson.dumps(payload), {}
-    name = {"outcaller": "lead_created.raw", "outboundry": "invite_sent.raw"}[provider]
-    payload = orjson.loads((SAMPLES / provider / name).read_bytes())
-    payload["timestamp"] = value
-    return orjson.dumps(payload), {}
+    return suite_of(provider).with_time(value)  # ProviderSuite.with_time
 
 
 @pytest.mark.parametrize("value", BAD_TIMES)
-@pytest.mark.parametrize("provider", ["outreach", "salesloft", "outcaller", "outboundry",
-                                      "mailstand"])
+@pytest.mark.parametrize("provider", sorted(load_providers()))
 def test_an_unreadable_timestamp_falls_back_to_the_receipt_time(provider: str, value: str) -> None:
     body, headers = _with_time(provider, value)
     delivery = Delivery(id="00000000-0000-4000-8000-0000000000cc", provider=provider,

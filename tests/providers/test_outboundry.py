@@ -2,22 +2,11 @@ from typing import Any, ClassVar
 
 import orjson
 
+from ingest.providers.outboundry import OutboundryProvider
 from tests.helpers import SECRETS, drain, rows
 from tests.providers.suite import SAMPLES, ProviderSuite
 
-# Every event in Outboundry's webhook payload reference, and the kind each must become.
-DOCUMENTED = {
-    "invite-sent": "linkedin.invite_sent",
-    "invite-accepted": "linkedin.invite_accepted",
-    "message-sent": "linkedin.message_sent",
-    "message-replied": "linkedin.message_replied",
-    "inmail-sent": "linkedin.inmail_sent",
-    "inmail-replied": "linkedin.inmail_replied",
-    "email-sent": "email.sent",
-    "email-opened": "email.opened",
-    "email-clicked": "email.clicked",
-    "email-replied": "email.replied",
-}
+
 COMPANY = "67787093-cc3a-44ca-8a12-5bf1afa3194c"
 
 
@@ -28,7 +17,9 @@ def _data(name: str) -> Any:
 class TestOutboundry(ProviderSuite):
     provider = "outboundry"
     other_provider = "mailstand"
-    documented_kinds: ClassVar[dict[str, str]] = DOCUMENTED
+    # Every event of the kind table, which docs/providers.md gives line for line
+    # (tests/providers/test_registry.py).
+    documented_kinds: ClassVar[dict[str, str]] = dict(OutboundryProvider.kinds)
     expected: ClassVar[dict[str, dict[str, Any]]] = {
         "invite_sent.raw": {
             "dedup_key": f"invite-sent|{COMPANY}|11111111-aaaa-bbbb-cccc-111111111111"
@@ -81,6 +72,20 @@ class TestOutboundry(ProviderSuite):
             "previous": None,
         },
     }
+
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        from datetime import datetime, timezone
+
+        event = f"profile-viewed-{suffix}"
+        body = orjson.dumps({"event": event, "company_id": "c1",
+                             "timestamp": datetime.now(timezone.utc).isoformat(),
+                             "data": {"lead": {"id": "lead-1"}}})
+        return body, {"Authorization": f"Bearer {secret}"}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "outboundry/invite_sent.raw").read_bytes())
+        payload["timestamp"] = value
+        return orjson.dumps(payload), {}
 
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         return {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"}

@@ -61,6 +61,19 @@ class TestOutCaller(ProviderSuite):
         },
     }
 
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        from datetime import datetime, timezone
+
+        event = f"voicemail.left_{suffix}"
+        body = orjson.dumps({"event": event, "timestamp": datetime.now(timezone.utc).isoformat(),
+                             "data": {"id": "vm_1"}})
+        return body, {"Authorization": f"Bearer {secret}"}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "outcaller/lead_created.raw").read_bytes())
+        payload["timestamp"] = value
+        return orjson.dumps(payload), {}
+
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         return {"Content-Type": "application/json", "Authorization": f"Bearer {secret}",
                 "X-Outcaller-Event": "lead.created", "X-Outcaller-Resource": "lead",

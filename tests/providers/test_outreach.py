@@ -162,6 +162,24 @@ class TestOutreach(ProviderSuite):
         },
     }
 
+    def unknown_delivery(self, secret: str, suffix: str) -> tuple[bytes, dict[str, str], str]:
+        import hashlib
+        import hmac
+        from datetime import datetime, timezone
+
+        event = f"widget.exploded_{suffix}"
+        now = datetime.now(timezone.utc).isoformat()
+        body = orjson.dumps({"data": {"type": "widget", "id": 1, "attributes": {"updatedAt": now}},
+                             "meta": {"eventName": event}})
+        sig = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        return body, {"Outreach-Webhook-Signature": sig}, event
+
+    def with_time(self, value: str) -> tuple[bytes, dict[str, str]]:
+        payload = orjson.loads((SAMPLES / "outreach/prospect_updated_v2.raw").read_bytes())
+        payload["data"]["attributes"]["updatedAt"] = value
+        payload["meta"]["deliveredAt"] = value
+        return orjson.dumps(payload), {}
+
     def sign(self, body: bytes, secret: str) -> dict[str, str]:
         return {
             "Content-Type": "application/json",

@@ -15,20 +15,13 @@ from ingest.events import Delivery
 from ingest.kinds import ACTIVITY, STATE, UNKNOWN, is_activity, is_known_kind, kind_class, lookup
 from ingest.providers import Provider, load_providers
 from ingest.providers.base import KindTable, SampleSource, kind_classes
-from tests.providers.suite import ProviderSuite, classified
+from tests.providers.suite import ProviderSuite, classified, suites
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 
 
 def _suites() -> dict[str, type[ProviderSuite]]:
-    found: dict[str, type[ProviderSuite]] = {}
-    pending = list(ProviderSuite.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "provider" in cls.__dict__:
-            found[cls.provider] = cls
-    return found
+    return suites()
 
 
 def test_every_registered_provider_has_a_provider_suite() -> None:
@@ -137,3 +130,11 @@ def test_every_sample_builder_makes_deliveries_its_provider_verifies_and_maps(
                             body=body.decode())
         events = source.events(delivery)
         assert events and all(e.kind != UNKNOWN for e in events), (provider, body)
+
+
+def test_the_example_plugin_in_the_docs_is_the_tested_one() -> None:
+    """docs/providers.md shows tests/plugins/example_provider's module as it is, verbatim."""
+    module = (Path(__file__).resolve().parents[1] / "plugins" / "example_provider"
+              / "acme_webhooks" / "__init__.py").read_text()
+    shown = DOCS.read_text().split("# acme_webhooks/__init__.py\n", 1)[1].split("\n```", 1)[0]
+    assert shown.rstrip("\n") == module.rstrip("\n")

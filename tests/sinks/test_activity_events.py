@@ -1,6 +1,6 @@
 """Activity is never stale: through real workers, real Redis, real Postgres and real CRM and
 Slack receivers, every open, click, reply and call reaches the sinks whatever order it comes in,
-while state updates keep their ordering guarantees (ingest.kinds, workers.records)."""
+while state updates keep their ordering guarantees (ingest.kinds, workers.marks)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tests.sinks.conftest import (
     run_jobs,
 )
 from sinks.postgres import migrate
-from workers import records
+from workers import marks
 from workers.jobs import deliver
 from workers.normalize import normalize
 from workers.runtime import Runtime
@@ -234,11 +234,11 @@ def test_activity_never_makes_a_later_state_event_stale(runtime: Runtime) -> Non
     opened, stage = events_of(mailstand("open", contact, 40),
                               mailstand("stage_change", contact, 30))
     assert opened.activity and not stage.activity
-    assert [e.stale for e in records.mark_stale(r, n, [opened], 60)] == [False]
-    assert [e.stale for e in records.mark_stale(r, n, [stage], 60)] == [False]
-    assert records.superseded(r, n, [opened, stage]) == set()
+    assert [e.stale for e in marks.mark_stale(r, n, [opened], 60)] == [False]
+    assert [e.stale for e in marks.mark_stale(r, n, [stage], 60)] == [False]
+    assert marks.superseded(r, n, [opened, stage]) == set()
     older_open = events_of(mailstand("open", contact, 10))
-    assert [e.stale for e in records.mark_stale(r, n, older_open, 60)] == [False]
+    assert [e.stale for e in marks.mark_stale(r, n, older_open, 60)] == [False]
 
 
 def test_deliver_alone_reports_how_many_stale_events_it_skipped(
@@ -249,7 +249,7 @@ def test_deliver_alone_reports_how_many_stale_events_it_skipped(
     old_stage, opened, new_stage = events_of(mailstand("stage_change", contact, 10),
                                              mailstand("open", contact, 5),
                                              mailstand("stage_change", contact, 20))
-    records.mark_stale(rt.redis, rt.names, [new_stage], 60)
+    marks.mark_stale(rt.redis, rt.names, [new_stage], 60)
     # A job written before the newer update was processed: its state event is superseded by
     # the time it runs, its activity is not.
     result = deliver("crm", [old_stage.to_job(), opened.to_job()])

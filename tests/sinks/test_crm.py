@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from ingest.events import Contact, Event
 from ingest.exceptions import ConfigError, PermanentSinkError, TransientSinkError
 from sinks.crm import CrmSink, parse_headers, parse_secret
 from tests.helpers import rows
+from tests.sinks.suite import SinkSuite
 from tests.sinks.conftest import (
     CRM_SECRET,
     CrmReceiver,
@@ -30,7 +31,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 SECOND_SECRET = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24tMDAwMQ=="
@@ -314,3 +315,31 @@ def test_failed_registry_of_a_queue_is_where_dead_letters_live(
                                  serializer=JSONSerializer)
     assert registry.count == 1
     assert receiver.unauthorized == 0  # the configured auth header reached the receiver
+
+
+class TestCrmSuite(SinkSuite):
+    """The shared sink contract (tests/sinks/suite.py) against a real HTTP receiver that
+    verifies signatures and deduplicates on webhook-id."""
+
+    sink = "crm"
+
+    @pytest.fixture
+    def target(self, crm: tuple[CrmReceiver, str]) -> tuple[CrmReceiver, str]:
+        return crm
+
+    def make(self, target: tuple[CrmReceiver, str]) -> CrmSink:
+        return CrmSink.from_settings(_settings(**crm_env(target[1])))
+
+    def delivered(self, target: tuple[CrmReceiver, str], events: Sequence[Event]) -> list[str]:
+        # What the receiver took: a copy sent again carries the same webhook-id, which is how
+        # an HTTP receiver keeps it once (it counts such copies in ``duplicates``).
+        wanted = {e.id for e in events}
+        return [i for i in target[0].accepted if i in wanted]
+
+    def unreachable(self, target: tuple[CrmReceiver, str]) -> CrmSink:
+        return CrmSink.from_settings(_settings(**crm_env(
+            f"http://127.0.0.1:{free_port()}/hook", CRM_TIMEOUT="2")))
+
+    def refuse(self, target: tuple[CrmReceiver, str], event: Event) -> Event:
+        target[0].refuse[event.id] = 422  # "unknown contact"
+        return event

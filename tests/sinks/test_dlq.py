@@ -19,7 +19,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures, purge_failures, retry_failures
+from ingest.commands.dlq import list_failures, purge_failures, retry_failures
 from workers.runtime import Runtime
 
 

@@ -30,7 +30,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 NOW = datetime(2026, 6, 4, 5, 49, 10, tzinfo=timezone.utc)

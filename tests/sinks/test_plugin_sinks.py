@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,11 @@ import orjson
 import pytest
 
 from ingest.commands.samples import build_sample
+from ingest.config import Settings
+from ingest.events import Event
+from sinks.base import Sink
 from tests.helpers import SECRETS, rows
+from tests.sinks.suite import SinkSuite
 
 PLUGINS = Path(__file__).parent.parent / "plugins"
 
@@ -111,3 +115,35 @@ def test_without_the_plugin_installed_the_sink_name_is_refused(
     result = _ingest(["check"], env, tmp_path)
     assert result.returncode == 2
     assert "INGEST_SINKS" in result.stderr and "'jsonl'" in result.stderr
+
+
+class TestExamplePluginSuite(SinkSuite):
+    """The shared sink contract (tests/sinks/suite.py) against the example plugin as a user
+    installs it (pip, into a directory of its own), appending to a real file."""
+
+    sink = "jsonl"
+
+    @pytest.fixture
+    def target(self, example_site: Path, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path]:
+        import importlib
+
+        monkeypatch.syspath_prepend(str(example_site))
+        module = importlib.import_module("webhook_ingest_jsonl")
+        assert Path(module.__file__ or "").is_relative_to(example_site)  # the installed copy
+        return module.JsonlSink, tmp_path / "events.jsonl"
+
+    def make(self, target: tuple[Any, Path]) -> Sink:
+        cls, path = target
+        return cls.from_settings(Settings.from_env({"JSONL_PATH": str(path)}))
+
+    def delivered(self, target: tuple[Any, Path], events: Sequence[Event]) -> list[str]:
+        path, wanted = target[1], {e.id for e in events}
+        lines = path.read_bytes().splitlines() if path.exists() else []
+        return [i for i in (orjson.loads(line)["id"] for line in lines) if i in wanted]
+
+    def unreachable(self, target: tuple[Any, Path]) -> Sink:
+        return target[0](target[1].parent / "no-such-directory" / "events.jsonl")
+
+    def refuse(self, target: tuple[Any, Path], event: Event) -> Event | None:
+        return None  # a file takes every event the sink is given: nothing is refused for good

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from ingest.commands.embedded import free_port
-from ingest.events import Delivery
+from ingest.events import Delivery, Event
 from ingest.exceptions import TransientSinkError
 from ingest.providers import load_providers
 from sinks.postgres import PostgresSink
 from tests.helpers import rows
 from tests.sinks.conftest import enqueue, event_ids, outboundry_delivery, run_jobs
+from tests.sinks.suite import SinkSuite
 from workers.runtime import Runtime
 
 
@@ -202,3 +203,38 @@ def test_one_batch_about_one_record_several_times_stores_every_event_and_the_new
     (archived,) = rows(database_url, "SELECT body, headers FROM webhook_deliveries")
     assert bytes(archived["body"]) == delivery.body.encode("utf-8")
     assert archived["headers"] == delivery.headers
+
+
+class TestPostgresSuite(SinkSuite):
+    """The shared sink contract (tests/sinks/suite.py) against a real Postgres."""
+
+    sink = "postgres"
+
+    @pytest.fixture
+    def target(self, database_url: str) -> str:
+        return database_url
+
+    def make(self, target: str) -> PostgresSink:
+        return PostgresSink(target)
+
+    def delivered(self, target: str, events: Sequence[Event]) -> list[str]:
+        wanted = {e.id for e in events}
+        return [r["id"] for r in rows(target, "SELECT id::text FROM webhook_events")
+                if r["id"] in wanted]
+
+    def unreachable(self, target: str) -> PostgresSink:
+        return PostgresSink(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+
+    def refuse(self, target: str, event: Event) -> Event:
+        # An index an operator added, and a value past a btree entry's limit (SQLSTATE 54000).
+        import dataclasses
+        import os
+
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("CREATE INDEX ON webhook_events (event_type)")
+        return dataclasses.replace(event, event_type=os.urandom(4000).hex())
+
+    def raw_delivered(self, target: str) -> set[str]:
+        return {r["id"] for r in rows(target, "SELECT id::text FROM webhook_deliveries")}

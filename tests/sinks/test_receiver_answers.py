@@ -25,7 +25,7 @@ from sinks.crm import CrmSink, parse_secret
 from tests.helpers import serve
 from tests.sinks.conftest import CRM_SECRET, crm_env, enqueue, outboundry_delivery, run_jobs
 from tests.sinks.test_hostile_sinks import event
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 EMAIL = "grace.hopper@navy.example"

@@ -33,6 +33,25 @@ def test_the_built_in_sinks_are_registered_through_entry_points() -> None:
         assert all(isinstance(g, str) and g for g in classes[name].default_events)
 
 
+def _suites() -> dict[str, type]:
+    """Sink name -> its SinkSuite subclass, in every test module of this folder."""
+    import importlib
+
+    from tests.helpers import suites_by
+    from tests.sinks.suite import SinkSuite
+
+    for path in sorted(HERE.glob("test_*.py")):
+        importlib.import_module(f"tests.sinks.{path.stem}")
+    return suites_by(SinkSuite, "sink")
+
+
+def test_every_registered_sink_and_the_example_plugin_run_the_shared_suite() -> None:
+    suites = _suites()
+    missing = sorted(set(load_sink_classes()) - set(suites))
+    assert not missing, f"registered sinks without a SinkSuite subclass: {missing}"
+    assert "jsonl" in suites  # the example plugin (tests/plugins/example_sink)
+
+
 @pytest.mark.parametrize("name", _built_in())
 def test_every_built_in_sink_has_its_own_test_module(name: str) -> None:
     assert (HERE / f"test_{name}.py").is_file(), f"sink {name!r} has no tests/sinks/test_{name}.py"

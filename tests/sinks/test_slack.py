@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 import httpx
@@ -18,8 +18,10 @@ from ingest.config import Settings
 from ingest.events import Contact, Delivery, Event
 from ingest.exceptions import ConfigError, PermanentSinkError
 from ingest.providers import load_providers
+from sinks.base import Sink
 from sinks.slack import SlackSink, find_link, render_digest, render_event
 from tests.helpers import SECRETS, drain, rows
+from tests.sinks.suite import SinkSuite
 from tests.sinks.conftest import (
     SlackReceiver,
     block_kit_problem,
@@ -28,7 +30,7 @@ from tests.sinks.conftest import (
     outboundry_delivery,
     run_jobs,
 )
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -190,7 +192,7 @@ def test_a_refused_event_fails_alone_and_dlq_retry_posts_it_once(
     enqueue(rt, envelope)
     run_jobs(rt)
     assert len(list_failures(rt.redis, rt.settings, "slack")) == 1
-    from workers.dlq import retry_failures
+    from ingest.commands.dlq import retry_failures
 
     assert retry_failures(rt.redis, rt.settings, "slack") == 1
     run_jobs(rt)
@@ -330,3 +332,56 @@ def test_permanent_error_carries_the_event_ids(
         sink.send(events)
     assert info.value.event_ids == [events[0].id]
     assert "invalid_payload" in str(info.value)
+
+
+class TestSlackSuite(SinkSuite):
+    """The shared sink contract (tests/sinks/suite.py) against a real HTTP receiver that
+    validates Block Kit and allows one message a second, paced through real Redis."""
+
+    sink = "slack"
+
+    @pytest.fixture
+    def target(self, slack: tuple[SlackReceiver, str], make_env: Callable[..., dict[str, str]],
+               database_url: str) -> tuple[SlackReceiver, Settings]:
+        receiver, url = slack
+        return receiver, Settings.from_env(make_env(database_url, INGEST_SINKS="slack",
+                                                    SLACK_WEBHOOK_URL=url))
+
+    def make(self, target: tuple[SlackReceiver, Settings]) -> SlackSink:
+        return SlackSink.from_settings(target[1])
+
+    def delivered(self, target: tuple[SlackReceiver, Settings],
+                  events: Sequence[Event]) -> list[str]:
+        # A message names each event's contact by address (one address per event here).
+        text = [orjson.dumps(m).decode() for m in target[0].messages]
+        return [e.id for e in events for m in text
+                if e.contact is not None and e.contact.email and e.contact.email in m]
+
+    def unreachable(self, target: tuple[SlackReceiver, Settings]) -> SlackSink:
+        from ingest.commands.embedded import free_port
+
+        settings = target[1]
+        return SlackSink(f"http://127.0.0.1:{free_port()}/services/T/B/X",
+                         settings.require_redis(), settings.names, timeout=2)
+
+    def refuse(self, target: tuple[SlackReceiver, Settings], event: Event) -> Event:
+        assert event.contact is not None
+        target[0].refuse_containing = event.contact.email  # invalid_payload, for good
+        return event
+
+    def store(self, sink: Sink, events: Sequence[Event],
+              deliveries: Mapping[str, Delivery]) -> None:
+        assert isinstance(sink, SlackSink)
+        sink.outbox().park(events)  # waiting to be posted: what the sink keeps
+
+    def held(self, target: tuple[SlackReceiver, Settings], events: Sequence[Event]) -> set[str]:
+        from ingest.redis_conn import worker_redis
+
+        settings = target[1]
+        redis = worker_redis(settings.require_redis())
+        try:
+            waiting = {k.decode() for key in redis.scan_iter(
+                match=settings.names.key("slack:*:items")) for k in redis.hkeys(key)}
+        finally:
+            redis.close()
+        return waiting & {e.id for e in events}

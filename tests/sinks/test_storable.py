@@ -18,7 +18,7 @@ from ingest.events import Delivery
 from sinks import postgres
 from tests.helpers import drain, rows
 from tests.sinks.conftest import CrmReceiver, crm_env, enqueue, event_ids, run_jobs
-from workers.dlq import list_failures
+from ingest.commands.dlq import list_failures
 from workers.runtime import Runtime
 
 

@@ -27,7 +27,7 @@ from ingest.constants import Names
 from ingest.rq_jobs import enqueue_batch
 
 from tests.helpers import drain, rows, wait_until
-from workers.watchdog import IngestWorker
+from workers.worker import IngestWorker
 
 
 def enqueue_one(runtime: Any, n: int) -> Job:

@@ -16,7 +16,7 @@ import orjson
 
 from ingest.events import Delivery, Event
 from ingest.exceptions import NormalizationError
-from ingest.kinds import STATE, lookup
+from ingest.kinds import STATE
 from ingest.providers.base import (
     Sample,
     TokenProvider,
@@ -60,13 +60,14 @@ class AcmeProvider(TokenProvider):
         resource = obj(payload.get(resource_type))
         person = obj(payload.get("contact"))
         return [
-            Event(
-                provider=self.name,
+            # provider, kind (from KINDS), received_at, delivery_id and the activity flag
+            # (from KIND_CLASSES) are filled in by the base class; occurred_at falls back on
+            # the receipt time.
+            self.event(
+                delivery,
                 dedup_key=event_id,  # Acme keeps the id across its retries
                 event_type=event_type,
-                kind=lookup(self.kinds, event_type),
-                occurred_at=parse_time(payload.get("occurred_at")) or delivery.received_at,
-                received_at=delivery.received_at,
+                occurred_at=parse_time(payload.get("occurred_at")),
                 resource_type=resource_type,
                 resource_id=as_id(resource.get("id")),
                 action=action or None,
@@ -74,7 +75,6 @@ class AcmeProvider(TokenProvider):
                 contact=contact(email=person.get("email"), name=person.get("name")),
                 campaign_id=as_id(resource.get("pipeline")),
                 data=resource or payload,
-                delivery_id=delivery.id,
             )
         ]
 

@@ -13,6 +13,9 @@ table in the TOML file named by ``INGEST_CONFIG``:
 one skips ids already in the file, under an exclusive lock, so several workers can share it.
 (Reading the file on each batch keeps the example short; a real sink would use its target's
 own uniqueness, like ``ON CONFLICT DO NOTHING`` or an idempotency key.)
+
+``erase`` (optional) lets ``ingest erase`` remove one person's events from the file, enabled
+or not: a sink that keeps personal data should offer it (sinks.base says how).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import ClassVar
 from ingest.config import Settings
 from ingest.events import Event
 from ingest.exceptions import ConfigError, TransientSinkError
+from ingest.subjects import Erasure
 
 __all__ = ["JsonlSink"]
 
@@ -60,6 +64,24 @@ class JsonlSink:
         except OSError as exc:
             # A full disk or a lost mount can come back: let webhook-ingest retry.
             raise TransientSinkError(f"cannot append to {self.path}: {exc.strerror}") from exc
+
+    # `ingest erase` (optional): the places it reports, and removing one person's events.
+    erases: ClassVar[tuple[str, ...]] = ("jsonl lines",)
+
+    def erase(self, erasure: Erasure) -> dict[str, int]:
+        """Remove (with ``erasure.dry_run``: count) the lines of the subject's events."""
+        with open(self.path, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            lines = [line for line in fh if line.strip()]
+            kept = [line for line in lines if not erasure.subject.in_event(json.loads(line))]
+            if len(kept) < len(lines) and not erasure.dry_run:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(b"".join(kept))
+                fh.flush()
+                os.fsync(fh.fileno())
+        return {"jsonl lines": len(lines) - len(kept)}
 
     def close(self) -> None:
         """Called when the worker stops (optional): nothing is held open between batches."""

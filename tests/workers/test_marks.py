@@ -11,7 +11,7 @@ import orjson
 from redis import Redis
 
 from ingest.events import Delivery, Event, changes_between
-from workers import records
+from workers import marks
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 T0 = datetime(2026, 6, 4, 5, 0, tzinfo=timezone.utc)
@@ -32,39 +32,39 @@ def stale(events: list[Event]) -> list[bool]:
 def test_an_update_older_than_one_already_processed_is_stale(runtime: Any) -> None:
     r, n = runtime.redis, runtime.names
     newer, older = update("1", 20), update("1", 10)
-    assert stale(records.mark_stale(r, n, [newer], 60)) == [False]
-    assert stale(records.mark_stale(r, n, [older], 60)) == [True]
+    assert stale(marks.mark_stale(r, n, [newer], 60)) == [False]
+    assert stale(marks.mark_stale(r, n, [older], 60)) == [True]
     # Another record, and a still newer update of the first: neither is stale.
-    assert stale(records.mark_stale(r, n, [update("2", 5), update("1", 30)], 60)) == [False, False]
+    assert stale(marks.mark_stale(r, n, [update("2", 5), update("1", 30)], 60)) == [False, False]
 
 
 def test_a_retried_batch_reaches_the_same_decision_for_its_own_events(runtime: Any) -> None:
     r, n = runtime.redis, runtime.names
     batch = [update("1", 10), update("2", 10)]
-    first = records.mark_stale(r, n, batch, 60)
-    assert stale(records.mark_stale(r, n, batch, 60)) == stale(first) == [False, False]
+    first = marks.mark_stale(r, n, batch, 60)
+    assert stale(marks.mark_stale(r, n, batch, 60)) == stale(first) == [False, False]
     late = [update("3", 10)]
-    records.mark_stale(r, n, [update("3", 20)], 60)
-    assert stale(records.mark_stale(r, n, late, 60)) == stale(records.mark_stale(r, n, late, 60))
+    marks.mark_stale(r, n, [update("3", 20)], 60)
+    assert stale(marks.mark_stale(r, n, late, 60)) == stale(marks.mark_stale(r, n, late, 60))
 
 
 def test_within_one_batch_only_the_newest_event_of_a_record_is_current(runtime: Any) -> None:
     r, n = runtime.redis, runtime.names
     batch = [update("1", 10), update("1", 30), update("1", 20), update("2", 1)]
-    assert stale(records.mark_stale(r, n, batch, 60)) == [True, False, True, False]
-    assert stale(records.mark_stale(r, n, list(reversed(batch)), 60)) == [False, True, False, True]
+    assert stale(marks.mark_stale(r, n, batch, 60)) == [True, False, True, False]
+    assert stale(marks.mark_stale(r, n, list(reversed(batch)), 60)) == [False, True, False, True]
 
 
 def test_ties_on_occurred_at_are_broken_by_event_id_the_same_way_everywhere(runtime: Any) -> None:
     a, b = update("1", 10, key="a"), update("1", 10, key="b")
     low, high = sorted([a, b], key=lambda e: uuid.UUID(e.id))
-    assert stale(records.mark_stale(runtime.redis, runtime.names, [high], 60)) == [False]
-    assert stale(records.mark_stale(runtime.redis, runtime.names, [low], 60)) == [True]
+    assert stale(marks.mark_stale(runtime.redis, runtime.names, [high], 60)) == [False]
+    assert stale(marks.mark_stale(runtime.redis, runtime.names, [low], 60)) == [True]
     # The other order, on another record: the higher id still wins.
     low2, high2 = (Event(**{**_fields(e), "resource_id": "2"}) for e in (low, high))
-    assert stale(records.mark_stale(runtime.redis, runtime.names, [low2], 60)) == [False]
-    assert stale(records.mark_stale(runtime.redis, runtime.names, [high2], 60)) == [False]
-    assert records.superseded(runtime.redis, runtime.names, [low2, high2]) == {low2.id}
+    assert stale(marks.mark_stale(runtime.redis, runtime.names, [low2], 60)) == [False]
+    assert stale(marks.mark_stale(runtime.redis, runtime.names, [high2], 60)) == [False]
+    assert marks.superseded(runtime.redis, runtime.names, [low2, high2]) == {low2.id}
 
 
 def _fields(e: Event) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def _fields(e: Event) -> dict[str, Any]:
 def test_events_about_no_record_are_never_stale_and_touch_nothing(runtime: Any) -> None:
     r, n = runtime.redis, runtime.names
     anonymous = [update("", 10), update("1", 5, resource_type=None)]
-    assert stale(records.mark_stale(r, n, anonymous, 60)) == [False, False]
+    assert stale(marks.mark_stale(r, n, anonymous, 60)) == [False, False]
     assert not list(r.scan_iter(match=n.key("state:*")))
 
 
@@ -95,8 +95,8 @@ def test_marks_expire_like_dedup_records_and_one_call_serves_a_batch(
     r, n = CountingRedis.from_url(redis_server), runtime.names
     r.sent = []
     batch = [update(str(i), i) for i in range(50)]
-    records.mark_stale(r, n, batch, 120)
-    records.mark_stale(r, n, batch, 120)
+    marks.mark_stale(r, n, batch, 120)
+    marks.mark_stale(r, n, batch, 120)
     assert r.sent.count("EVALSHA") == 2 and len(r.sent) <= 3, r.sent  # + one SCRIPT LOAD
     keys = list(r.scan_iter(match=n.key("state:*")))
     assert len(keys) == 50

@@ -17,10 +17,10 @@ files are created when :mod:`ingest.metrics` is imported, which must come after 
 The HTTP server is prometheus-client's (its WSGI app, a threading WSGI server, no access log),
 started here rather than by its ``start_http_server`` only to choose how often the serving
 thread looks for a stop: every ``_STOP_CHECK`` seconds, not 0.5, so a worker told to stop
-is not kept waiting for it (the module docstring of workers/watchdog.py says why that
+is not kept waiting for it (the module docstring of workers/worker.py says why that
 matters).
 
-A worker forks its scheduler (workers.watchdog), and a forked child inherits every open file,
+A worker forks its scheduler (workers.scheduler), and a forked child inherits every open file,
 the metrics port's listening socket included: a scheduler still finishing (or outliving a
 worker killed with SIGKILL) would keep the port, and the restarted worker would fail with
 "Address already in use". So a forked child closes its copy of the socket at once.
@@ -45,7 +45,7 @@ from ingest.exceptions import ConfigError
 
 __all__ = ["WorkerMetrics", "clean_multiproc_dir"]
 
-log = logging.getLogger("workers.exposition")
+log = logging.getLogger("ingest.commands.metrics_server")
 
 # The metrics servers listening in this process: a forked child closes its copies at once.
 _listening: set[Any] = set()

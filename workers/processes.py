@@ -1,4 +1,4 @@
-"""Starting workers: ``ingest worker``.
+"""The worker processes ``ingest worker`` starts: one per queue, supervised.
 
 RQ pops a job atomically into its in-progress list only when a worker listens on a single
 queue (BLMOVE); listening on several falls back to BLPOP, where a worker killed between the pop
@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 import time
 import uuid
+from collections.abc import Sequence
 from types import FrameType
 
 from redis import Redis
@@ -37,11 +37,12 @@ from ingest.rq_jobs import FastJSONSerializer
 from ingest.startup import wait_for_redis
 from workers.runtime import Runtime, install_runtime
 from workers.grouping import Groups
-from workers.watchdog import IngestWorker, ResilientScheduler, die_with_parent
+from workers.scheduler import ResilientScheduler, die_with_parent
+from workers.worker import IngestWorker
 
 __all__ = ["run_worker"]
 
-log = logging.getLogger("workers.runner")
+log = logging.getLogger("workers.processes")
 
 # A child that dies sooner than this after its start counts as crashing; back off.
 _MIN_HEALTHY_SECONDS = 10.0
@@ -130,13 +131,13 @@ def _work(rt: Runtime, queue: str, burst: bool) -> int:
             return 0
 
 
-def _supervise(queues: list[str], burst: bool) -> int:
+def _supervise(queues: list[str], burst: bool, command: Sequence[str]) -> int:
     children: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     stopping = False
     failures: dict[str, int] = {}
 
     def spawn(queue: str) -> None:
-        cmd = [sys.executable, "-m", "ingest.commands.cli", "worker", "--queue", queue]
+        cmd = [*command, "--queue", queue]
         if burst:
             cmd.append("--burst")
         children[queue] = (subprocess.Popen(cmd), time.monotonic())
@@ -184,7 +185,11 @@ def _schedule_retention(rt: Runtime) -> None:
         log.warning("could not schedule the daily retention run: %s", exc)
 
 
-def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> int:
+def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False,
+               command: Sequence[str] | None = None) -> int:
+    """Serve ``queues`` (default: every queue the configuration needs): one in this process,
+    or one child process per queue, supervised, each started as ``command`` (the ``ingest
+    worker`` command line, given by the CLI) with ``--queue NAME``."""
     rt = Runtime(settings)  # validates sinks and connects before taking any job
     # Redis may still be starting (a host's boot, `docker compose up`): wait for it, bounded
     # and logged, rather than die with a traceback. Once running, a worker waits out any
@@ -202,4 +207,6 @@ def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool 
     if burst:
         # Drain in pipeline order: ingest jobs create the sink jobs the next queues serve.
         return max(_single(rt, name, burst=True) for name in names)
-    return _supervise(names, burst)
+    if command is None:
+        raise ValueError("several queues need the command line that starts one worker")
+    return _supervise(names, burst, command)

@@ -44,10 +44,10 @@ import functools
 import hashlib
 import re
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import orjson
@@ -56,8 +56,8 @@ from ingest import safejson
 from ingest.events import Delivery, isoformat
 from ingest.providers import Provider
 
-__all__ = ["EmailSubject", "ResourceSubject", "SqlMatch", "Subject", "escaped_pattern",
-           "escapes_pattern", "parse_resource", "without_subject"]
+__all__ = ["EmailSubject", "Erasure", "ResourceSubject", "SqlMatch", "Subject",
+           "escaped_pattern", "escapes_pattern", "parse_resource", "without_subject"]
 
 # How many strings-that-are-JSON deep a value is decoded: an RQ job's envelope body is 1, a
 # JSON text inside that body 2; deeper than this is not something a provider sends.
@@ -510,3 +510,42 @@ def _replaced(value: Any, path: tuple[str | int, ...], new: list[Any]) -> Any:
     assert isinstance(head, int)
     copy[head] = _replaced(value[head], rest, new)
     return copy
+
+
+# -- one erasure, as the places that hold data see it ---------------------------------------
+
+
+@dataclass
+class Erasure:
+    """One ``ingest erase`` run, as each place that holds data sees it: whom (``subject``),
+    whether to change anything (``dry_run``), when (``now``: a rewritten delivery's
+    ``erased_at``, the same everywhere), and ``counts``, per place, of what the run removed
+    so far (a sink that keeps a log of erasures records them: the Postgres sink's
+    ``webhook_erasures``). A sink's ``erase(erasure)`` (sinks.base.ErasingSink) returns its
+    own counts, per place; the command adds them to ``counts``."""
+
+    subject: Subject
+    dry_run: bool = False
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    counts: Counter[str] = field(default_factory=Counter)
+    # Every place the run reports, in print order (``summary``).
+    places: tuple[str, ...] = ()
+    providers: Mapping[str, Provider] | None = None
+
+    def summary(self, adding: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Count per place (every place of ``places``, then any other counted), with
+        ``adding`` (a sink's own counts, not added to ``counts`` yet) added."""
+        total = Counter(self.counts)
+        total.update(adding or {})
+        return {place: total[place] for place in dict.fromkeys([*self.places, *total])}
+
+    def delivery(self, envelope: Any) -> Any:
+        """``envelope`` itself, None (it goes whole), or a copy rewritten without the
+        subject's events (:func:`without_subject`)."""
+        if not isinstance(envelope, dict):
+            return envelope
+        if self.providers is None:
+            from ingest.providers import load_providers
+
+            self.providers = load_providers()
+        return without_subject(envelope, self.subject, self.providers, self.now)
