@@ -342,3 +342,33 @@ def test_rewrite_segment_leaves_a_segment_a_live_process_holds(tmp_path: Path) -
         assert rewrite_segment(active, lambda r: None).deleted  # sealed now
 
     asyncio.run(run())
+
+
+def test_a_drainer_never_takes_a_segment_while_it_is_being_created(
+        tmp_path: Path, queue: Queue, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another acceptor's drainer (same directory) runs in the instant between a new
+    segment's creation and its writer's lock. It must not find the segment, take it for an
+    orphan, see it empty and remove it: the writer would then fsync the delivery into a file
+    that no longer exists, and answer 200 for it."""
+    import fcntl
+
+    from ingest.acceptor import spool as spool_module
+
+    other = Spool(tmp_path)
+    real_flock = fcntl.flock
+    raced: list[int] = []
+
+    def flock_after_a_drain(fd: int, operation: int) -> None:
+        if not raced and operation & fcntl.LOCK_NB and operation & fcntl.LOCK_EX:
+            raced.append(fd)  # the writer's first lock: its new segment exists by now
+            other.drain(queue, Names(namespace))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(spool_module.fcntl, "flock", flock_after_a_drain)
+    sent = [envelope(1)]
+    spool = Spool(tmp_path)
+    append_all(spool, sent)
+    monkeypatch.setattr(spool_module.fcntl, "flock", real_flock)
+    assert raced, "the writer never locked a new segment"
+    assert Spool(tmp_path).drain(queue, Names(namespace)) == 1
+    assert [e["id"] for e in queued_envelopes(queue)] == [sent[0]["id"]]

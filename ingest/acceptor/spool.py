@@ -26,7 +26,11 @@ Why each piece:
   finished and expired in between, the worker's dedup records still drop the copies.
 - **flock per segment**: several acceptor processes may share one directory. A segment whose
   lock can be taken belongs to no live process (its writer died or sealed it), so any drainer
-  may adopt it; two drainers never drain one segment at once.
+  may adopt it; two drainers never drain one segment at once. A new segment is created and
+  locked under a name no drainer looks at, and only then renamed to its segment name: between
+  its creation and its lock, a drainer (of this process or another) could otherwise take it
+  for an orphan, find it empty and remove it, and the writer would then fsync deliveries into
+  a file that is gone.
 - **Rewriting a sealed segment** (:func:`rewrite_segment`) takes the same lock, writes the new
   contents to a temporary file, fsyncs it, renames it over the segment and fsyncs the
   directory: a crash leaves the old segment or the new one, never a mix. A drainer that opened
@@ -74,6 +78,8 @@ _SUFFIX = ".log"
 _CORRUPT = ".corrupt"  # a damaged segment kept for a human (see read_segment)
 # rewrite_segment's copy of a segment, until it is renamed over it.
 _REWRITE_PREFIX, _REWRITE_SUFFIX = ".rewrite-", ".tmp"
+# A segment being created, before it is locked and renamed to its segment name.
+_NEW_PREFIX = ".new-"
 
 
 def encode_record(envelope: dict[str, Any]) -> bytes:
@@ -352,14 +358,18 @@ class Spool:
     def _open_segment(self) -> _Active:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{_PREFIX}{time.time_ns():020d}-{self._token}{_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        # Locked under a name drainers ignore, then given its segment name (module docstring).
+        fresh = self.directory / f"{_NEW_PREFIX}{path.name}"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, path)
             _fsync_dir(self.directory)
         except OSError:
             os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for leftover in (fresh, path):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
             raise
         return _Active(path, fd)
 
