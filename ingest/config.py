@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ingest import constants
 from ingest.exceptions import ConfigError
 
-__all__ = ["Secret", "Settings", "parse_bool", "parse_list", "parse_silence_after"]
+__all__ = ["Secret", "Settings", "parse_bool", "parse_http_url", "parse_list",
+           "parse_silence_after"]
 
 
 class Secret:
@@ -98,6 +100,27 @@ def parse_silence_after(raw: str | None) -> dict[str, float | None]:
         out[name] = float(number) * unit
     out.setdefault("*", float(constants.DEFAULT_SILENCE_AFTER))
     return out
+
+
+def parse_http_url(variable: str, value: str | None, *, plain: bool = False) -> str:
+    """``value`` when it is a usable http(s) URL with a host, else a :class:`ConfigError`
+    naming ``variable`` (the message never repeats the value: it may hold a secret).
+    ``plain``: also refuse a query string or fragment, and drop a trailing slash (a base URL
+    that paths are appended to)."""
+    if not value:
+        raise ConfigError(variable, "is not set")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(variable, "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(variable, "must be an http:// or https:// URL with a host")
+    if not plain:
+        return value
+    if parts.query or parts.fragment:
+        raise ConfigError(variable, "must not have a query string or fragment")
+    return value.rstrip("/")
 
 
 def _load_toml(path: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Unserializable", "dumps", "loads"]
+__all__ = ["Unserializable", "dumps", "loads", "utf16_units"]
 
 # Nineteen digits in a row: the shortest integer outside what orjson reads exactly (a signed
 # or an unsigned 64-bit integer) has that many. Digits inside strings match too, which costs
@@ -53,3 +53,13 @@ def dumps(value: Any) -> bytes:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise Unserializable(f"cannot be written as JSON: {type(exc).__name__} {first}"
                              .rstrip()) from None
+
+
+def utf16_units(char: str) -> tuple[int, ...]:
+    """The UTF-16 code units of one character: what JSON's ``\\uXXXX`` escapes spell it with
+    (two, a surrogate pair, past the Basic Multilingual Plane)."""
+    code = ord(char)
+    if code <= 0xFFFF:
+        return (code,)
+    code -= 0x10000
+    return (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))

@@ -91,11 +91,7 @@ def escaped_pattern(text: str) -> str:
 
 
 def _json_escape(char: str) -> str:
-    code = ord(char)
-    if code > 0xFFFF:  # a surrogate pair, as JSON spells characters beyond the BMP
-        code -= 0x10000
-        return rf"u{0xD800 + (code >> 10):04x}\\+u{0xDC00 + (code & 0x3FF):04x}"
-    return f"u{code:04x}"
+    return r"\\+".join(f"u{unit:04x}" for unit in safejson.utf16_units(char))
 
 
 def escapes_pattern(text: str) -> str:

@@ -34,6 +34,7 @@ import httpcore
 import httpx
 
 from ingest import constants, redaction
+from ingest.config import parse_http_url
 from ingest.exceptions import ConfigError
 
 __all__ = ["MAX_ANSWER_BYTES", "Answer", "ProcessClient", "check_url", "parse_retry_after",
@@ -46,17 +47,8 @@ MAX_ANSWER_BYTES = 64 * 1024
 
 def check_url(variable: str, url: str | None) -> str:
     """``url`` when it is a usable http(s) URL, else a :class:`ConfigError` naming
-    ``variable`` (the message never repeats the value: it may be a secret)."""
-    if not url:
-        raise ConfigError(variable, "is not set")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError:
-        raise ConfigError(variable, "is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(variable, "must be an http:// or https:// URL with a host")
-    return url
+    ``variable`` (:func:`ingest.config.parse_http_url`)."""
+    return parse_http_url(variable, url)
 
 
 def parse_timeout(value: str | None, variable: str) -> float:

@@ -31,6 +31,7 @@ import orjson
 
 from ingest import constants
 from ingest.config import Settings
+from ingest.safejson import utf16_units
 
 __all__ = ["add_command", "build_status", "local_spool_depth", "shown", "shown_json"]
 
@@ -60,11 +61,7 @@ def _json_escape(match: re.Match[str]) -> str:
     char = match.group()
     if char.isprintable():
         return char
-    code = ord(char)
-    if code > 0xFFFF:  # a surrogate pair, as JSON spells characters past the BMP
-        code -= 0x10000
-        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-    return f"\\u{code:04x}"
+    return "".join(f"\\u{unit:04x}" for unit in utf16_units(char))
 
 
 def shown_json(value: Any) -> str:

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from urllib.parse import urlsplit
 
-from ingest.config import Secret, Settings, parse_list
+from ingest.config import Secret, Settings, parse_http_url, parse_list
 from ingest.exceptions import ConfigError
 
 __all__ = ["ApiAccess", "ApiDefaults", "OAuthGrant", "api_access", "check_every",
@@ -81,18 +80,9 @@ class ApiAccess:
 
 
 def _url(variable: str, value: str) -> str:
-    """``value`` when it is an http(s) URL with a host (trailing slash removed); else a
+    """``value`` when it is an http(s) base URL with a host (trailing slash removed); else a
     ConfigError that does not repeat the value."""
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError:
-        raise ConfigError(variable, "is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(variable, "must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
-        raise ConfigError(variable, "must not have a query string or fragment")
-    return value.rstrip("/")
+    return parse_http_url(variable, value, plain=True)
 
 
 def public_url(settings: Settings) -> str | None:
