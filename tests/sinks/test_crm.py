@@ -21,7 +21,7 @@ from ingest.events import Contact, Event
 from ingest.exceptions import ConfigError, PermanentSinkError, TransientSinkError
 from sinks.crm import CrmSink, parse_headers, parse_secret
 from tests.helpers import rows
-from tests.sinks.suite import SinkSuite
+from tests.sinks.suite import RefusingTargetSuite
 from tests.sinks.conftest import (
     CRM_SECRET,
     CrmReceiver,
@@ -317,7 +317,7 @@ def test_failed_registry_of_a_queue_is_where_dead_letters_live(
     assert receiver.unauthorized == 0  # the configured auth header reached the receiver
 
 
-class TestCrmSuite(SinkSuite):
+class TestCrmSuite(RefusingTargetSuite):
     """The shared sink contract (tests/sinks/suite.py) against a real HTTP receiver that
     verifies signatures and deduplicates on webhook-id."""
 

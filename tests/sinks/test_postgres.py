@@ -13,7 +13,11 @@ from ingest.providers import load_providers
 from sinks.postgres import PostgresSink
 from tests.helpers import rows
 from tests.sinks.conftest import enqueue, event_ids, outboundry_delivery, run_jobs
-from tests.sinks.suite import SinkSuite
+from tests.sinks.suite import (
+    ErasingSinkSuite,
+    ExpiringSinkSuite,
+    RefusingTargetSuite,
+)
 from workers.runtime import Runtime
 
 
@@ -205,7 +209,8 @@ def test_one_batch_about_one_record_several_times_stores_every_event_and_the_new
     assert archived["headers"] == delivery.headers
 
 
-class TestPostgresSuite(SinkSuite):
+class TestPostgresSuite(RefusingTargetSuite, ErasingSinkSuite,
+                        ExpiringSinkSuite):
     """The shared sink contract (tests/sinks/suite.py) against a real Postgres."""
 
     sink = "postgres"

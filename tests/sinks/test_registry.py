@@ -52,6 +52,31 @@ def test_every_registered_sink_and_the_example_plugin_run_the_shared_suite() -> 
     assert "jsonl" in suites  # the example plugin (tests/plugins/example_sink)
 
 
+def _example_plugin_sink() -> type:
+    """The example plugin's sink class, from its source (the suite itself pip-installs it)."""
+    import importlib.util
+
+    path = HERE.parent / "plugins" / "example_sink" / "webhook_ingest_jsonl" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("example_jsonl_source", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.JsonlSink  # type: ignore[no-any-return]
+
+
+def test_every_suite_tests_each_capability_its_sink_offers_and_no_other() -> None:
+    from tests.sinks.suite import ErasingSinkSuite, ExpiringSinkSuite
+
+    classes = {**load_sink_classes(), "jsonl": _example_plugin_sink()}
+    for name, suite in _suites().items():
+        sink = classes[name]
+        for capability, mixin in (("erase", ErasingSinkSuite), ("expire", ExpiringSinkSuite)):
+            offers = callable(getattr(sink, capability, None))
+            assert issubclass(suite, mixin) is offers, (
+                f"{suite.__name__}: the {name} sink {'offers' if offers else 'has no'} "
+                f"{capability}(): {'subclass' if offers else 'do not subclass'} {mixin.__name__}")
+
+
 @pytest.mark.parametrize("name", _built_in())
 def test_every_built_in_sink_has_its_own_test_module(name: str) -> None:
     assert (HERE / f"test_{name}.py").is_file(), f"sink {name!r} has no tests/sinks/test_{name}.py"

@@ -21,7 +21,7 @@ from ingest.providers import load_providers
 from sinks.base import Sink
 from sinks.slack import SlackSink, find_link, render_digest, render_event
 from tests.helpers import SECRETS, drain, rows
-from tests.sinks.suite import SinkSuite
+from tests.sinks.suite import ErasingSinkSuite, RefusingTargetSuite
 from tests.sinks.conftest import (
     SlackReceiver,
     block_kit_problem,
@@ -334,7 +334,7 @@ def test_permanent_error_carries_the_event_ids(
     assert "invalid_payload" in str(info.value)
 
 
-class TestSlackSuite(SinkSuite):
+class TestSlackSuite(RefusingTargetSuite, ErasingSinkSuite):
     """The shared sink contract (tests/sinks/suite.py) against a real HTTP receiver that
     validates Block Kit and allows one message a second, paced through real Redis."""
 
