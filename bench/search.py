@@ -138,6 +138,8 @@ def _shapes(conn: psycopg.Connection[Any], rng: random.Random, runs: int,
     add("provider", lambda i: call(search_events, provider=providers[i % 5]))
     add("kind", lambda i: call(search_events, kind=kinds[i % len(kinds)]))
     add("kind glob", lambda i: call(search_events, kind=globs[i % len(globs)]))
+    rare = ["contact.del*", "*.deleted", "meeting.*", "nothing.*"]
+    add("kind glob, rare or none", lambda i: call(search_events, kind=rare[i % len(rare)]))
     def ranged(span: Callable[[], tuple[datetime, datetime]],
                **filters: Any) -> Callable[[], Any]:
         since, until = span()
