@@ -38,7 +38,6 @@ from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import orjson
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb

@@ -56,7 +56,6 @@ def _credentials(settings: Settings, names: list[str]) -> list[str]:
 
 
 def _print_plan(console: Any, plan: Any) -> None:
-    from rich import box
     from rich.table import Table
 
     console.print(f"[bold]{plan.provider}[/]  {plan.url}", highlight=False)

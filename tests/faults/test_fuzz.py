@@ -8,8 +8,6 @@ reaches a log line. Bounded: a fixed number of examples, no timing assertions.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
 import logging
 import uuid
