@@ -219,8 +219,9 @@ def _split_off(redis: Redis, job: Job, chosen: set[str], requeue: bool) -> int:
             new_args[2] = [d for d in new_args[2] if str(d.get("id")) in wanted]
         queue = Queue(job.origin, connection=redis, serializer=FastJSONSerializer)
         retry = deliver_retry() if job.func_name == constants.DELIVER else batch_retry()
-        enqueue_new(queue, job.func_name, tuple(new_args), f"{job.id}-retry-{uuid.uuid4().hex[:12]}",
-                    retry, f"{job.description or job.func_name} ({len(taken)} retried alone)")
+        func = str(job.func_name)
+        enqueue_new(queue, func, tuple(new_args), f"{job.id}-retry-{uuid.uuid4().hex[:12]}",
+                    retry, f"{job.description or func} ({len(taken)} retried alone)")
     args[index] = kept
     job.args = tuple(args)
     job.save()
