@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from ingest import constants
@@ -152,15 +152,20 @@ class Console:
         return status
 
     def _sink_hour(self) -> dict[str, dict[str, int]]:
-        """Per sink: delivered, failed (retrying) and dead-lettered in the last hour, from
-        the sinks' outcomes table (sinks.outcomes)."""
-        from sinks import outcomes
+        """Per enabled sink: events delivered, failing (retrying), dead-lettered and skipped as
+        stale in the last hour, as the sinks' outcomes table has them now
+        (sinks.outcome_counts)."""
+        from sinks.outcome_counts import outcome_counts
 
-        counts = getattr(outcomes, "hour_counts", None)
-        if counts is None:
-            return {}
+        since = datetime.now(timezone.utc) - timedelta(hours=1)
+        derived = "postgres" if "postgres" in self.settings.sinks else None
         with self._db() as conn:
-            return dict(counts(conn))
+            counts = outcome_counts(conn, since, derived)
+        return {sink: {"delivered": counts.get(sink, {}).get("delivered", 0),
+                       "failed": counts.get(sink, {}).get("retrying", 0),
+                       "dead": counts.get(sink, {}).get("dead", 0),
+                       "stale": counts.get(sink, {}).get("stale", 0)}
+                for sink in self.settings.sinks}
 
     # -- events and records -----------------------------------------------------------------
 
