@@ -34,11 +34,15 @@ def check_access(settings: Settings, host: str) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
-    from ingest.commands.cli import _setup_logging
+    from ingest.commands.cli import _setup_logging, _stopped
     from ingest.commands.console.app import create_console
 
+    # As `ingest serve`: a SIGTERM ends it with status 0 (see cmd_serve).
+    signal.signal(signal.SIGTERM, _stopped)
     settings = Settings.from_env()
     host = args.host or settings.console_host
     port = args.port if args.port is not None else settings.console_port
