@@ -29,14 +29,17 @@ class Served:
         self.server = ServerThread(create_console(settings)).start()
         self.url = self.server.url
         self.client = httpx.Client(base_url=self.url, timeout=30, follow_redirects=False)
+        self.clients = [self.client]
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
         self.server.stop()
 
     def login(self) -> httpx.Client:
         """A client with a session (and the page's CSRF token in ``csrf(page)``)."""
         client = httpx.Client(base_url=self.url, timeout=30, follow_redirects=False)
+        self.clients.append(client)
         if self.settings.console_token is not None:
             form = client.get("/login")
             answer = client.post("/login", data={"csrf": csrf(form.text), "token": TOKEN})
