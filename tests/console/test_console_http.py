@@ -6,6 +6,7 @@ CRM receiver of tests/sinks (it verifies Standard Webhooks signatures)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from urllib.parse import quote
@@ -187,7 +188,8 @@ def test_the_api_answers_as_the_design_says(console_for: Make,
     receiver, url = crm
     rt, served = console_for(INGEST_SINKS="postgres,crm", **crm_env(url))
     first = outcaller_lead("Ana Example", email="ana@example.com")
-    lead_id = orjson_loads(first["body"])["data"]["id"]
+    lead_id = str(orjson_loads(str(first["body"]))["data"]["id"])  # type: ignore[index]
+    time.sleep(0.01)  # a later update of the same lead: another event
     second = outcaller_lead("Ana Example", email="ana@example.com", lead_id=lead_id)
     enqueue(rt, first)
     run_jobs(rt)
