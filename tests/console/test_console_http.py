@@ -19,6 +19,7 @@ from ingest.commands.console import check_access
 from ingest.config import Settings
 from ingest.exceptions import ConfigError
 from tests.console.conftest import TOKEN, Captured, Served, api, csrf
+from tests.helpers import wait_until
 from tests.sinks.conftest import (
     CrmReceiver,
     crm_env,
@@ -170,8 +171,10 @@ def test_what_is_searched_for_never_reaches_the_log(
     path = (f"/records/{record['provider']}/{record['resource_type']}/"
             f"{quote(record['resource_id'], safe='')}")
     assert client.get(path).status_code == 200
+    # The access line is written once the answer is sent: wait for it.
+    wait_until(lambda: "/records/{provider}" in console_log.text(), 10, "the access line")
     logged = console_log.text()
-    assert "/api/events" in logged and "/records/{provider}" in logged
+    assert "GET /api/events 200" in logged and "POST /events 200" in logged
     for secret in (email, quote(email), "zoe.searched", record["resource_id"], TOKEN, "?"):
         assert secret not in logged, f"{secret!r} reached the log"
 
