@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(0: measure the large table only)")
     parser.add_argument("--lifecycle-load", type=float, default=0.5,
                         help="--lifecycle's fixed offered load, a share of the saturated rate")
+    parser.add_argument("--search", action="store_true",
+                        help="only the console's searches at --search-rows events, and what "
+                             "their indexes cost the Postgres sink (bench.search)")
+    parser.add_argument("--search-rows", type=int, default=10_000_000,
+                        help="events in webhook_events for --search (default %(default)s)")
+    parser.add_argument("--search-runs", type=int, default=40,
+                        help="calls of each search shape, values varied (default %(default)s)")
     parser.add_argument("--replicas", action="store_true",
                         help="only the cost of INGEST_REDIS_MIN_REPLICAS: the acceptor alone "
                              "against a primary with one replica, waiting for 0 and for 1 "
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs must be at least 1")
     if args.lifecycle:
         return _lifecycle(args)
+    if args.search:
+        return _search(args)
     if args.fairness:
         return _fairness(args)
     if args.replicas:
@@ -268,3 +277,21 @@ def _lifecycle(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     return 0 if results["retention_ok"] else 1
+
+
+def _search(args: argparse.Namespace) -> int:
+    from bench import search
+
+    description = machine()
+    log(description)
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    try:
+        with servers(tmp) as (_redis_url, _redis_pid, db_url):
+            results = search.run(db_url, args.search_rows, args.search_runs, args.duration)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"] = description
+    print(search.render(results) + f"\nMachine: {description}.")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0 if all(s["p95"] <= search.TARGET_MS for s in results["searches"].values()) else 1

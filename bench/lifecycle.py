@@ -39,7 +39,7 @@ import psycopg
 from ingest.events import Contact, Delivery, Event
 from sinks.postgres import PostgresSink
 
-__all__ = ["run"]
+__all__ = ["fill_events", "run", "window"]
 
 BATCH = 64
 
@@ -127,7 +127,7 @@ def _server(conn: psycopg.Connection[Any]) -> dict[str, float]:
             "autovacuums": float(row[2]), "autoanalyzes": float(row[3])}
 
 
-def _window(db_url: str, until: Any, offered: float | None = None) -> dict[str, Any]:
+def window(db_url: str, until: Any, offered: float | None = None) -> dict[str, Any]:
     """:func:`_rate`, with what the server did meanwhile."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         before = _server(conn)
@@ -142,21 +142,70 @@ def _for(seconds: float) -> Any:
     return lambda: time.monotonic() >= end
 
 
-def _fill_events(conn: psycopg.Connection[Any], rows: int, days_ago: int, tag: str) -> None:
-    """``rows`` events received over one day from ``days_ago`` days ago, in order of arrival
-    as the sink appends them (so a day's rows lie together in the table, as in a real one)."""
+# The spread of a realistic archive (bench.search): five providers of unequal volume, the
+# kinds in their everyday proportions (opens and sends most, deletes and meetings rare),
+# 2,000,000 records, 1,000,000 contacts written in mixed case (one event in ten names
+# nobody), and 20 hot contacts (a shared inbox, a test address) that together get 1% of all
+# events. Every value comes from a hash of the row number, so a fill is the same every run.
+_PROVIDERS = ["outreach"] * 4 + ["salesloft"] * 3 + ["outcaller"] * 2 + ["outboundry"] * 3 \
+    + ["mailstand"]
+_KINDS = (["email.sent"] * 8 + ["email.delivered"] * 6 + ["email.opened"] * 10
+          + ["email.clicked"] * 3 + ["email.replied"] * 2 + ["email.bounced", "email.unsubscribed"]
+          + ["linkedin.invite_sent"] * 2 + ["linkedin.invite_accepted", "linkedin.message_sent",
+             "linkedin.message_replied", "call.completed", "call.completed", "task.created",
+             "task.completed", "contact.created", "contact.stage_changed", "campaign.added",
+             "campaign.removed", "meeting.booked"] + ["contact.updated"] * 4)
+_SPREAD = {
+    "provider": "(%s::text[])[1 + h %% {providers}]",
+    "kind": "CASE WHEN h %% 1000 = 7 THEN 'contact.deleted' "
+            "ELSE (%s::text[])[1 + (h >> 8) %% {kinds}] END",
+    "resource_id": "((h >> 4) %% 2000000)::text",
+    "contact_email": "CASE WHEN h %% 10 = 3 THEN NULL "
+                     "WHEN h %% 100 = 42 THEN 'hot' || ((h >> 12) %% 20) || '@example.com' "
+                     "WHEN h %% 2 = 0 THEN 'P' || ((h >> 3) %% 1000000) || '@Example.com' "
+                     "ELSE 'p' || ((h >> 3) %% 1000000) || '@example.com' END",
+}
+
+
+def fill_events(conn: psycopg.Connection[Any], rows: int, days_ago: int, tag: str,
+                 spread: bool = False, days: int = 1) -> None:
+    """``rows`` events received over ``days`` days from ``days_ago`` days ago, in order of
+    arrival as the sink appends them (so a day's rows lie together in the table, as in a real
+    one). ``spread``: with the providers, kinds, records and contacts of a real archive (see
+    _SPREAD), each with its delivery id and a resource object of a realistic size; else one
+    provider and kind, as the sink's insert rate needs no more."""
     step = 1_000_000
     for start in range(0, rows, step):
         n = min(step, rows - start)
-        conn.execute(
-            "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
-            "resource_type, resource_id, occurred_at, received_at, contact_email, data) "
-            "SELECT gen_random_uuid(), 'outreach', %s || g, 'x', 'email.replied', 'prospect', "
-            "(g %% 1000000)::text, t, t, "
-            "'p' || (g %% 500000) || '@example.com', '{\"id\": 1}' "
-            "FROM generate_series(%s::bigint, %s::bigint) g, LATERAL (SELECT now() "
-            "- make_interval(days => %s) + make_interval(secs => g * 86400.0 / %s) AS t) a",
-            [tag, start, start + n - 1, days_ago, rows])
+        if spread:
+            conn.execute(
+                "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
+                "resource_type, resource_id, action, occurred_at, received_at, contact_email, "
+                "contact_name, data, delivery_id) "
+                f"SELECT gen_random_uuid(), p, %s || g, k, k, 'prospect', "
+                f"{_SPREAD['resource_id']}, split_part(k, '.', 2), "
+                "t - make_interval(secs => h %% 600), t, "
+                f"{_SPREAD['contact_email']}, 'Pat Doe', "
+                "jsonb_build_object('id', g, 'title', 'Head of Operations', 'company', "
+                "'Example Corp', 'stage', 'engaged', 'tags', jsonb_build_array('q3', 'emea')), "
+                "gen_random_uuid() "
+                "FROM generate_series(%s::bigint, %s::bigint) g, "
+                "LATERAL (SELECT (g * 2654435761) %% 4294967296 AS h) hh, "
+                "LATERAL (SELECT now() - make_interval(days => %s) "
+                "+ make_interval(secs => g * 86400.0 * %s / %s) AS t, "
+                f"{_SPREAD['provider'].format(providers=len(_PROVIDERS))} AS p, "
+                f"{_SPREAD['kind'].format(kinds=len(_KINDS))} AS k) a",
+                [tag, start, start + n - 1, days_ago, days, rows, _PROVIDERS, _KINDS])
+        else:
+            conn.execute(
+                "INSERT INTO webhook_events (id, provider, dedup_key, event_type, kind, "
+                "resource_type, resource_id, occurred_at, received_at, contact_email, data) "
+                "SELECT gen_random_uuid(), 'outreach', %s || g, 'x', 'email.replied', "
+                "'prospect', (g %% 1000000)::text, t, t, "
+                "'p' || (g %% 500000) || '@example.com', '{\"id\": 1}' "
+                "FROM generate_series(%s::bigint, %s::bigint) g, LATERAL (SELECT now() "
+                "- make_interval(days => %s) + make_interval(secs => g * 86400.0 / %s) AS t) a",
+                [tag, start, start + n - 1, days_ago, rows])
         print(f"  filled {start + n:,} of {rows:,} events", file=sys.stderr, flush=True)
 
 
@@ -167,7 +216,7 @@ def _fill_expired(conn: psycopg.Connection[Any], rows: int, tag: str) -> None:
         "SELECT gen_random_uuid(), 'outreach', now() - make_interval(days => 400) "
         "+ make_interval(secs => g * 86400.0 / %s), convert_to(repeat('x', 400), 'UTF8') "
         "FROM generate_series(1, %s::bigint) g", [rows, rows])
-    _fill_events(conn, rows, days_ago=400, tag=tag)
+    fill_events(conn, rows, days_ago=400, tag=tag)
     conn.execute("VACUUM ANALYZE")
     # The fill's dirty pages written now, not during the windows compared.
     conn.execute("CHECKPOINT")
@@ -190,7 +239,7 @@ def _with_retention(db_url: str, rows: int, duration: float,
     with psycopg.connect(db_url, autocommit=True) as conn:
         _fill_expired(conn, rows, tag=f"old-{uuid.uuid4().hex[:6]}-")
     out: dict[str, Any] = {"offered": offered, "rows": rows}
-    out["before"] = _window(db_url, _for(duration), offered)
+    out["before"] = window(db_url, _for(duration), offered)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "REDIS_URL"))}
     env.update(DATABASE_URL=db_url, INGEST_RETENTION_DAYS="30",
                INGEST_EVENTS_RETENTION_DAYS="30", COLUMNS="300")
@@ -242,7 +291,7 @@ def _with_retention(db_url: str, rows: int, duration: float,
     conn.close()
     out["during"]["server"] = {k: after[k] - server[k] for k in server}
     # Autovacuum cleans up the deleted rows after the run: that is a cost of it too.
-    out["after"] = _window(db_url, _for(duration), offered)
+    out["after"] = window(db_url, _for(duration), offered)
     match = _SUMMARY.search(" ".join("".join(printed).split()))
     if match:
         out["pace"] = {"rows": int(match[1]), "duty": int(match[4]) / 100,
@@ -262,13 +311,13 @@ def run(db_url: str, rows: int, retention_rows: int, duration: float,
         load: float = 0.5) -> dict[str, Any]:
     out: dict[str, Any] = {"load": load}
     with psycopg.connect(db_url, autocommit=True) as conn:
-        out["empty"] = _window(db_url, _for(duration))
+        out["empty"] = window(db_url, _for(duration))
         started = time.monotonic()
-        _fill_events(conn, rows, days_ago=1, tag="fill-")
+        fill_events(conn, rows, days_ago=1, tag="fill-")
         conn.execute("VACUUM ANALYZE webhook_events")
         conn.execute("CHECKPOINT")
         out["fill_seconds"] = time.monotonic() - started
-        out["full"] = _window(db_url, _for(duration))
+        out["full"] = window(db_url, _for(duration))
         out["rows"] = rows
         out["indexes"] = [{"name": r[0], "mb": r[1] / 2**20} for r in conn.execute(
             "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index "

@@ -163,6 +163,9 @@ class Settings:
     # Days kept, by received_at, of webhook_deliveries and of webhook_events; None: forever.
     retention_days: int | None = None
     events_retention_days: int | None = None
+    # Whether workers keep what each sink did with each event (webhook_sink_outcomes; needs
+    # DATABASE_URL). INGEST_SINK_OUTCOMES, on unless set to a false value.
+    sink_outcomes: bool = True
     # Seconds without an accepted delivery after which a provider counts as silent, by
     # provider name or "*"; None: not watched (INGEST_SILENCE_AFTER).
     silence_after: Mapping[str, float | None] = field(
@@ -297,6 +300,7 @@ class Settings:
             log_format=log_format,
             retention_days=_days(integer, get, "INGEST_RETENTION_DAYS"),
             events_retention_days=_days(integer, get, "INGEST_EVENTS_RETENTION_DAYS"),
+            sink_outcomes=parse_bool(get("INGEST_SINK_OUTCOMES"), "INGEST_SINK_OUTCOMES", True),
             silence_after=silence_after,
             console_host=get("INGEST_CONSOLE_HOST") or constants.DEFAULT_CONSOLE_HOST,
             console_port=console_port,

@@ -164,6 +164,17 @@ DEPLOYMENT_FORGET_AFTER = 7 * 86400
 # Longest (seconds) one registration write may take; it never holds up the acceptor.
 DEPLOYMENT_WRITE_TIMEOUT = 1.0
 
+# Sink outcomes (workers.outcomes): most rows of the Redis backlog (kept while Postgres cannot
+# take them) one job writes along with its own; the backlog drains a batch per job.
+OUTCOME_BACKLOG_BATCH = 500
+# Most rows the backlog holds (about 200 bytes each); past it the oldest are dropped, counted.
+OUTCOME_BACKLOG_MAX = 1_000_000
+# Seconds a worker writes outcomes only to the backlog after Postgres failed one write, so an
+# outage costs a job one Redis call, not a connect timeout.
+OUTCOME_RETRY_AFTER = 5.0
+# Seconds between a worker's looks at a backlog it has not seen rows in (one LPOP).
+OUTCOME_BACKLOG_CHECK_EVERY = 5.0
+
 # Queue name of the batches the acceptor enqueues.
 INGEST_QUEUE = "ingest"
 # Prefix of each sink's own delivery queue: "sink-postgres", "sink-crm", ...

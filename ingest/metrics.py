@@ -107,6 +107,13 @@ POISON = Counter(
 SINK_EVENTS = Counter(
     "ingest_sink_events", "Events handed to a sink, by sink and outcome.", ["sink", "outcome"]
 )
+SINK_OUTCOME_ERRORS = Counter(
+    "ingest_sink_outcome_errors",
+    "Sink outcome rows a worker could not write to Postgres (result: backlogged, kept in the "
+    "Redis backlog for a later write; lost: Redis could not keep them either, or the backlog "
+    "was full). The deliveries themselves are not affected.",
+    ["result"],
+)
 SINK_SECONDS = Histogram(
     "ingest_sink_seconds", "Time one sink.send() call took, by sink.", ["sink"]
 )

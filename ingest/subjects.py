@@ -57,7 +57,8 @@ from ingest.events import Delivery, isoformat
 from ingest.providers import Provider
 
 __all__ = ["EmailSubject", "Erasure", "ResourceSubject", "SqlMatch", "Subject",
-           "escaped_pattern", "escapes_pattern", "parse_resource", "without_subject"]
+           "escaped_pattern", "escapes_pattern", "normalized_address", "parse_resource",
+           "without_subject"]
 
 # How many strings-that-are-JSON deep a value is decoded: an RQ job's envelope body is 1, a
 # JSON text inside that body 2; deeper than this is not something a provider sends.
@@ -198,6 +199,13 @@ class Subject(Protocol):
     def sql(self) -> SqlMatch: ...
 
 
+def normalized_address(text: str) -> str:
+    """An email address as every lookup by address compares it (``lower(contact_email)``):
+    NFKC (an address typed with a fullwidth ＠, or fullwidth letters, is the ASCII address),
+    without surrounding blanks, lower-cased."""
+    return unicodedata.normalize("NFKC", text).strip().lower()
+
+
 @dataclass(frozen=True)
 class EmailSubject:
     """A person by email address, matched case-insensitively, as a whole address, anywhere it
@@ -213,8 +221,7 @@ class EmailSubject:
     _wide_b: re.Pattern[bytes] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # NFKC: an address typed with a fullwidth ＠ (or letters) is the ASCII address.
-        address = unicodedata.normalize("NFKC", self.address).strip().lower()
+        address = normalized_address(self.address)
         if "@" not in address or len(address) < 3:
             raise ValueError("--email needs an email address")
         object.__setattr__(self, "address", address)

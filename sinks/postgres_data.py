@@ -50,7 +50,7 @@ def newest_events(provider: str | None, limit: int) -> tuple[str, list[Any]]:
 
 # The places an erasure reports, in print order.
 ERASES = ("webhook_events", "webhook_deliveries", "webhook_deliveries rewritten",
-          "webhook_records")
+          "webhook_records", "webhook_sink_outcomes")
 
 # A row's text, computed once per row (OFFSET 0 keeps Postgres from inlining it into each use).
 _TEXT = "CROSS JOIN LATERAL (SELECT lower({row}) AS x OFFSET 0) t"
@@ -121,9 +121,16 @@ def erase(url: str, erasure: Erasure) -> dict[str, int]:
         counts["webhook_deliveries"] = len(removed)
         counts["webhook_deliveries rewritten"] = len(rewritten)
         counts["webhook_records"] = len(records)
+        # What the sinks did with the erased events (no personal data, but keyed by events
+        # that no longer exist).
+        row = conn.execute("SELECT count(*) FROM webhook_sink_outcomes"
+                           " WHERE event_id = ANY(%s::uuid[])", [list(events)]).fetchone()
+        counts["webhook_sink_outcomes"] = int(row[0]) if row else 0
         if erasure.dry_run:
             raise psycopg.Rollback()
         conn.execute("DELETE FROM webhook_events WHERE id = ANY(%s::uuid[])", [list(events)])
+        conn.execute("DELETE FROM webhook_sink_outcomes WHERE event_id = ANY(%s::uuid[])",
+                     [list(events)])
         conn.execute("DELETE FROM webhook_deliveries WHERE id = ANY(%s::uuid[])", [removed])
         with conn.cursor() as cur:
             cur.executemany("UPDATE webhook_deliveries SET body = convert_to(%s, 'UTF8'),"
@@ -139,7 +146,11 @@ def erase(url: str, erasure: Erasure) -> dict[str, int]:
 
 # Each table and the retention that applies to it (workers.retention.cutoffs), in the order
 # reports print them.
-EXPIRES = {"webhook_deliveries": "deliveries", "webhook_events": "events"}
+EXPIRES = {"webhook_deliveries": "deliveries", "webhook_events": "events",
+           "webhook_sink_outcomes": "events"}
+# The time a table's rows expire by: when they were received, or, for an outcome (whose event
+# may be stored nowhere: a CRM-only deployment), when its state was reached.
+_EXPIRES_BY = {"webhook_sink_outcomes": "at"}
 
 # The oldest rows first, from where the last batch stopped (received_at >= its newest): the
 # index scan does not walk again over the entries of rows deleted earlier in the run, which
@@ -147,8 +158,14 @@ EXPIRES = {"webhook_deliveries": "deliveries", "webhook_events": "events"}
 # replay or an erase is changing now waits for the next run) and deleted by ctid, so the
 # delete finds them without a lookup per row through the primary key.
 DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
-                "WHERE received_at >= %s AND received_at < %s ORDER BY received_at LIMIT %s "
-                "FOR UPDATE SKIP LOCKED)) RETURNING received_at")
+                "WHERE {at} >= %s AND {at} < %s ORDER BY {at} LIMIT %s "
+                "FOR UPDATE SKIP LOCKED)) RETURNING {at}")
+# An events batch takes its events' outcome rows along, in the same statement: an outcome
+# reached after the cutoff (a late delivery) goes with its event, not days later.
+_DELETE_EVENTS_BATCH = ("WITH gone AS (" + DELETE_BATCH.replace("RETURNING {at}",
+                                                               "RETURNING id, {at}")
+                        + "), outcomes AS (DELETE FROM webhook_sink_outcomes"
+                        " WHERE event_id IN (SELECT id FROM gone)) SELECT {at} FROM gone")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -164,16 +181,18 @@ def expire(url: str, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
             cutoff = cutoffs.get(retention)
             if cutoff is None:
                 continue
+            at = _EXPIRES_BY.get(table, "received_at")
             if dry_run:
-                query = (f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE received_at < %s"
+                query = (f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {at} < %s"
                          " LIMIT 1) s" if probe
-                         else f"SELECT count(*) FROM {table} WHERE received_at < %s")
+                         else f"SELECT count(*) FROM {table} WHERE {at} < %s")
                 row = conn.execute(query, [cutoff]).fetchone()
                 yield table, int(row[0]) if row else 0
                 continue
             since = _EPOCH
             while True:
-                cur = conn.execute(DELETE_BATCH.format(table=table), [since, cutoff, batch])
+                statement = (_DELETE_EVENTS_BATCH if table == "webhook_events" else DELETE_BATCH)
+                cur = conn.execute(statement.format(table=table, at=at), [since, cutoff, batch])
                 got = [r[0] for r in cur.fetchall()]
                 if got:
                     since = max(got)

@@ -150,7 +150,7 @@ def test_the_job_functions_named_in_jobs_exist() -> None:
 
 # -- what the sinks store is theirs -------------------------------------------------------------
 
-_TABLES = re.compile(r"\bwebhook_(?:deliveries|events|records|erasures)\b")
+_TABLES = re.compile(r"\bwebhook_(?:deliveries|events|records|erasures|sink_outcomes)\b")
 _SQL = re.compile(r"\b(?:SELECT|INSERT|UPDATE|DELETE|FROM|JOIN|INTO|TABLE)\b", re.IGNORECASE)
 _OUTBOX_KEY = re.compile(r"slack:[^\s\"']*:")
 

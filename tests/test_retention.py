@@ -104,7 +104,8 @@ def test_old_rows_go_new_ones_stay_while_the_sink_keeps_writing(
         thread.join(timeout=60)
         sink.close()
     assert not errors
-    assert removed == {"webhook_deliveries": 6000, "webhook_events": 6000}
+    assert removed == {"webhook_deliveries": 6000, "webhook_events": 6000,
+                       "webhook_sink_outcomes": 0}
     assert len(batches) >= 12 and sum(written) >= 12 * 20  # the sink wrote during the run
     assert ages(database_url, "webhook_deliveries") == {"old": 0, "new": 300 + sum(written)}
     assert ages(database_url, "webhook_events") == {"old": 0, "new": 300 + sum(written)}
@@ -274,14 +275,17 @@ def test_a_backlog_in_the_queues_ends_a_slice_and_slows_a_run(
         pace = retention.Pace()
         removed = retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace,
                                           stop_on_backlog=True)
-        assert removed == {"webhook_deliveries": 1000, "webhook_events": 0}
+        assert removed == {"webhook_deliveries": 1000, "webhook_events": 0,
+                           "webhook_sink_outcomes": 0}
         assert retention.remaining(settings)
 
         # The command goes on, backing off after every batch.
         pace = retention.Pace()
         removed = retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace)
-        assert removed == {"webhook_deliveries": 1500, "webhook_events": 2500}
-        assert pace.backed_off == pace.batches == 5 and pace.rest == retention.MAX_REST
+        assert removed == {"webhook_deliveries": 1500, "webhook_events": 2500,
+                           "webhook_sink_outcomes": 0}
+        # 5 batches of rows, and the outcomes' (none to remove): each followed by a back-off.
+        assert pace.backed_off == pace.batches == 6 and pace.rest == retention.MAX_REST
 
         # Without the backlog, nothing backs off for it.
         rt.redis.delete(sink_key)
@@ -290,6 +294,7 @@ def test_a_backlog_in_the_queues_ends_a_slice_and_slows_a_run(
         retention.run_retention(settings, batch=1000, redis=rt.redis, pace=pace,
                                 stop_on_backlog=True)
         assert not retention.remaining(settings)
-        assert pace.batches == 6  # 2 full and an empty last one per table
+        # 2 full and an empty last one per table, and one (empty) of outcomes.
+        assert pace.batches == 7
     finally:
         rt.close()

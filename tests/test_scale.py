@@ -83,7 +83,7 @@ def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str
         # Retention's own statement, as it runs it: through the received_at index, and the
         # delete itself by ctid (a Tid Scan), with no lookup per row through the primary key.
         for table, days in (("webhook_deliveries", 130), ("webhook_events", 360)):
-            statement = DELETE_BATCH.format(table=table)
+            statement = DELETE_BATCH.format(table=table, at="received_at")
             with conn.cursor() as cur:
                 cur.execute("EXPLAIN (FORMAT JSON) " + statement, [
                     datetime(1970, 1, 1, tzinfo=timezone.utc),
@@ -98,8 +98,8 @@ def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str
         # index, and (for a record) their deliveries through the primary key.
         by_contact, by_record = (EmailSubject("Person7@Example.com").sql(),
                                  ResourceSubject("outreach", "prospect", "7").sql())
-        for match, index in ((by_contact, "webhook_events_contact_email"),
-                             (by_record, "webhook_events_resource")):
+        for match, index in ((by_contact, "webhook_events_contact_received"),
+                             (by_record, "webhook_events_resource_received")):
             row = conn.execute("EXPLAIN (FORMAT JSON) " + EVENTS_BY_INDEX.format(
                 events=match.events), match.params).fetchone()
             assert row is not None
@@ -144,7 +144,8 @@ def test_migrating_a_filled_database_keeps_every_row(old_database: str) -> None:
     assert migrate(old_database) == ["0005_personal_data.sql", "0006_rewritten_deliveries.sql",
                                      "0007_drop_dedup_digest_index.sql",
                                      "0008_activity_is_not_state.sql",
-                                     "0009_sanitized_events.sql"]
+                                     "0009_sanitized_events.sql",
+                                     "0010_sink_outcomes.sql", "0011_search_indexes.sql"]
     with psycopg.connect(old_database) as conn:
         # The columns later migrations add (sanitized: false for every stored row) aside.
         after = conn.execute("SELECT count(*), md5(string_agg((to_jsonb(t) - 'sanitized')::text,"

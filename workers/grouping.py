@@ -36,6 +36,7 @@ from rq.job import Job
 
 from ingest import constants
 from workers.jobs import deliver_group, process_group
+from workers.outcomes import attempts_of
 from workers.runtime import Runtime
 
 __all__ = ["Groups"]
@@ -93,4 +94,5 @@ class Groups:
     def run(self, jobs: Sequence[Job]) -> list[Any]:
         if jobs[0].func_name == constants.PROCESS_BATCH:
             return list(process_group([(j.id, j.args[0]) for j in jobs]))
-        return list(deliver_group([tuple(j.args) for j in jobs], [j.id for j in jobs]))
+        return list(deliver_group([tuple(j.args) for j in jobs], [j.id for j in jobs],
+                                  [attempts_of(j) for j in jobs]))

@@ -31,7 +31,9 @@ from ingest.kinds import UNKNOWN
 from ingest.redaction import reason
 from ingest.rq_jobs import deliver_retry, enqueue_new
 from sinks.registry import EnabledSink
+from sinks.outcomes import Outcome
 from workers import dedup, fanout, marks, suppression
+from workers.outcomes import attempts_of, next_attempt_at, now, writes_delivered
 from workers.labels import event_type_label, kind_label, label
 from workers.normalize import normalize
 from workers.runtime import Runtime, current_runtime
@@ -75,8 +77,14 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[st
     ``rendered``: ``to_job()`` of events by id, as already made (see :func:`process_batch`)."""
     rendered = rendered or {}
     created = 0
+    skipped: list[Outcome] = []  # stale events a sink skips: never queued for it
     for name, enabled in rt.sinks.items():
-        chosen = marks.for_sink(enabled, [e for e in events if enabled.wants(e)])
+        wanted_events = [e for e in events if enabled.wants(e)]
+        chosen = marks.for_sink(enabled, wanted_events)
+        if len(chosen) < len(wanted_events):
+            at, kept = now(), {e.id for e in chosen}
+            skipped += [Outcome(e.id, name, "stale", at, attempts=0)
+                        for e in wanted_events if e.id not in kept]
         if not chosen:
             continue
         if len(chosen) > fanout.job_events(enabled):
@@ -93,6 +101,7 @@ def enqueue_deliveries(rt: Runtime, events: Sequence[Event], deliveries: dict[st
             (name, [_job_form(e, rendered) for e in chosen], raw),
             job_id, deliver_retry(), f"deliver({name}, {len(chosen)} events)",
         )
+    rt.outcomes.record(skipped)
     return created
 
 
@@ -260,7 +269,11 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
     chain (workers.fanout), whose next chunk it queues first."""
     rt = current_runtime()
     enabled = rt.sinks.get(sink_name)
+    job = get_current_job()
+    attempts = attempts_of(job)
     if enabled is None:
+        # A worker configured otherwise: RQ retries the job, which a worker with the sink
+        # runs (and records); nothing is recorded here.
         raise PermanentSinkError(f"sink {sink_name!r} is not enabled here (INGEST_SINKS)")
     if chain is not None:
         fanout.hand_on(rt, sink_name, chain)
@@ -272,7 +285,14 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
         return {"delivered": 0, "rechunked": len(events)}
     evs = marks.still_current(rt.redis, rt.names, enabled, [Event.from_job(e) for e in events])
     skipped = {"stale": len(events) - len(evs)} if len(evs) < len(events) else {}
+    # What this job did, written once, at its end (workers.outcomes): stale ones first.
+    outcomes: list[Outcome] = []
+    if skipped:
+        at, sending = now(), {e.id for e in evs}
+        outcomes += [Outcome(str(e["id"]), sink_name, "stale", at, attempts)
+                     for e in events if e["id"] not in sending]
     if not evs:
+        rt.outcomes.record(outcomes)
         return {"delivered": 0, **skipped}
     try:
         # The events themselves cannot be written (a PermanentSinkError naming them): a batch
@@ -298,8 +318,11 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
                             extra=_event_extra(sink_name, e))
             metrics.SINK_EVENTS.labels(sink_name, "split").inc(len(failed))
             metrics.SINK_EVENTS.labels(sink_name, "delivered").inc(len(evs) - len(failed))
+            # The refused events' own jobs record them; the others are delivered.
+            outcomes += _delivered_outcomes(sink_name, [e for e in evs if e.id not in failed_ids],
+                                            attempts)
+            rt.outcomes.record(outcomes)
             return {"delivered": len(evs) - len(failed), "split": len(failed), **skipped}
-        job = get_current_job()
         if job is not None:
             job.retries_left = 0  # retrying cannot help; go straight to the failed registry
         metrics.SINK_EVENTS.labels(sink_name, "failed").inc(len(evs))
@@ -308,23 +331,40 @@ def deliver(sink_name: str, events: list[dict[str, Any]],
             metrics.POISON.labels(label(e.provider)).inc()
             log.error("sink refused the event; it goes to the failed registry: %s", why,
                       extra=_event_extra(sink_name, e))
+        at = now()
+        outcomes += [Outcome(e.id, sink_name, "dead", at, attempts, reason=why) for e in evs]
+        rt.outcomes.record(outcomes)
         if why != str(exc):
             raise PermanentSinkError(why, event_ids=exc.event_ids) from None
         raise
     except Exception as exc:
-        job = get_current_job()
         final = job is None or not job.retries_left  # RQ retries only while some are left
         if not final and isinstance(exc, TransientSinkError) and exc.retry_after:
             _stretch_next_retry(job, exc.retry_after)
         metrics.SINK_EVENTS.labels(sink_name, "failed" if final else "retried").inc(len(evs))
+        why = reason(exc) or type(exc).__name__
         log.warning("sink failed (%s): %s", "no retries left" if final else "will retry",
-                    reason(exc) or type(exc).__name__,
-                    extra={"sink": sink_name, "count": len(evs),
-                           "job_id": job.id if job is not None else None})
+                    why, extra={"sink": sink_name, "count": len(evs),
+                                "job_id": job.id if job is not None else None})
+        at = now()
+        retry_at = None if final else next_attempt_at(job, at)
+        outcomes += [Outcome(e.id, sink_name, "dead" if final else "retrying", at, attempts,
+                             next_attempt_at=retry_at, reason=why) for e in evs]
+        rt.outcomes.record(outcomes)
         raise
-    job = get_current_job()
     _delivered(sink_name, evs, job.id if job is not None else "direct")
+    outcomes += _delivered_outcomes(sink_name, evs, attempts)
+    rt.outcomes.record(outcomes)
     return {"delivered": len(evs), **skipped}
+
+
+def _delivered_outcomes(sink_name: str, evs: Sequence[Event], attempts: int) -> list[Outcome]:
+    """The rows saying ``evs`` were delivered (none for the Postgres sink's first attempt:
+    its stored rows say so)."""
+    if not writes_delivered(sink_name, attempts):
+        return []
+    at = now()
+    return [Outcome(e.id, sink_name, "delivered", at, attempts) for e in evs]
 
 
 def _send(enabled: EnabledSink, evs: Sequence[Event], raw: Iterable[dict[str, Any]]) -> None:
@@ -353,11 +393,13 @@ def _delivered(sink_name: str, evs: Sequence[Event], job_id: str, jobs: int = 1)
                  extra={"sink": sink_name, "count": len(evs), "job_id": job_id})
 
 
-def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> list[dict[str, int]]:
+def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str],
+                  attempts: Sequence[int] | None = None) -> list[dict[str, int]]:
     """Several deliver jobs of one sink (their arguments, ``calls``), as one send; the result of
     each job, in order. Whatever goes wrong raises, and the worker then runs each job on its
     own with :func:`deliver` (workers.grouping), which handles every failure as it always
-    does: so this needs no failure handling of its own."""
+    does: so this needs no failure handling of its own. ``attempts``: which attempt each job
+    is on (workers.outcomes.attempts_of), for the outcome rows."""
     sink_name = calls[0][0]
     rt = current_runtime()
     enabled = rt.sinks.get(sink_name)
@@ -366,12 +408,15 @@ def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> l
     merged: dict[str, Event] = {}
     raw: dict[str, dict[str, Any]] = {}
     ids_of_call: list[set[str]] = []
-    for _, events, deliveries in (_deliver_args(*call) for call in calls):
+    attempt: dict[str, int] = {}  # event id -> the highest attempt of the jobs holding it
+    for index, (_, events, deliveries) in enumerate(_deliver_args(*call) for call in calls):
         ids = set()
+        tries = attempts[index] if attempts is not None and index < len(attempts) else 1
         for data in events:
             event = Event.from_job(data)
             merged.setdefault(event.id, event)
             ids.add(event.id)
+            attempt[event.id] = max(attempt.get(event.id, 0), tries)
         ids_of_call.append(ids)
         for d in deliveries or ():
             raw.setdefault(d["id"], d)
@@ -380,6 +425,11 @@ def deliver_group(calls: Sequence[tuple[Any, ...]], job_ids: Sequence[str]) -> l
         _send(enabled, evs, raw.values())
         _delivered(sink_name, evs, job_ids[0], jobs=len(calls))
     sent = {e.id for e in evs}
+    at = now()
+    rt.outcomes.record(
+        [Outcome(e.id, sink_name, "delivered", at, attempt[e.id]) for e in evs
+         if writes_delivered(sink_name, attempt[e.id])]
+        + [Outcome(i, sink_name, "stale", at, attempt[i]) for i in merged if i not in sent])
     results = []
     for ids in ids_of_call:
         delivered = len(ids & sent)

@@ -19,6 +19,7 @@ from ingest.rq_jobs import FastJSONSerializer, compress_fast
 from ingest.providers import Provider, load_providers
 from ingest.redis_conn import worker_redis
 from sinks.registry import EnabledSink, build_sinks
+from workers.outcomes import OutcomeRecorder
 
 __all__ = ["Runtime", "current_runtime", "install_runtime"]
 
@@ -31,6 +32,11 @@ class Runtime:
         self.redis = redis if redis is not None else worker_redis(settings.require_redis())
         self.providers: dict[str, Provider] = load_providers()
         self.sinks: dict[str, EnabledSink] = build_sinks(settings)
+
+    @functools.cached_property
+    def outcomes(self) -> OutcomeRecorder:
+        """This process's writer of sink outcomes (workers.outcomes)."""
+        return OutcomeRecorder(self.settings, self.redis, self.names)
 
     @functools.cached_property
     def ingest_queue(self) -> Queue:
@@ -51,6 +57,8 @@ class Runtime:
     def close(self) -> None:
         for enabled in self.sinks.values():
             enabled.close()
+        if "outcomes" in self.__dict__:
+            self.outcomes.close()
         self.redis.close()
 
 

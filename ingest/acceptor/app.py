@@ -45,7 +45,7 @@ from ingest.acceptor.enqueue import BatchEnqueuer
 from ingest.acceptor.structure import NOT_AN_OBJECT, TOO_DEEP, Busy, StructureCheck, Unavailable
 from ingest.exceptions import SignatureError
 from ingest.providers import Provider, load_providers
-from ingest.providers.base import CREDENTIAL_HEADERS
+from ingest.providers.base import is_credential_header
 
 __all__ = ["create_app"]
 
@@ -138,12 +138,6 @@ class _DeliveryIds:
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-# Words that mark a header as a credential, whatever a provider declares it keeps: the archive
-# and the job arguments must not hold one (Outreach's cleanup token, for one).
-_CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization", "api-key",
-                     "apikey", "cookie")
-
-
 def _headers(scope: Scope) -> dict[str, str]:
     # Straight from the ASGI scope, decoded as Starlette's Request.headers does.
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -156,8 +150,7 @@ def _declared(value: str | None) -> int | None:
 def _kept_headers(provider: Provider, headers: dict[str, str]) -> dict[str, str]:
     return {
         k: v for k, v in headers.items()
-        if k in provider.kept_headers and k not in CREDENTIAL_HEADERS
-        and not any(word in k for word in _CREDENTIAL_WORDS)
+        if k in provider.kept_headers and not is_credential_header(k)
     }
 
 

@@ -32,6 +32,8 @@ from ingest.kinds import is_activity, lookup
 
 __all__ = [
     "CAMPAIGN_ID",
+    "CREDENTIAL_HEADERS",
+    "CREDENTIAL_WORDS",
     "CONTACT_EMAIL",
     "FALLBACK_FIELDS",
     "MakesEvents",
@@ -47,6 +49,7 @@ __all__ = [
     "canonical_digest",
     "iso_ms",
     "kind_classes",
+    "is_credential_header",
     "load_object",
     "parse_time",
     "recent",
@@ -56,6 +59,16 @@ __all__ = [
 
 # Headers that carry credentials: never stored, never logged, whatever the provider.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+# Words that mark a header as a credential, whatever a provider declares it keeps: the archive
+# and the job arguments must not hold one (Outreach's cleanup token, for one).
+CREDENTIAL_WORDS = ("token", "secret", "signature", "password", "authorization", "api-key",
+                    "apikey", "cookie")
+
+
+def is_credential_header(name: str) -> bool:
+    """Whether a header (any case) carries a credential: never stored, shown or logged."""
+    low = name.lower()
+    return low in CREDENTIAL_HEADERS or any(word in low for word in CREDENTIAL_WORDS)
 
 # The normalized fields whose fallbacks are counted (OCCURRED_AT, CONTACT_EMAIL, CAMPAIGN_ID,
 # FALLBACK_FIELDS) are defined with the Event (ingest.events) and exported here as before.

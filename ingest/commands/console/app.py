@@ -38,15 +38,13 @@ from ingest.commands.console.security import (
     SecurityHeaders,
 )
 from ingest.config import Settings
+from ingest.providers.base import is_credential_header
 
 __all__ = ["create_console"]
 
 log = logging.getLogger("ingest.console")
 
 HERE = Path(__file__).resolve().parent
-# Headers of an archived delivery never shown, whatever their value (the acceptor already
-# keeps no credential header; this holds for deliveries archived by any version).
-_CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key", "signature", "secret", "token")
 # The largest form the console reads (a dead-letter selection of many ids included).
 _MAX_FORM_BYTES = 256 * 1024
 
@@ -88,9 +86,9 @@ def _record_path(event: Mapping[str, Any]) -> str | None:
 
 
 def shown_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """An archived delivery's headers without any that could carry a credential."""
-    return {k: v for k, v in (headers or {}).items()
-            if not any(word in k.lower() for word in _CREDENTIAL_HEADERS)}
+    """An archived delivery's headers without any that could carry a credential (the
+    acceptor's own rule, applied once more: sinks.browse filters them too)."""
+    return {k: v for k, v in (headers or {}).items() if not is_credential_header(str(k))}
 
 
 def _body_text(body: Any) -> str:
