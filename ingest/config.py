@@ -170,6 +170,12 @@ class Settings:
     # provider name or "*"; None: not watched (INGEST_SILENCE_AFTER).
     silence_after: Mapping[str, float | None] = field(
         default_factory=lambda: {"*": float(constants.DEFAULT_SILENCE_AFTER)})
+    # `ingest console`: where it listens, and the token people and API clients present
+    # (INGEST_CONSOLE_HOST, INGEST_CONSOLE_PORT, INGEST_CONSOLE_TOKEN); None: no token, which
+    # `ingest console` accepts only on a loopback address.
+    console_host: str = constants.DEFAULT_CONSOLE_HOST
+    console_port: int = constants.DEFAULT_CONSOLE_PORT
+    console_token: Secret | None = None
     # Every raw value, for sink plugins that read their own prefix (see section()).
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
     sink_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
@@ -263,6 +269,15 @@ class Settings:
                 raise ConfigError("INGEST_SILENCE_AFTER",
                                   f"no provider {sname!r} (have: {', '.join(sorted(known))})")
 
+        console_token = get("INGEST_CONSOLE_TOKEN")
+        if console_token is not None and len(console_token) < constants.MIN_SECRET_CHARS:
+            raise ConfigError("INGEST_CONSOLE_TOKEN",
+                              f"must be at least {constants.MIN_SECRET_CHARS} characters long; "
+                              f"it has {len(console_token)}")
+        console_port = integer("INGEST_CONSOLE_PORT", constants.DEFAULT_CONSOLE_PORT)
+        if console_port > 65535:
+            raise ConfigError("INGEST_CONSOLE_PORT", f"must be a port (1 to 65535), got {console_port}")
+
         return cls(
             redis_url=get("REDIS_URL"),
             redis_min_replicas=integer("INGEST_REDIS_MIN_REPLICAS", 0, minimum=0),
@@ -287,6 +302,9 @@ class Settings:
             events_retention_days=_days(integer, get, "INGEST_EVENTS_RETENTION_DAYS"),
             sink_outcomes=parse_bool(get("INGEST_SINK_OUTCOMES"), "INGEST_SINK_OUTCOMES", True),
             silence_after=silence_after,
+            console_host=get("INGEST_CONSOLE_HOST") or constants.DEFAULT_CONSOLE_HOST,
+            console_port=console_port,
+            console_token=Secret(console_token) if console_token is not None else None,
             raw=raw,
             sink_tables={str(k): v for k, v in sink_tables.items() if isinstance(v, dict)},
         )

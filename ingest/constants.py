@@ -33,6 +33,14 @@ KEEP_ALIVE_TIMEOUT = 5
 # Default most connections the acceptor holds open at once (INGEST_MAX_CONNECTIONS); past it,
 # the connection that has waited longest for its request is closed to make room.
 DEFAULT_MAX_CONNECTIONS = 4096
+# `ingest console`: where it listens unless INGEST_CONSOLE_HOST / INGEST_CONSOLE_PORT say.
+DEFAULT_CONSOLE_HOST = "127.0.0.1"
+DEFAULT_CONSOLE_PORT = 8001
+# How long a console login lasts (seconds) before the token must be given again.
+CONSOLE_SESSION_TTL = 12 * 3600
+# Events per page of the console's search (and the API's default and largest limit).
+CONSOLE_PAGE_SIZE = 50
+CONSOLE_MAX_PAGE_SIZE = 500
 # Connections the kernel may queue for the acceptor before it accepts them (uvicorn's backlog).
 LISTEN_BACKLOG = 2048
 # File descriptors `ingest serve` keeps for other than connections (Redis, spool, logs, the

@@ -346,13 +346,14 @@ def _event_values(e: Event) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ArchiveQuery:
-    """Which archived deliveries to read: by provider, receive time, or the dedup key of an
-    event one of them produced."""
+    """Which archived deliveries to read: by provider, receive time, the dedup key of an
+    event one of them produced, or the delivery's id."""
 
     provider: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     dedup_key: str | None = None
+    delivery_id: str | None = None
 
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
@@ -369,6 +370,9 @@ class ArchiveQuery:
         if self.dedup_key:
             clauses.append("d.id IN (SELECT delivery_id FROM webhook_events WHERE dedup_key = %s)")
             params.append(self.dedup_key)
+        if self.delivery_id:
+            clauses.append("d.id = %s")
+            params.append(self.delivery_id)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 

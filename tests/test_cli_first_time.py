@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from redis import Redis
@@ -178,6 +179,12 @@ def test_dev_on_an_80x24_terminal_shows_everything_to_copy_whole(
         assert any(r.strip() == values["DATABASE_URL"] or r == f"Postgres: {values['DATABASE_URL']}"
                    for r in rows), screen
         assert any(r.startswith("  source .ingest-dev/env") for r in rows), screen
+        # The console runs too, on loopback without a token: its URL is one whole row.
+        console = next((r.removeprefix("Console: ") for r in rows
+                        if r.startswith("Console: http://127.0.0.1:")), None)
+        assert console is not None, screen
+        page = httpx.get(console + "/", timeout=10)
+        assert page.status_code == 200 and "Overview" in page.text, page.text[:500]
 
         # Ctrl-C: the stack stops, and the hand-over with it.
         subprocess.run(["tmux", "-L", server, "send-keys", "C-c"], check=True)

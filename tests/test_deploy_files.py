@@ -26,6 +26,7 @@ import yaml
 from ingest.commands.cli import _parser, _queue_name
 from ingest.config import Settings
 from ingest.constants import JOB_TIMEOUT, SINK_ENTRY_POINT_GROUP
+from ingest.exceptions import ConfigError
 from ingest.providers import load_providers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,6 +337,30 @@ def test_dashboard_is_optional_and_local_only() -> None:
     dashboard = services()["rq-dashboard"]
     assert dashboard["profiles"] == ["dashboard"]
     assert all(str(p).startswith("127.0.0.1:") for p in dashboard["ports"])
+
+
+def test_the_console_is_its_own_service_on_the_network_only() -> None:
+    """The console runs the Procfile's command, listens on the compose network (so it needs
+    its token, and refuses to start without one rather than run open), and is published on
+    no host port unless the operator uncomments the line that does it."""
+    console = services()["console"]
+    assert console["image"] == APP_IMAGE and console["profiles"] == ["console"]
+    assert parse(console["command"], "console").command == "console"
+    assert parse(procfile_commands()["console"], "Procfile console").command == "console"
+    assert "ports" not in console, "the console must not be published on the host by default"
+    assert console["environment"]["INGEST_CONSOLE_HOST"] == "0.0.0.0"
+    port = console["environment"]["INGEST_CONSOLE_PORT"]
+    assert console["expose"] == [port]
+    assert f"127.0.0.1:{port}/healthz" in " ".join(console["healthcheck"]["test"])
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(rf'^\s+# ports: \["127\.0\.0\.1:{port}:{port}"\]$', text, re.M), \
+        "a comment shows how to publish the console on this host only"
+    from ingest.commands.console import check_access
+
+    inside = Settings.from_env({k: v for k, v in console["environment"].items()
+                                if k.startswith("INGEST_")})
+    with pytest.raises(ConfigError, match="INGEST_CONSOLE_TOKEN"):
+        check_access(inside, inside.console_host)
 
 
 # -- secrets and settings ---------------------------------------------------------------------

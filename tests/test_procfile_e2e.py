@@ -101,7 +101,8 @@ def procfile_stack(stack_env: dict[str, str], tmp_path: Path) -> Iterator[dict[s
         for name, command in procfile().items():
             env = dict(stack_env)
             port = free_port()
-            env["PORT" if name == "web" else "INGEST_METRICS_PORT"] = str(port)
+            env[{"web": "PORT", "console": "INGEST_CONSOLE_PORT"}.get(
+                name, "INGEST_METRICS_PORT")] = str(port)
             err = tmp_path / f"{name}.stderr"
             with open(tmp_path / f"{name}.stdout", "wb") as out, open(err, "wb") as errf:
                 popen = subprocess.Popen(["/bin/sh", "-c", f"exec {command}"], env=env,
@@ -128,7 +129,7 @@ def wait_ready(stack: dict[str, Process], env: dict[str, str]) -> None:
     def up(proc: Process) -> bool:
         assert proc.popen.poll() is None, f"{proc.name} exited: {proc.stderr.read_text()[-3000:]}"
         try:
-            path = "/readyz" if proc.name == "web" else "/metrics"
+            path = {"web": "/readyz", "console": "/healthz"}.get(proc.name, "/metrics")
             return httpx.get(proc.url + path, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False

@@ -315,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
 # command when the parser is built; the modules keep their heavy imports inside the command.
 _COMMAND_MODULES = ("ingest.commands.dlq", "ingest.commands.replay", "ingest.commands.erase",
                     "ingest.commands.retention", "ingest.commands.status",
-                    "ingest.commands.query", "ingest.commands.subscriptions")
+                    "ingest.commands.query", "ingest.commands.subscriptions",
+                    "ingest.commands.console")
 
 
 def _use_dev_stack(command: str) -> None:

@@ -97,6 +97,16 @@ def _port_taken(port: int) -> bool:
     return False
 
 
+def _console_port(settings: Settings, port: int) -> int:
+    """Where the dev stack's console listens: ``INGEST_CONSOLE_PORT`` when set, else the
+    port after the acceptor's when free, else any free port (the banner says which)."""
+    from ingest.commands.embedded import free_port
+
+    if settings.raw.get("INGEST_CONSOLE_PORT"):
+        return settings.console_port
+    return port + 1 if port < 65535 and not _port_taken(port + 1) else free_port()
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,6 +184,13 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev", verbose: bool = Fa
         except RuntimeError as exc:
             console.print(f"[red]{exc}[/red] (is port {port} taken? try `ingest dev --port 8001`)")
             return 1
+        console_port = _console_port(settings, port)
+        console_url = f"http://127.0.0.1:{console_port}"
+        console_env = dict(env)
+        console_env["INGEST_LOG_LEVEL"] = settings.raw.get("INGEST_LOG_LEVEL") or "warning"
+        children.append(subprocess.Popen(
+            [*_ingest_command(), "console", "--host", "127.0.0.1", "--port", str(console_port)],
+            env=console_env, start_new_session=True))
         worker_env = dict(env)
         if not verbose and not settings.raw.get("INGEST_LOG_LEVEL"):
             worker_env["INGEST_LOG_LEVEL"] = "warning"  # RQ's start-up lines, per worker
@@ -183,7 +200,7 @@ def run_dev(port: int = 8000, state_dir: str = ".ingest-dev", verbose: bool = Fa
         time.sleep(2.0)
 
         _write_env(env_file, _handed_over(settings, env), base)
-        _banner(console, base, env, redis_url, database_url, env_file)
+        _banner(console, base, env, redis_url, database_url, env_file, console_url)
         while not stop:
             for proc in children:
                 if proc.poll() is not None:
@@ -229,7 +246,7 @@ def _ingest_shown() -> str:
 
 
 def _banner(console: Console, base: str, env: dict[str, str], redis_url: str,
-            database_url: str, env_file: Path) -> None:
+            database_url: str, env_file: Path, console_url: str) -> None:
     """What to copy first, then the URLs and secrets: at most 24 lines of at most 79
     characters, so all of it shows whole on an 80x24 terminal. A value too long for a line of
     its own (a deep working directory) is named by its setting in the env file instead."""
@@ -251,6 +268,7 @@ def _banner(console: Console, base: str, env: dict[str, str], redis_url: str,
     state = env_file.parent
     default = state == (Path.cwd() / DEV_STATE_DIR).resolve()
     line(f"webhook-ingest dev runs at {base} (Ctrl-C stops it)")
+    line(f"Console: {console_url}")
     # Commands run from this directory find the stack in .ingest-dev by themselves; with
     # another --state-dir, the shell needs its settings first.
     line("In another terminal, from this directory:" if default else

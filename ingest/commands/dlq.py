@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from rq.job import Job
 
 __all__ = ["Failure", "add_command", "failure_reason", "list_failures", "purge_failures",
-           "retry_failures"]
+           "queues", "retry_failures"]
 
 INGEST = "ingest"  # the "sink" column of a delivery that failed before reaching any sink
 
@@ -130,28 +130,102 @@ def list_failures(redis: Redis, settings: Settings, sink: str | None = None) -> 
     return out
 
 
-def retry_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
-    """Re-queue every failed job selected; each gets its retry schedule back, fresh."""
+def retry_failures(redis: Redis, settings: Settings, sink: str | None = None,
+                   event_ids: Collection[str] | None = None) -> int:
+    """Re-queue every failed job selected; each gets its retry schedule back, fresh.
+
+    ``event_ids``: only the failures of these events (or, under sink ``ingest``, deliveries).
+    A job that holds other events too is split: the chosen ones go back on the queue in a
+    job of their own, the rest stay in the dead letters. Returns the events (or deliveries)
+    re-queued."""
     from ingest.rq_jobs import deliver_retry
 
     count = 0
     for _, registry, job in list(_failed(redis, settings, sink)):
+        chosen = _chosen(job, event_ids)
+        if not chosen:
+            continue
+        if len(chosen) < len(_ids(job)):
+            count += _split_off(redis, job, chosen, requeue=True)
+            continue
         if job.func_name == constants.DELIVER:
             retry = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
             job.retry_intervals, job.retries_left = retry.intervals, retry.max
         elif job.retry_intervals:
             job.retries_left = len(job.retry_intervals)
         registry.requeue(job)  # saves the job and puts it on its queue
-        count += 1
+        count += len(_ids(job)) if event_ids is not None else 1
     return count
 
 
-def purge_failures(redis: Redis, settings: Settings, sink: str | None = None) -> int:
+def purge_failures(redis: Redis, settings: Settings, sink: str | None = None,
+                   event_ids: Collection[str] | None = None) -> int:
+    """Delete the failed jobs selected; with ``event_ids``, only those events' failures (a
+    job holding others too keeps them). Returns jobs deleted, or with ``event_ids`` the
+    events (or deliveries) discarded."""
     count = 0
     for _, registry, job in list(_failed(redis, settings, sink)):
+        chosen = _chosen(job, event_ids)
+        if not chosen:
+            continue
+        if len(chosen) < len(_ids(job)):
+            count += _split_off(redis, job, chosen, requeue=False)
+            continue
         registry.remove(job, delete_job=True)
-        count += 1
+        count += len(_ids(job)) if event_ids is not None else 1
     return count
+
+
+def _chosen(job: Job, event_ids: Collection[str] | None) -> set[str]:
+    """The ids of ``job`` the selection takes: all of them without one (a job without ids,
+    written by another version, counts as one unnamed failure)."""
+    ids = set(_ids(job))
+    if event_ids is None:
+        return ids or {""}
+    return ids & set(event_ids)
+
+
+def _items_index(job: Job) -> int | None:
+    """Which argument of the job holds its events (deliver) or deliveries (process_batch)."""
+    if job.func_name == constants.DELIVER:
+        return 1
+    if job.func_name == constants.PROCESS_BATCH:
+        return 0
+    return None
+
+
+def _split_off(redis: Redis, job: Job, chosen: set[str], requeue: bool) -> int:
+    """Take the ``chosen`` events (deliveries) out of a failed job that holds others too: the
+    job keeps the rest, in the dead letters; with ``requeue``, the chosen ones go back on the
+    queue as a job of their own, with a fresh retry schedule."""
+    import uuid
+
+    from rq import Queue
+
+    from ingest.rq_jobs import FastJSONSerializer, batch_retry, deliver_retry, enqueue_new
+
+    index = _items_index(job)
+    if index is None:
+        return 0
+    args = list(job.args)
+    items = list(args[index])
+    taken = [item for item in items if str(item.get("id")) in chosen]
+    kept = [item for item in items if str(item.get("id")) not in chosen]
+    if requeue:
+        new_args = list(args)
+        new_args[index] = taken
+        if job.func_name == constants.DELIVER and len(new_args) > 2 and new_args[2]:
+            wanted = {str(e.get("delivery_id")) for e in taken}
+            new_args[2] = [d for d in new_args[2] if str(d.get("id")) in wanted]
+        queue = Queue(job.origin, connection=redis, serializer=FastJSONSerializer)
+        retry = deliver_retry() if job.func_name == constants.DELIVER else batch_retry()
+        func = str(job.func_name)
+        enqueue_new(queue, func, tuple(new_args), f"{job.id}-retry-{uuid.uuid4().hex[:12]}",
+                    retry, f"{job.description or func} ({len(taken)} retried alone)")
+    args[index] = kept
+    job.args = tuple(args)
+    job.save()
+    return len(taken)
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from sinks.postgres import ArchiveQuery
     from sinks.registry import EnabledSink
 
-__all__ = ["ReplayReport", "add_command", "parse_when", "replay"]
+__all__ = ["ReplayReport", "Selection", "add_command", "parse_when", "replay"]
 
 # Deliveries normalized and sent per round trip.
 BATCH = 200
@@ -110,17 +110,22 @@ class Selection:
     until: datetime | None = None
     kinds: tuple[str, ...] = ()
     dedup_key: str | None = None
+    # One archived delivery, and only these of its events (the console's "replay to a sink").
+    delivery_id: str | None = None
+    event_ids: tuple[str, ...] = ()
 
     def archive(self) -> ArchiveQuery:
         from sinks.postgres import ArchiveQuery
 
         return ArchiveQuery(provider=self.provider, since=self.since, until=self.until,
-                            dedup_key=self.dedup_key)
+                            dedup_key=self.dedup_key, delivery_id=self.delivery_id)
 
     def wants(self, event: Event) -> bool:
         from sinks.base import matches_any
 
         if self.dedup_key is not None and event.dedup_key != self.dedup_key:
+            return False
+        if self.event_ids and event.id not in self.event_ids:
             return False
         return not self.kinds or matches_any(event.kind, self.kinds)
 
