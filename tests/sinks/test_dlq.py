@@ -173,3 +173,42 @@ def test_chosen_events_of_a_dead_job_of_several_are_retried_or_discarded_alone(
         queue = rt.queue(name)
         assert (queue.count, queue.scheduled_job_registry.count,
                 queue.failed_job_registry.count) == (0, 0, 0), name
+
+
+def test_a_discarded_events_raw_delivery_leaves_the_dead_job_and_is_never_archived(
+        pipeline: Callable[..., Runtime], database_url: str) -> None:
+    """The Postgres sink's jobs carry the raw deliveries: the job left in the dead letters
+    keeps only its own events' ones, and retried it archives those alone."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from sinks.postgres import connect
+    from tests.helpers import rows
+
+    rt = pipeline(INGEST_SINKS="postgres")
+    envelopes = [outboundry_delivery(name=n) for n in ("Ada Lovelace", "Grace Hopper",
+                                                        "Alan Turing")]
+    ids = event_ids(*envelopes)
+    with connect(database_url, autocommit=True) as conn:  # the job is dead as a whole
+        conn.execute("ALTER TABLE webhook_events RENAME TO webhook_events_away")
+    enqueue(rt, *envelopes)
+    run_jobs(rt)
+    [failure] = list_failures(rt.redis, rt.settings, "postgres")
+    assert sorted(failure.ids) == sorted(ids)
+
+    assert purge_failures(rt.redis, rt.settings, "postgres", event_ids=[ids[1]]) == 1
+    job = Job.fetch(failure.job_id, connection=rt.redis, serializer=JSONSerializer)
+    assert [e["id"] for e in job.args[1]] == [ids[0], ids[2]]
+    assert sorted(d["id"] for d in job.args[2]) == sorted(
+        e["delivery_id"] for e in job.args[1])
+    assert envelopes[1]["body"] not in orjson.dumps(job.args).decode()
+
+    with connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE webhook_events_away RENAME TO webhook_events")
+    assert retry_failures(rt.redis, rt.settings, "postgres") == 1
+    run_jobs(rt)
+    assert sorted(str(r["id"]) for r in rows(database_url, "SELECT id FROM webhook_events")) \
+        == sorted([ids[0], ids[2]])
+    assert sorted(str(r["id"]) for r in rows(database_url, "SELECT id FROM webhook_deliveries")) \
+        == sorted(str(envelopes[i]["id"]) for i in (0, 2))
+    assert list_failures(rt.redis, rt.settings) == []
