@@ -214,18 +214,28 @@ def _split_off(redis: Redis, job: Job, chosen: set[str], requeue: bool) -> int:
     if requeue:
         new_args = list(args)
         new_args[index] = taken
-        if job.func_name == constants.DELIVER and len(new_args) > 2 and new_args[2]:
-            wanted = {str(e.get("delivery_id")) for e in taken}
-            new_args[2] = [d for d in new_args[2] if str(d.get("id")) in wanted]
+        if job.func_name == constants.DELIVER:
+            _keep_raw_of(new_args)
         queue = Queue(job.origin, connection=redis, serializer=FastJSONSerializer)
         retry = deliver_retry() if job.func_name == constants.DELIVER else batch_retry()
         func = str(job.func_name)
         enqueue_new(queue, func, tuple(new_args), f"{job.id}-retry-{uuid.uuid4().hex[:12]}",
                     retry, f"{job.description or func} ({len(taken)} retried alone)")
     args[index] = kept
+    # The job left in the dead letters keeps only its own events' raw deliveries: a discarded
+    # event's body (personal data) does not linger in Redis with the rest.
+    if job.func_name == constants.DELIVER:
+        _keep_raw_of(args)
     job.args = tuple(args)
     job.save()
     return len(taken)
+
+
+def _keep_raw_of(deliver_args: list[Any]) -> None:
+    """Trim a deliver job's raw deliveries (its third argument) to those of its events."""
+    if len(deliver_args) > 2 and deliver_args[2]:
+        wanted = {str(e.get("delivery_id")) for e in deliver_args[1]}
+        deliver_args[2] = [d for d in deliver_args[2] if str(d.get("id")) in wanted]
 
 
 # -- the command ----------------------------------------------------------------------------
