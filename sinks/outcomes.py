@@ -38,8 +38,8 @@ from ingest.exceptions import ConfigError
 from sinks.base import matches_any
 from sinks.registry import load_sink_classes, sink_event_globs
 
-__all__ = ["DERIVED_SINK", "PENDING", "STATES", "Outcome", "enabled_sink_globs",
-           "sink_outcomes", "write"]
+__all__ = ["DERIVED_SINK", "DISCARDED", "PENDING", "STATES", "Outcome", "dead_letters_discarded",
+           "dead_letters_retried", "enabled_sink_globs", "sink_outcomes", "write"]
 
 # The states a row holds; "pending" is the absence of one.
 STATES = ("delivered", "stale", "retrying", "dead")
@@ -61,6 +61,17 @@ ON CONFLICT (event_id, sink) DO UPDATE SET
     next_attempt_at = excluded.next_attempt_at, reason = excluded.reason
 WHERE excluded.at >= o.at
 """
+# What a "dead" row's reason starts with once someone discarded the dead letter.
+DISCARDED = "discarded from the dead letters"
+# A dead letter retried: its "dead" row goes, so the event shows "pending" until its job runs
+# (only "dead" rows: a worker that already ran the job wrote something newer).
+_RETRIED = ("DELETE FROM webhook_sink_outcomes WHERE sink = %s AND event_id = ANY(%s::uuid[])"
+            " AND state = 'dead'")
+# A dead letter discarded: the event stays "dead" (it will never reach the sink), and says so.
+_DISCARDED = ("UPDATE webhook_sink_outcomes SET at = greatest(at, %s),"
+              " reason = left(%s || coalesce(': ' || reason, ''), 1000)"
+              " WHERE sink = %s AND event_id = ANY(%s::uuid[]) AND state = 'dead'"
+              " AND (reason IS NULL OR reason NOT LIKE %s)")
 _SELECT = ("SELECT event_id, sink, state, attempts, at, next_attempt_at, reason"
            " FROM webhook_sink_outcomes WHERE event_id = ANY(%s::uuid[]) AND sink = ANY(%s)")
 
@@ -119,6 +130,26 @@ def write(conn: psycopg.Connection[Any], outcomes: Iterable[Outcome]) -> int:
     rows = [newest[k].to_dict() for k in sorted(newest)]
     conn.execute(_UPSERT, [orjson.dumps(rows).decode()])
     return len(rows)
+
+
+def dead_letters_retried(conn: psycopg.Connection[Any], sink: str,
+                         event_ids: Sequence[str]) -> int:
+    """Events of ``sink`` put back on its queue from the dead letters: "pending" again, until
+    their job writes what happened. Call it before re-queueing. Returns rows changed."""
+    if not event_ids:
+        return 0
+    return conn.execute(_RETRIED, [sink, sorted({_key(i) for i in event_ids})]).rowcount
+
+
+def dead_letters_discarded(conn: psycopg.Connection[Any], sink: str,
+                           event_ids: Sequence[str], at: datetime) -> int:
+    """Events of ``sink`` whose dead letters were discarded: still "dead", the reason now
+    starting with :data:`DISCARDED` (the console shows who gave up: nobody will retry them).
+    Returns rows changed."""
+    if not event_ids:
+        return 0
+    return conn.execute(_DISCARDED, [at, DISCARDED, sink, sorted({_key(i) for i in event_ids}),
+                                     DISCARDED + "%"]).rowcount
 
 
 def enabled_sink_globs(settings: Settings) -> dict[str, tuple[str, ...]]:

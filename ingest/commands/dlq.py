@@ -18,10 +18,11 @@ are broken does not hide its failures.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -130,49 +131,118 @@ def list_failures(redis: Redis, settings: Settings, sink: str | None = None) -> 
     return out
 
 
+log = logging.getLogger("ingest.commands.dlq")
+
+
+class _OutcomeNotes:
+    """What retrying or discarding dead letters changes in the sink outcomes the console shows
+    (sinks.outcomes): a retried event is "pending" again until its job runs, a discarded one
+    stays "dead" with a reason saying it was discarded. Best effort, one connection per
+    command: without ``DATABASE_URL`` (or with ``INGEST_SINK_OUTCOMES`` off) there is nothing
+    to change, and a Postgres that cannot be reached costs one warning line, never the dead
+    letters' own change."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = settings.database_url if settings.sink_outcomes else None
+        self._conn: Any = None
+
+    def _run(self, change: Callable[[Any], object]) -> None:
+        if not self._url:
+            return
+        try:
+            if self._conn is None:
+                from sinks.postgres import connect
+
+                self._conn = connect(self._url, autocommit=True, connect_timeout=3)
+            change(self._conn)
+        except Exception as exc:  # psycopg's errors, a missing table (not migrated yet)
+            log.warning("the console's sink outcomes were not updated (%s); the dead letters "
+                        "were", type(exc).__name__)
+            self._url = None
+            self.close()
+
+    def retried(self, sink: str, event_ids: Collection[str]) -> None:
+        if sink != INGEST and event_ids:
+            from sinks.outcomes import dead_letters_retried
+
+            self._run(lambda conn: dead_letters_retried(conn, sink, sorted(event_ids)))
+
+    def discarded(self, sink: str, event_ids: Collection[str]) -> None:
+        if sink != INGEST and event_ids:
+            from sinks.outcomes import dead_letters_discarded
+
+            at = datetime.now(timezone.utc)
+            self._run(lambda conn: dead_letters_discarded(conn, sink, sorted(event_ids), at))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
 def retry_failures(redis: Redis, settings: Settings, sink: str | None = None,
                    event_ids: Collection[str] | None = None) -> int:
     """Re-queue every failed job selected; each gets its retry schedule back, fresh.
 
     ``event_ids``: only the failures of these events (or, under sink ``ingest``, deliveries).
     A job that holds other events too is split: the chosen ones go back on the queue in a
-    job of their own, the rest stay in the dead letters. Returns the events (or deliveries)
-    re-queued."""
+    job of their own, the rest stay in the dead letters. A re-queued event's sink outcome
+    (the console's) is "pending" again. Returns the events (or deliveries) re-queued."""
+    count = 0
+    notes = _OutcomeNotes(settings)
+    try:
+        for label, registry, job in list(_failed(redis, settings, sink)):
+            chosen = _chosen(job, event_ids)
+            if not chosen:
+                continue
+            if job.func_name == constants.DELIVER:
+                notes.retried(label, chosen - {""})  # before the job can run again
+            count += _retry(redis, registry, job, chosen, event_ids is not None)
+    finally:
+        notes.close()
+    return count
+
+
+def _retry(redis: Redis, registry: Any, job: Job, chosen: set[str], by_id: bool) -> int:
+    """Re-queue one failed job, or the ``chosen`` events of it (split off)."""
     from ingest.rq_jobs import deliver_retry
 
-    count = 0
-    for _, registry, job in list(_failed(redis, settings, sink)):
-        chosen = _chosen(job, event_ids)
-        if not chosen:
-            continue
-        if len(chosen) < len(_ids(job)):
-            count += _split_off(redis, job, chosen, requeue=True)
-            continue
-        if job.func_name == constants.DELIVER:
+    if len(chosen) < len(_ids(job)):
+        return _split_off(redis, job, chosen, requeue=True)
+    if job.func_name == constants.DELIVER:
             retry = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
             job.retry_intervals, job.retries_left = retry.intervals, retry.max
-        elif job.retry_intervals:
-            job.retries_left = len(job.retry_intervals)
-        registry.requeue(job)  # saves the job and puts it on its queue
-        count += len(_ids(job)) if event_ids is not None else 1
-    return count
+    elif job.retry_intervals:
+        job.retries_left = len(job.retry_intervals)
+    registry.requeue(job)  # saves the job and puts it on its queue
+    return len(_ids(job)) if by_id else 1
 
 
 def purge_failures(redis: Redis, settings: Settings, sink: str | None = None,
                    event_ids: Collection[str] | None = None) -> int:
     """Delete the failed jobs selected; with ``event_ids``, only those events' failures (a
-    job holding others too keeps them). Returns jobs deleted, or with ``event_ids`` the
-    events (or deliveries) discarded."""
+    job holding others too keeps them). A discarded event's sink outcome stays "dead", its
+    reason now starting "discarded from the dead letters". Returns jobs deleted, or with
+    ``event_ids`` the events (or deliveries) discarded."""
     count = 0
-    for _, registry, job in list(_failed(redis, settings, sink)):
-        chosen = _chosen(job, event_ids)
-        if not chosen:
-            continue
-        if len(chosen) < len(_ids(job)):
-            count += _split_off(redis, job, chosen, requeue=False)
-            continue
-        registry.remove(job, delete_job=True)
-        count += len(_ids(job)) if event_ids is not None else 1
+    notes = _OutcomeNotes(settings)
+    try:
+        for label, registry, job in list(_failed(redis, settings, sink)):
+            chosen = _chosen(job, event_ids)
+            if not chosen:
+                continue
+            if len(chosen) < len(_ids(job)):
+                count += _split_off(redis, job, chosen, requeue=False)
+            else:
+                registry.remove(job, delete_job=True)
+                count += len(_ids(job)) if event_ids is not None else 1
+            if job.func_name == constants.DELIVER:
+                notes.discarded(label, chosen - {""})
+    finally:
+        notes.close()
     return count
 
 

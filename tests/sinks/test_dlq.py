@@ -20,6 +20,7 @@ from tests.sinks.conftest import (
     run_jobs,
 )
 from ingest.commands.dlq import list_failures, purge_failures, retry_failures
+from sinks.outcomes import DISCARDED
 from workers.runtime import Runtime
 
 
@@ -146,8 +147,10 @@ def test_chosen_events_of_a_dead_job_of_several_are_retried_or_discarded_alone(
     receiver.refuse.clear()  # the CRM is fixed
     first, second, third = ids[1], ids[0], ids[2]
     assert retry_failures(rt.redis, rt.settings, "crm", event_ids=[first]) == 1
-    # The rest stays dead, as one job, with the reason it had.
+    # The rest stays dead, as one job, with the reason it had; the retried one is pending
+    # (no row) until its job runs.
     assert dead_letters() == {tuple(i for i in ids if i != first): why}
+    assert states() == {second: "dead", third: "dead"}
     run_jobs(rt)
     assert list(receiver.accepted) == [first]
     assert states() == {first: "delivered", second: "dead", third: "dead"}
@@ -159,6 +162,11 @@ def test_chosen_events_of_a_dead_job_of_several_are_retried_or_discarded_alone(
     run_jobs(rt)  # nothing to run: the discarded event went nowhere
     assert list(receiver.accepted) == [first]
     assert states() == {first: "delivered", second: "dead", third: "dead"}
+    # Discarded says so; the one still waiting in the dead letters keeps its reason alone.
+    kept = outcome_rows(database_url)
+    assert kept[second, "crm"]["reason"].startswith(DISCARDED + ": ")
+    assert why.endswith(kept[second, "crm"]["reason"].removeprefix(DISCARDED + ": "))
+    assert not kept[third, "crm"]["reason"].startswith(DISCARDED)
 
     assert retry_failures(rt.redis, rt.settings, "crm") == 1
     run_jobs(rt)
