@@ -62,7 +62,7 @@ def scans(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 def test_the_suggested_queries_use_indexes(database_url: str) -> None:
     queries = suggested_queries()
-    assert len(queries) == 4
+    assert len(queries) == 5
     with psycopg.connect(database_url, autocommit=True) as conn:
         fill(conn, ROWS)
         for query in queries:
