@@ -165,7 +165,12 @@ DELETE_BATCH = ("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {ta
 _DELETE_EVENTS_BATCH = ("WITH gone AS (" + DELETE_BATCH.replace("RETURNING {at}",
                                                                "RETURNING id, {at}")
                         + "), outcomes AS (DELETE FROM webhook_sink_outcomes"
-                        " WHERE event_id IN (SELECT id FROM gone)) SELECT {at} FROM gone")
+                        " WHERE event_id IN (SELECT id FROM gone) RETURNING 1)"
+                        " SELECT {at}, (SELECT count(*) FROM outcomes) FROM gone")
+# What a dry run counts for the outcomes: those reached before the cutoff, and those of the
+# events that go (the events batches take them along).
+_OUTCOMES_EXPIRING = ("FROM webhook_sink_outcomes o WHERE o.at < %s OR o.event_id IN"
+                      " (SELECT id FROM webhook_events WHERE received_at < %s)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -183,19 +188,26 @@ def expire(url: str, cutoffs: Mapping[str, datetime], *, dry_run: bool = False,
                 continue
             at = _EXPIRES_BY.get(table, "received_at")
             if dry_run:
-                query = (f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {at} < %s"
-                         " LIMIT 1) s" if probe
-                         else f"SELECT count(*) FROM {table} WHERE {at} < %s")
-                row = conn.execute(query, [cutoff]).fetchone()
+                where, params = f"FROM {table} WHERE {at} < %s", [cutoff]
+                if table == "webhook_sink_outcomes" and cutoffs.get(EXPIRES["webhook_events"]):
+                    where = _OUTCOMES_EXPIRING
+                    params = [cutoff, cutoffs[EXPIRES["webhook_events"]]]
+                query = (f"SELECT count(*) FROM (SELECT 1 {where} LIMIT 1) s" if probe
+                         else f"SELECT count(*) {where}")
+                row = conn.execute(query, params).fetchone()
                 yield table, int(row[0]) if row else 0
                 continue
             since = _EPOCH
             while True:
-                statement = (_DELETE_EVENTS_BATCH if table == "webhook_events" else DELETE_BATCH)
+                events = table == "webhook_events"
+                statement = _DELETE_EVENTS_BATCH if events else DELETE_BATCH
                 cur = conn.execute(statement.format(table=table, at=at), [since, cutoff, batch])
-                got = [r[0] for r in cur.fetchall()]
+                fetched = cur.fetchall()
+                got = [r[0] for r in fetched]
                 if got:
                     since = max(got)
                 yield table, len(got)
+                if events and fetched and fetched[0][1]:
+                    yield "webhook_sink_outcomes", int(fetched[0][1])  # taken along
                 if len(got) < batch:
                     break

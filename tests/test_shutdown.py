@@ -200,9 +200,11 @@ def start_procfile(label: str, stack_env: dict[str, str], logs: Path,
     urls: list[str] = []
     for name, command in procfile().items():
         port = free_port()
-        env = {**stack_env, "PORT" if name == "web" else "INGEST_METRICS_PORT": str(port)}
+        setting, path = {"web": ("PORT", "readyz"), "console": ("INGEST_CONSOLE_PORT", "healthz")
+                         }.get(name, ("INGEST_METRICS_PORT", "metrics"))
+        env = {**stack_env, setting: str(port)}
         stack.append(Watched(f"{name}-{label}", ["/bin/sh", "-c", f"exec {command}"], env, logs))
-        urls.append(f"http://127.0.0.1:{port}/{'readyz' if name == 'web' else 'metrics'}")
+        urls.append(f"http://127.0.0.1:{port}/{path}")
     started.extend(stack)
     return stack, urls
 

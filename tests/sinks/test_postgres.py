@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import psycopg
 import pytest
 
 from ingest.commands.embedded import free_port
 from ingest.events import Delivery, Event
 from ingest.exceptions import TransientSinkError
 from ingest.providers import load_providers
+from sinks.base import Sink
 from sinks.postgres import PostgresSink
 from tests.helpers import rows
 from tests.sinks.conftest import enqueue, event_ids, outboundry_delivery, run_jobs
@@ -221,6 +223,27 @@ class TestPostgresSuite(RefusingTargetSuite, ErasingSinkSuite,
 
     def make(self, target: str) -> PostgresSink:
         return PostgresSink(target)
+
+    def store(self, sink: Sink, events: Sequence[Event],
+              deliveries: Mapping[str, Delivery]) -> None:
+        # What the workers of a deployment keep in the same database beside the events: an
+        # outcome row per event (a CRM's delivery), which erase and expire remove with them.
+        from datetime import datetime, timezone
+
+        from sinks.outcomes import Outcome, write
+
+        super().store(sink, events, deliveries)
+        assert isinstance(sink, PostgresSink)
+        with psycopg.connect(sink.url, autocommit=True) as conn:
+            write(conn, [Outcome(event_id=e.id, sink="crm", state="delivered",
+                                 at=datetime.now(timezone.utc)) for e in events])
+
+    def held(self, target: str, events: Sequence[Event]) -> set[str]:
+        # An event is held while its row or its outcome rows are.
+        wanted = {e.id for e in events}
+        outcomes = {r["id"] for r in rows(
+            target, "SELECT event_id::text AS id FROM webhook_sink_outcomes") if r["id"] in wanted}
+        return set(self.delivered(target, events)) | outcomes
 
     def delivered(self, target: str, events: Sequence[Event]) -> list[str]:
         wanted = {e.id for e in events}
