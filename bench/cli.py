@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the cost of INGEST_REDIS_MIN_REPLICAS: the acceptor alone "
                              "against a primary with one replica, waiting for 0 and for 1 "
                              "(--pairs rounds, interleaved), with this run's ceilings")
+    parser.add_argument("--outcomes", action="store_true",
+                        help="only the cost of keeping sink outcomes: the end-to-end phase with "
+                             "INGEST_SINK_OUTCOMES on and off (--pairs rounds, interleaved)")
     parser.add_argument("--pg-set", metavar="NAME=VALUE", action="append", default=[],
                         help="--lifecycle: a server setting for the embedded Postgres "
                              "(ALTER SYSTEM; reloadable ones only), repeatable")
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fairness(args)
     if args.replicas:
         return _replicas(args)
+    if args.outcomes:
+        return _outcomes(args)
 
     description = machine()
     log(description)
@@ -251,6 +256,64 @@ def _replicas(args: argparse.Namespace) -> int:
     print(render_replicas(results))
     runs = [r for round_ in results["rounds"] for r in round_.values()]
     return 0 if all(r["lost"] == 0 and r["doubled"] == 0 for r in runs) else 1
+
+
+def _outcomes(args: argparse.Namespace) -> int:
+    """The end-to-end phase (acceptor, one worker process per queue, Postgres; closed loop
+    until every accepted delivery is a row) with the workers keeping sink outcomes
+    (``INGEST_SINK_OUTCOMES=true``, the default) and without, ``--pairs`` rounds, the order
+    alternating: events/s and the pipeline's CPU per event, compared pair by pair."""
+    from bench import scale
+    from bench.phases import e2e
+    from bench.stack import Stack
+
+    description = machine()
+    log(description)
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    results: dict[str, Any] = {"machine": description, "rounds": []}
+    try:
+        with servers(tmp) as (redis_url, redis_pid, db_url):
+            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
+            try:
+                for index in range(args.pairs):
+                    round_: dict[str, Any] = {}
+                    for keep in (("true", "false") if index % 2 == 0 else ("false", "true")):
+                        ctx.extra_env = {"INGEST_SINK_OUTCOMES": keep}
+                        name = f"outcomes{index}{keep[0]}"
+                        log(f"round {index + 1}: end to end, INGEST_SINK_OUTCOMES={keep}")
+                        stack = Stack(ctx, name, per_queue=1)
+                        try:
+                            done = e2e(ctx, stack, name)
+                        finally:
+                            stack.stop()
+                        ctx.reset()
+                        round_[keep] = {
+                            "events": done["events"], "events_per_s": done["events_per_s"],
+                            "cpu_us": scale.cpu_per_event(done["cpu"], done["events"])["pipeline"],
+                            "lost": done["lost"], "doubled": done["doubled"]}
+                    results["rounds"].append(round_)
+            finally:
+                for proc in ctx.procs:
+                    proc.stop()
+                if ctx.conn is not None:
+                    ctx.conn.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    lines = ["Sink outcomes on the end-to-end rate (one worker process per queue, closed loop)",
+             "", "| round | outcomes | events/s | pipeline CPU µs/event | on/off rate |"
+             " on/off CPU | lost | doubled |", "|---|---|---|---|---|---|---|---|"]
+    for number, round_ in enumerate(results["rounds"], 1):
+        on, off = round_["true"], round_["false"]
+        for keep, d in (("on", on), ("off", off)):
+            ratio = (f"{on['events_per_s'] / off['events_per_s']:.3f}",
+                     f"{on['cpu_us'] / off['cpu_us']:.3f}") if keep == "on" else ("", "")
+            lines.append(f"| {number} | {keep} | {d['events_per_s']:,.0f} | {d['cpu_us']:.0f} |"
+                         f" {ratio[0]} | {ratio[1]} | {d['lost']} | {d['doubled']} |")
+    print("\n".join(lines) + f"\nMachine: {description}.")
+    runs = [d for round_ in results["rounds"] for d in round_.values()]
+    return 0 if all(d["lost"] == 0 and d["doubled"] == 0 for d in runs) else 1
 
 
 def _wait_in_sync(replica_url: str, timeout: float = 30.0) -> None:

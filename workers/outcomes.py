@@ -12,8 +12,8 @@ one line naming the error's type (never its text: it may quote values).
 Without ``DATABASE_URL``, or with ``INGEST_SINK_OUTCOMES=false``, nothing is kept.
 
 A worker that dies between taking backlog rows and writing them loses those rows (at most one
-batch); the next state of those events writes them again, and the console shows "pending"
-meanwhile, never a wrong state.
+batch, counted nowhere): until those events reach a next state, the console shows the state
+they had before (or "pending"), an older one, not a made-up one.
 """
 
 from __future__ import annotations
