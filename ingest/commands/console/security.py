@@ -113,25 +113,33 @@ class Guard:
         scheme, _, value = (authorization or "").partition(" ")
         return scheme.lower() == "bearer" and self.token_ok(value.strip())
 
-    # -- sessions ---------------------------------------------------------------------------
+    # -- sessions and the login form -------------------------------------------------------
 
-    def new_session(self, now: float | None = None) -> str:
+    def _issue(self, kind: str, now: float | None) -> str:
+        """``<issued at>.<nonce>.<mac>`` for a cookie of ``kind`` (session, login)."""
         issued = str(int(now if now is not None else time.time()))
         nonce = secrets.token_urlsafe(18)
-        return f"{issued}.{nonce}.{self._mac('session', issued, nonce)}"
+        return f"{issued}.{nonce}.{self._mac(kind, issued, nonce)}"
 
-    def session_nonce(self, cookie: str | None, now: float | None = None) -> str | None:
-        """The nonce of a valid, unexpired session cookie, else None."""
+    def _nonce(self, kind: str, cookie: str | None, ttl: float, now: float | None) -> str | None:
+        """The nonce of a valid cookie of ``kind`` no older than ``ttl`` seconds, else None."""
         if not cookie or cookie.count(".") != 2:
             return None
         issued, nonce, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac("session", issued, nonce)):
+        if not hmac.compare_digest(mac, self._mac(kind, issued, nonce)):
             return None
         try:
             age = (now if now is not None else time.time()) - int(issued)
         except ValueError:
             return None
-        return nonce if 0 <= age <= constants.CONSOLE_SESSION_TTL else None
+        return nonce if 0 <= age <= ttl else None
+
+    def new_session(self, now: float | None = None) -> str:
+        return self._issue("session", now)
+
+    def session_nonce(self, cookie: str | None, now: float | None = None) -> str | None:
+        """The nonce of a valid, unexpired session cookie, else None."""
+        return self._nonce("session", cookie, constants.CONSOLE_SESSION_TTL, now)
 
     def csrf_token(self, nonce: str) -> str:
         return self._mac("csrf", nonce)
@@ -140,24 +148,11 @@ class Guard:
         return bool(nonce and presented) and hmac.compare_digest(
             str(presented), self.csrf_token(str(nonce)))
 
-    # -- the login form ---------------------------------------------------------------------
-
     def new_login(self, now: float | None = None) -> str:
-        issued = str(int(now if now is not None else time.time()))
-        nonce = secrets.token_urlsafe(18)
-        return f"{issued}.{nonce}.{self._mac('login', issued, nonce)}"
+        return self._issue("login", now)
 
     def login_nonce(self, cookie: str | None, now: float | None = None) -> str | None:
-        if not cookie or cookie.count(".") != 2:
-            return None
-        issued, nonce, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac("login", issued, nonce)):
-            return None
-        try:
-            age = (now if now is not None else time.time()) - int(issued)
-        except ValueError:
-            return None
-        return nonce if 0 <= age <= _LOGIN_TTL else None
+        return self._nonce("login", cookie, _LOGIN_TTL, now)
 
     def host_ok(self, host_header: str | None) -> bool:
         """Without a token, only a loopback name may be asked for (no DNS rebinding)."""
