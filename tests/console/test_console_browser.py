@@ -121,9 +121,22 @@ def test_find_a_contacts_event_and_watch_the_crm_recover(
     assert '"notes": "<img src=x onerror=' in page.locator("pre").first.inner_text()
     assert page.locator("img").count() == 0 and page.dialogs == []
 
+    # A later update of the same lead: the record's timeline shows both, oldest first, each
+    # with what it changed, and the record's state is the newer one.
+    later = outcaller_lead("<script>alert(1)</script>", email=email,
+                           lead_id=body["data"]["id"])
+    update = orjson.loads(later["body"])
+    update["data"]["status"], update["previousData"] = "qualified", {"status": "contacted"}
+    later["body"] = orjson.dumps(update).decode()
+    enqueue(rt, later)
+    run_jobs(rt)
     page.click("table.fields a[href^='/records/']")
     page.wait_for_selector("ol.timeline")
-    assert "contact.updated" in page.locator("ol.timeline").inner_text()
+    steps = page.locator("ol.timeline > li").all_inner_texts()
+    assert len(steps) == 2, steps
+    assert '"new" → "contacted"' in steps[0] and '"contacted" → "qualified"' in steps[1]
+    assert '"status": "qualified"' in page.locator("pre").first.inner_text()
+    assert event_ids(later)[0] in page.locator("table.fields").inner_text()
     _screenshot(page, "record")
     assert page.dialogs == []
 
