@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,6 +65,29 @@ from bench.phases import (
     phase_soak,
 )
 from bench.stack import Context, log, servers
+
+
+@contextlib.contextmanager
+def run_context(args: argparse.Namespace) -> Iterator[Context]:
+    """A scratch directory, this run's own Redis and Postgres (bench.stack.servers) and the
+    :class:`Context` over them; afterwards every process a phase left running is stopped and
+    the directory removed (kept with ``--keep``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
+    try:
+        with servers(tmp) as (redis_url, redis_pid, db_url):
+            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
+            try:
+                yield ctx
+            finally:
+                for proc in ctx.procs:
+                    proc.stop()
+                if ctx.conn is not None:
+                    ctx.conn.close()
+    finally:
+        if getattr(args, "keep", False):
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def machine() -> str:
@@ -143,30 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 
     description = machine()
     log(description)
-    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     started = time.monotonic()
-    ctx: Context | None = None
-    try:
-        with servers(tmp) as (redis_url, redis_pid, db_url):
-            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
-            try:
-                phase_ceilings(ctx)
-                phase_acceptor(ctx)
-                phase_fairness(ctx)
-                phase_pipeline(ctx)
-                phase_drains(ctx, args.pairs)
-                phase_soak(ctx)
-            finally:
-                for proc in ctx.procs:
-                    proc.stop()
-                if ctx.conn is not None:
-                    ctx.conn.close()
-    finally:
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    assert ctx is not None
+    with run_context(args) as ctx:
+        phase_ceilings(ctx)
+        phase_acceptor(ctx)
+        phase_fairness(ctx)
+        phase_pipeline(ctx)
+        phase_drains(ctx, args.pairs)
+        phase_soak(ctx)
     ctx.results["machine"] = description
     # WAL position and transaction ids are the server's, not the database's.
     ctx.results["pg_server_shared"] = bool(os.environ.get("DATABASE_URL"))
@@ -193,17 +201,8 @@ def _fairness(args: argparse.Namespace) -> int:
 
     description = machine()
     log(description)
-    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
-    try:
-        with servers(tmp) as (redis_url, redis_pid, db_url):
-            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
-            try:
-                phase_fairness(ctx)
-            finally:
-                if ctx.conn is not None:
-                    ctx.conn.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with run_context(args) as ctx:
+        phase_fairness(ctx)
     results = ctx.results["fairness"]
     print(fairness.render(results) + f"\nMachine: {description}.")
     if args.json:
@@ -217,40 +216,31 @@ def _replicas(args: argparse.Namespace) -> int:
     (``INGEST_REDIS_MIN_REPLICAS=1``) against not waiting (0), on the same primary with one
     replica attached, rounds interleaved; ceilings measured in the same run."""
     log(machine())
-    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     results: dict[str, Any] = {"machine": machine(), "rounds": []}
-    try:
-        with servers(tmp) as (redis_url, redis_pid, db_url):
-            port = int(urlsplit(redis_url).port or 0)
-            replica = EmbeddedRedis(tmp / "replica", appendonly=True,
-                                    extra_args=["--replicaof", "127.0.0.1", str(port)]).start()
-            try:
-                _wait_in_sync(replica.url)
-                ctx = Context(args, tmp, redis_url, redis_pid, db_url)
-                try:
-                    phase_ceilings(ctx)
-                    results["bare"], results["lpush_async"] = (ctx.results["bare"],
-                                                               ctx.results["lpush_async"])
-                    for _ in range(args.pairs):
-                        round_: dict[str, Any] = {}
-                        for wanted in (0, 1):
-                            ctx.extra_env = {"INGEST_REDIS_MIN_REPLICAS": str(wanted)}
-                            phase_acceptor(ctx)
-                            acc = ctx.results.pop("acceptor")
-                            # A write too few replicas took is spooled: say so if any was.
-                            log_text = (tmp / "acc-acceptor.log").read_text(errors="replace")
-                            acc["spooled"] = "spooling them" in log_text
-                            round_[str(wanted)] = acc
-                        results["rounds"].append(round_)
-                finally:
-                    for proc in ctx.procs:
-                        proc.stop()
-                    if ctx.conn is not None:
-                        ctx.conn.close()
-            finally:
-                replica.stop()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with run_context(args) as ctx:
+        port = int(urlsplit(ctx.redis_url).port or 0)
+        replica = EmbeddedRedis(ctx.tmp / "replica", appendonly=True,
+                                extra_args=["--replicaof", "127.0.0.1", str(port)]).start()
+        try:
+            _wait_in_sync(replica.url)
+            phase_ceilings(ctx)
+            results["bare"], results["lpush_async"] = (ctx.results["bare"],
+                                                       ctx.results["lpush_async"])
+            for _ in range(args.pairs):
+                round_: dict[str, Any] = {}
+                for wanted in (0, 1):
+                    ctx.extra_env = {"INGEST_REDIS_MIN_REPLICAS": str(wanted)}
+                    phase_acceptor(ctx)
+                    acc = ctx.results.pop("acceptor")
+                    # A write too few replicas took is spooled: say so if any was.
+                    log_text = (ctx.tmp / "acc-acceptor.log").read_text(errors="replace")
+                    acc["spooled"] = "spooling them" in log_text
+                    round_[str(wanted)] = acc
+                results["rounds"].append(round_)
+        finally:
+            for proc in ctx.procs:  # before the replica, which they may be writing through
+                proc.stop()
+            replica.stop()
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print(render_replicas(results))
@@ -269,36 +259,25 @@ def _outcomes(args: argparse.Namespace) -> int:
 
     description = machine()
     log(description)
-    tmp = Path(tempfile.mkdtemp(prefix="wi-bench-"))
     results: dict[str, Any] = {"machine": description, "rounds": []}
-    try:
-        with servers(tmp) as (redis_url, redis_pid, db_url):
-            ctx = Context(args, tmp, redis_url, redis_pid, db_url)
-            try:
-                for index in range(args.pairs):
-                    round_: dict[str, Any] = {}
-                    for keep in (("true", "false") if index % 2 == 0 else ("false", "true")):
-                        ctx.extra_env = {"INGEST_SINK_OUTCOMES": keep}
-                        name = f"outcomes{index}{keep[0]}"
-                        log(f"round {index + 1}: end to end, INGEST_SINK_OUTCOMES={keep}")
-                        stack = Stack(ctx, name, per_queue=1)
-                        try:
-                            done = e2e(ctx, stack, name)
-                        finally:
-                            stack.stop()
-                        ctx.reset()
-                        round_[keep] = {
-                            "events": done["events"], "events_per_s": done["events_per_s"],
-                            "cpu_us": scale.cpu_per_event(done["cpu"], done["events"])["pipeline"],
-                            "lost": done["lost"], "doubled": done["doubled"]}
-                    results["rounds"].append(round_)
-            finally:
-                for proc in ctx.procs:
-                    proc.stop()
-                if ctx.conn is not None:
-                    ctx.conn.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with run_context(args) as ctx:
+        for index in range(args.pairs):
+            round_: dict[str, Any] = {}
+            for keep in (("true", "false") if index % 2 == 0 else ("false", "true")):
+                ctx.extra_env = {"INGEST_SINK_OUTCOMES": keep}
+                name = f"outcomes{index}{keep[0]}"
+                log(f"round {index + 1}: end to end, INGEST_SINK_OUTCOMES={keep}")
+                stack = Stack(ctx, name, per_queue=1)
+                try:
+                    done = e2e(ctx, stack, name)
+                finally:
+                    stack.stop()
+                ctx.reset()
+                round_[keep] = {
+                    "events": done["events"], "events_per_s": done["events_per_s"],
+                    "cpu_us": scale.cpu_per_event(done["cpu"], done["events"])["pipeline"],
+                    "lost": done["lost"], "doubled": done["doubled"]}
+            results["rounds"].append(round_)
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     lines = ["Sink outcomes on the end-to-end rate (one worker process per queue, closed loop)",
