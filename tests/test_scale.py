@@ -72,6 +72,28 @@ def test_the_suggested_queries_use_indexes(database_url: str) -> None:
             assert any("Index" in kind for kind, _ in nodes), (query, nodes)
 
 
+def test_the_console_overviews_sink_counts_read_only_the_last_hour(database_url: str) -> None:
+    # The overview runs on every page load: its count of the Postgres sink's deliveries reads
+    # the window through the received_at index, never the whole table.
+    from sinks.outcome_counts import _STORED, outcome_counts
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        fill(conn, ROWS)
+        since = datetime.now(timezone.utc) - timedelta(hours=1)
+        with conn.cursor() as cur:
+            cur.execute("EXPLAIN (FORMAT JSON) " + _STORED, {"since": since})
+            row = cur.fetchone()
+        assert row is not None
+        nodes = scans(row[0][0]["Plan"])
+        assert ("Seq Scan", "webhook_events") not in nodes, nodes
+        assert any(name == "webhook_events_received" for _, name in nodes), nodes
+        # fill() received one event a minute, all stored just now: the last hour's are counted.
+        (expected,) = conn.execute("SELECT count(*) FROM webhook_events WHERE received_at >= %s",
+                                   [since]).fetchone() or (0,)
+        assert 55 <= expected <= 61
+        assert outcome_counts(conn, since)["postgres"]["delivered"] == expected
+
+
 def test_the_retention_delete_and_the_erase_lookup_use_indexes(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         fill(conn, ROWS)
