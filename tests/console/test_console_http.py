@@ -330,3 +330,58 @@ def test_a_payloads_markup_is_shown_as_text(console_for: Make) -> None:
     assert page.status_code == 200
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
     assert "<script>" not in page.text
+
+
+def test_postgres_or_redis_away_is_a_503_that_says_what_to_fix(
+        console_for: Callable[..., tuple[Runtime, Served]]) -> None:
+    """Every page reads Postgres or Redis: when one does not answer, the console says which,
+    and what to check, instead of a bare 500; the overview still shows what Redis holds."""
+    import dataclasses
+
+    from ingest.commands.embedded import free_port
+
+    rt, _ = console_for(INGEST_SINKS="postgres")
+    nowhere = f"postgresql://postgres:hunter2-secret@127.0.0.1:{free_port()}/nowhere"
+    no_postgres = Served(dataclasses.replace(rt.settings, database_url=nowhere))
+    try:
+        answer = api(no_postgres, "GET", "/api/events")
+        assert answer.status_code == 503
+        assert "cannot reach Postgres" in answer.json()["error"]
+        assert "DATABASE_URL" in answer.json()["error"]
+        client = no_postgres.login()
+        page = client.get(f"/events/{uuid.uuid4()}")
+        assert page.status_code == 503 and "cannot reach Postgres" in page.text
+        overview = client.get("/")
+        assert overview.status_code == 200  # Redis answers: providers, queues, dead letters
+        assert "Counts unavailable: cannot reach Postgres" in overview.text
+        assert api(no_postgres, "GET", "/api/overview").json()["sink_hour_error"]
+        for text in (answer.text, page.text, overview.text):
+            assert "hunter2-secret" not in text
+    finally:
+        no_postgres.close()
+
+    no_redis = Served(dataclasses.replace(rt.settings,
+                                          redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        answer = api(no_redis, "GET", "/api/dead-letters")
+        assert answer.status_code == 503 and "cannot reach Redis" in answer.json()["error"]
+        assert "REDIS_URL" in answer.json()["error"]
+    finally:
+        no_redis.close()
+
+
+def test_a_defect_is_a_500_with_the_security_headers_and_nothing_of_the_error(
+        console_for: Callable[..., tuple[Runtime, Served]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.commands.console.data import Console
+
+    def broken(self: Console) -> None:
+        raise RuntimeError("secret detail of a defect")
+
+    monkeypatch.setattr(Console, "overview", broken)
+    _, served = console_for(INGEST_SINKS="postgres")
+    answer = api(served, "GET", "/api/overview")
+    assert answer.status_code == 500
+    assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert "secret detail" not in answer.text and "Traceback" not in answer.text

@@ -19,7 +19,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import orjson
+import psycopg
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import ImmutableMultiDict
@@ -32,11 +34,13 @@ from starlette.staticfiles import StaticFiles
 from ingest.commands.console.data import BadInput, Console, SearchForm
 from ingest.commands.console.security import (
     CSRF_FIELD,
+    HEADERS,
     LOGIN_COOKIE,
     SESSION_COOKIE,
     Guard,
     SecurityHeaders,
 )
+from ingest.commands.errors import explain
 from ingest.config import Settings
 from ingest.providers.base import is_credential_header
 
@@ -416,12 +420,30 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
             return JSON({"error": "no such route"}, status_code=404)
         return HTMLResponse("Not found.\n", status_code=404)
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        """Redis or Postgres away, refusing, or not migrated: the CLI's one line, which says
+        what to fix (ingest.commands.errors), as a 503. Anything else is a defect (500)."""
+        known = explain(exc)
+        if known is None:
+            raise exc
+        line = known[0]
+        log.warning("console request failed: %s", line,
+                    extra={"route": getattr(request.scope.get("route"), "path", None)})
+        if request.url.path.startswith("/api/"):
+            return JSON({"error": line}, status_code=503)
+        return HTMLResponse(env.get_template("error.html").render(
+            message=line, open=guard.open, path=request.url.path, csrf="",
+            csrf_field=CSRF_FIELD, sinks=list(settings.sinks)), status_code=503)
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.error("console request failed: %s", type(exc).__name__,
                   extra={"route": getattr(request.scope.get("route"), "path", None)})
+        # This handler runs outside SecurityHeaders: the headers come along here.
         if request.url.path.startswith("/api/"):
-            return JSON({"error": "the console failed to answer; see its log"}, status_code=500)
-        return HTMLResponse("The console failed to answer; see its log.\n", status_code=500)
+            return JSON({"error": "the console failed to answer; see its log"}, status_code=500,
+                        headers=HEADERS)
+        return HTMLResponse("The console failed to answer; see its log.\n", status_code=500,
+                            headers=HEADERS)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -431,7 +453,9 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
             console.close()
 
     app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders, guard=guard)],
-                    exception_handlers={404: not_found, 500: server_error}, lifespan=lifespan)
+                    exception_handlers={404: not_found, 500: server_error,
+                                        psycopg.Error: unavailable, RedisError: unavailable},
+                    lifespan=lifespan)
     app.state.console = console
     app.state.guard = guard
     return app

@@ -147,8 +147,18 @@ class Console:
         last hour's outcomes where the outcomes table keeps them."""
         from ingest.commands.status import build_status
 
+        from ingest.commands.errors import explain
+
         status = build_status(self.redis, self.settings)
-        status["sink_hour"] = self._sink_hour()
+        status["sink_hour"], status["sink_hour_error"] = {}, None
+        try:
+            status["sink_hour"] = self._sink_hour()
+        except Exception as exc:
+            # Postgres away: the rest of the page (all from Redis) still answers.
+            known = explain(exc)
+            if known is None:
+                raise
+            status["sink_hour_error"] = known[0]
         return status
 
     def _sink_hour(self) -> dict[str, dict[str, int]]:

@@ -43,7 +43,7 @@ from typing import Any
 
 from ingest import constants
 
-__all__ = ["CSRF_FIELD", "LOGIN_COOKIE", "SESSION_COOKIE", "Guard", "SecurityHeaders",
+__all__ = ["CSRF_FIELD", "HEADERS", "LOGIN_COOKIE", "SESSION_COOKIE", "Guard", "SecurityHeaders",
            "is_loopback"]
 
 log = logging.getLogger("ingest.console")
@@ -63,6 +63,9 @@ _HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
+# The same, for an answer made outside the middleware (Starlette's last-resort 500 handler
+# runs outside every middleware).
+HEADERS = {name.decode(): value.decode() for name, value in _HEADERS}
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
