@@ -534,6 +534,9 @@ class Erasure:
     # Every place the run reports, in print order (``summary``).
     places: tuple[str, ...] = ()
     providers: Mapping[str, Provider] | None = None
+    # The ids of the events a sink erased (or, dry, would): what else is keyed by them goes
+    # too (the workers' outcome rows waiting in Redis while Postgres was away).
+    erased_events: set[str] = field(default_factory=set)
 
     def summary(self, adding: Mapping[str, int] | None = None) -> dict[str, int]:
         """Count per place (every place of ``places``, then any other counted), with

@@ -126,6 +126,7 @@ def erase(url: str, erasure: Erasure) -> dict[str, int]:
         row = conn.execute("SELECT count(*) FROM webhook_sink_outcomes"
                            " WHERE event_id = ANY(%s::uuid[])", [list(events)]).fetchone()
         counts["webhook_sink_outcomes"] = int(row[0]) if row else 0
+        erasure.erased_events.update(str(e) for e in events)
         if erasure.dry_run:
             raise psycopg.Rollback()
         conn.execute("DELETE FROM webhook_events WHERE id = ANY(%s::uuid[])", [list(events)])

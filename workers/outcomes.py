@@ -32,7 +32,8 @@ from ingest.config import Settings
 from ingest.constants import Names
 from sinks.outcomes import DERIVED_SINK, Outcome, write
 
-__all__ = ["OutcomeRecorder", "attempts_of", "next_attempt_at", "writes_delivered"]
+__all__ = ["OutcomeRecorder", "attempts_of", "backlog_key", "forget", "next_attempt_at",
+           "writes_delivered"]
 
 log = logging.getLogger("workers.outcomes")
 
@@ -56,6 +57,31 @@ def next_attempt_at(job: Any, now: datetime) -> datetime | None:
         return now
 
 
+def backlog_key(names: Names) -> str:
+    """The Redis list where outcome rows wait while Postgres cannot take them."""
+    return names.key("outcomes:backlog")
+
+
+def forget(redis: Redis, names: Names, event_ids: set[str], dry_run: bool = False) -> int:
+    """Take the rows of ``event_ids`` out of the backlog (``ingest erase``: those events are
+    gone, and a later write would bring their rows back). Returns how many there were."""
+    if not event_ids:
+        return 0
+    key = backlog_key(names)
+    found = 0
+    items: list[Any] = list(redis.lrange(key, 0, -1))
+    for item in items:
+        try:
+            event_id = str(orjson.loads(item)["event_id"])
+        except Exception:
+            continue
+        if event_id in event_ids:
+            found += 1
+            if not dry_run:
+                redis.lrem(key, 0, item)
+    return found
+
+
 def writes_delivered(sink: str, attempts: int) -> bool:
     """False for the Postgres sink's first attempt: its stored row says it (sinks.outcomes)."""
     return sink != DERIVED_SINK or attempts > 1
@@ -67,7 +93,7 @@ class OutcomeRecorder:
     def __init__(self, settings: Settings, redis: Redis, names: Names) -> None:
         self.url = settings.database_url if settings.sink_outcomes else None
         self.redis = redis
-        self.backlog_key = names.key("outcomes:backlog")
+        self.backlog_key = backlog_key(names)
         self._conn: Any = None
         self._down_until = 0.0
         self._check_backlog_at = 0.0  # 0: look at once

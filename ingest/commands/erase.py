@@ -73,7 +73,7 @@ PLACES = (
     "spool records", "spool records rewritten", "spool segments in use",
     "spool rewrite leftovers",
     "rq jobs removed", "rq jobs rewritten", "rq deliveries removed", "rq deliveries rewritten",
-    "rq events removed", "rq jobs still running",
+    "rq events removed", "rq jobs still running", "sink outcomes waiting in redis",
 )
 
 
@@ -336,6 +336,18 @@ def erase(settings: Settings, subject: Subject, dry_run: bool = False, wait: flo
     finally:
         for keeper in keepers.values():
             keeper.close()
+    if scope.erased_events:
+        # The workers' outcome rows of those events, waiting while Postgres was away: written
+        # later, they would be rows about events that no longer exist.
+        from workers.outcomes import forget
+
+        tell("sink outcomes waiting in Redis")
+        redis = worker_redis(settings.require_redis())
+        try:
+            report.counts["sink outcomes waiting in redis"] += forget(
+                redis, settings.names, scope.erased_events, dry_run)
+        finally:
+            redis.close()
     return report
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import pytest
 
 from ingest import metrics
@@ -215,12 +216,25 @@ def test_erase_removes_the_outcomes_of_the_erased_events_only(
     run_jobs(rt)
     assert set(outcome_rows(database_url)) == {(jane_id, "crm"), (bob_id, "crm")}
 
+    # Rows waiting in the workers' backlog (Postgres was away when they were reached): the
+    # erased event's would bring its row back at the next write.
+    from sinks.outcomes import Outcome
+    from workers.outcomes import backlog_key
+
+    key = backlog_key(rt.names)
+    waiting = [Outcome(i, "slack", "delivered", datetime.now(timezone.utc)).to_dict()
+               for i in (jane_id, bob_id)]
+    rt.redis.rpush(key, *[orjson.dumps(row) for row in waiting])
+
     dry = erase(rt.settings, EmailSubject("jane.erase@example.com"), dry_run=True)
     assert dry.counts["webhook_sink_outcomes"] == 1
-    assert len(outcome_rows(database_url)) == 2
+    assert dry.counts["sink outcomes waiting in redis"] == 1
+    assert len(outcome_rows(database_url)) == 2 and rt.redis.llen(key) == 2
     report = erase(rt.settings, EmailSubject("jane.erase@example.com"))
     assert report.counts["webhook_sink_outcomes"] == 1
+    assert report.counts["sink outcomes waiting in redis"] == 1
     assert set(outcome_rows(database_url)) == {(bob_id, "crm")}
+    assert [orjson.loads(row)["event_id"] for row in rt.redis.lrange(key, 0, -1)] == [bob_id]
 
 
 def test_retention_removes_outcomes_with_their_events_and_by_their_own_age(
