@@ -191,34 +191,23 @@ def retry_failures(redis: Redis, settings: Settings, sink: str | None = None,
     A job that holds other events too is split: the chosen ones go back on the queue in a
     job of their own, the rest stay in the dead letters. A re-queued event's sink outcome
     (the console's) is "pending" again. Returns the events (or deliveries) re-queued."""
-    count = 0
-    notes = _OutcomeNotes(settings)
-    try:
-        for label, registry, job in list(_failed(redis, settings, sink)):
-            chosen = _chosen(job, event_ids)
-            if not chosen:
-                continue
-            if job.func_name == constants.DELIVER:
-                notes.retried(label, chosen - {""})  # before the job can run again
-            count += _retry(redis, registry, job, chosen, event_ids is not None)
-    finally:
-        notes.close()
-    return count
+    def retry(label: str, registry: Any, job: Job, chosen: set[str],
+              notes: _OutcomeNotes) -> int:
+        from ingest.rq_jobs import deliver_retry
 
+        if job.func_name == constants.DELIVER:
+            notes.retried(label, chosen - {""})  # before the job can run again
+        if len(chosen) < len(_ids(job)):
+            return _split_off(redis, job, chosen, requeue=True)
+        if job.func_name == constants.DELIVER:
+            fresh = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
+            job.retry_intervals, job.retries_left = fresh.intervals, fresh.max
+        elif job.retry_intervals:
+            job.retries_left = len(job.retry_intervals)
+        registry.requeue(job)  # saves the job and puts it on its queue
+        return len(_ids(job)) if event_ids is not None else 1
 
-def _retry(redis: Redis, registry: Any, job: Job, chosen: set[str], by_id: bool) -> int:
-    """Re-queue one failed job, or the ``chosen`` events of it (split off)."""
-    from ingest.rq_jobs import deliver_retry
-
-    if len(chosen) < len(_ids(job)):
-        return _split_off(redis, job, chosen, requeue=True)
-    if job.func_name == constants.DELIVER:
-            retry = deliver_retry()  # new jitter too: a fixed receiver is not hit in lockstep
-            job.retry_intervals, job.retries_left = retry.intervals, retry.max
-    elif job.retry_intervals:
-        job.retries_left = len(job.retry_intervals)
-    registry.requeue(job)  # saves the job and puts it on its queue
-    return len(_ids(job)) if by_id else 1
+    return _each_chosen(redis, settings, sink, event_ids, retry)
 
 
 def purge_failures(redis: Redis, settings: Settings, sink: str | None = None,
@@ -227,20 +216,32 @@ def purge_failures(redis: Redis, settings: Settings, sink: str | None = None,
     job holding others too keeps them). A discarded event's sink outcome stays "dead", its
     reason now starting "discarded from the dead letters". Returns jobs deleted, or with
     ``event_ids`` the events (or deliveries) discarded."""
+    def purge(label: str, registry: Any, job: Job, chosen: set[str],
+              notes: _OutcomeNotes) -> int:
+        if len(chosen) < len(_ids(job)):
+            count = _split_off(redis, job, chosen, requeue=False)
+        else:
+            registry.remove(job, delete_job=True)
+            count = len(_ids(job)) if event_ids is not None else 1
+        if job.func_name == constants.DELIVER:
+            notes.discarded(label, chosen - {""})
+        return count
+
+    return _each_chosen(redis, settings, sink, event_ids, purge)
+
+
+def _each_chosen(redis: Redis, settings: Settings, sink: str | None,
+                 event_ids: Collection[str] | None,
+                 act: Callable[[str, Any, Job, set[str], _OutcomeNotes], int]) -> int:
+    """``act(sink label, registry, job, chosen ids, notes)`` on every failed job the
+    selection takes; the sum of what it returns. One outcome-notes connection for all."""
     count = 0
     notes = _OutcomeNotes(settings)
     try:
         for label, registry, job in list(_failed(redis, settings, sink)):
             chosen = _chosen(job, event_ids)
-            if not chosen:
-                continue
-            if len(chosen) < len(_ids(job)):
-                count += _split_off(redis, job, chosen, requeue=False)
-            else:
-                registry.remove(job, delete_job=True)
-                count += len(_ids(job)) if event_ids is not None else 1
-            if job.func_name == constants.DELIVER:
-                notes.discarded(label, chosen - {""})
+            if chosen:
+                count += act(label, registry, job, chosen, notes)
     finally:
         notes.close()
     return count

@@ -42,7 +42,6 @@ from ingest.commands.console.security import (
 )
 from ingest.commands.errors import explain
 from ingest.config import Settings
-from ingest.providers.base import is_credential_header
 
 __all__ = ["create_console"]
 
@@ -87,18 +86,6 @@ def _record_path(event: Mapping[str, Any]) -> str | None:
     if not all(parts):
         return None
     return "/records/" + "/".join(quote(str(p), safe="") for p in parts)
-
-
-def shown_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """An archived delivery's headers without any that could carry a credential (the
-    acceptor's own rule, applied once more: sinks.browse filters them too)."""
-    return {k: v for k, v in (headers or {}).items() if not is_credential_header(str(k))}
-
-
-def _body_text(body: Any) -> str:
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        return bytes(body).decode("utf-8", "replace")
-    return "" if body is None else str(body)
 
 
 def create_console(settings: Settings, redis: Any = None) -> Starlette:
@@ -267,11 +254,8 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
         if found is None:
             return page(request, "error.html", nonce, status=404,
                         message="No stored event has this id.")
-        delivery = found.get("delivery") or None
-        if delivery is not None:
-            delivery = {**delivery, "headers": shown_headers(delivery.get("headers")),
-                        "body": _body_text(delivery.get("body"))}
-        return page(request, "event.html", nonce, event=found, delivery=delivery,
+        # sinks.browse gives the delivery's body as text, its headers without credentials.
+        return page(request, "event.html", nonce, event=found, delivery=found["delivery"],
                     message=None, title=f"Event {found['id']}")
 
     async def replay(request: Request, nonce: str) -> Response:
@@ -282,7 +266,7 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
         sink = str(request.state.form.get("sink") or "")
         outcome = await run_in_threadpool(console.replay, found, sink)
         return page(request, "event.html", nonce, event=(await run_in_threadpool(
-            console.event, found["id"])) or found, delivery=_shown_delivery(found),
+            console.event, found["id"])) or found, delivery=found["delivery"],
             message=outcome, title=f"Event {found['id']}")
 
     async def record(request: Request, nonce: str) -> Response:
@@ -326,13 +310,6 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
         records = await run_in_threadpool(console.refused)
         return page(request, "refused.html", nonce, records=records, title="Refused requests")
 
-    def _shown_delivery(found: Mapping[str, Any]) -> dict[str, Any] | None:
-        delivery = found.get("delivery")
-        if not delivery:
-            return None
-        return {**delivery, "headers": shown_headers(delivery.get("headers")),
-                "body": _body_text(delivery.get("body"))}
-
     # -- API ------------------------------------------------------------------------------
 
     async def api_overview(request: Request) -> Any:
@@ -348,11 +325,9 @@ def create_console(settings: Settings, redis: Any = None) -> Starlette:
         if found is None:
             return JSON({"error": "no stored event has this id"}, status_code=404)
         out = Console.api_event(found)
-        delivery = found.get("delivery")
-        out["delivery"] = None if not delivery else {
-            "id": delivery.get("id"), "received_at": delivery.get("received_at"),
-            "headers": shown_headers(delivery.get("headers")),
-            "body": _body_text(delivery.get("body"))}
+        delivery = found["delivery"]
+        out["delivery"] = None if delivery is None else {
+            key: delivery[key] for key in ("id", "received_at", "headers", "body")}
         return out
 
     async def api_record(request: Request) -> Any:
