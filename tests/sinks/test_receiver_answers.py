@@ -110,12 +110,7 @@ def test_a_crm_reason_phrase_with_an_address_is_masked(redis_server: str) -> Non
     answer = (b"HTTP/1.1 422 Contact already exists: " + EMAIL.encode() + b" +1 415 555 0134"
               b"\r\nContent-Length: 5\r\nConnection: close\r\n\r\n" + body)
     with raw_server(lambda conn: conn.sendall(answer)) as url:
-        sink = CrmSink(url, [parse_secret(CRM_SECRET)], timeout=5)
-        try:
-            with pytest.raises(PermanentSinkError) as info:
-                sink.send([event(1)])
-        finally:
-            sink.close()
+        info = crm_send_fails(url, PermanentSinkError, timeout=5)
     # The receiver's address is in the reason; its random port may hold "555" by chance.
     text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", str(info.value))
     assert "422 Contact already exists" in text and "taken" in text
@@ -137,16 +132,23 @@ def test_a_huge_answer_is_read_only_as_far_as_its_start(redis_server: str) -> No
             sent[0] += len(chunk)
 
     with raw_server(huge) as url:
-        sink = CrmSink(url, [parse_secret(CRM_SECRET)], timeout=10)
-        try:
-            with pytest.raises(PermanentSinkError) as info:
-                sink.send([event(1)])
-        finally:
-            sink.close()
+        info = crm_send_fails(url, PermanentSinkError, timeout=10)
     assert "Contact already exists" in str(info.value) and EMAIL not in str(info.value)
     print(f"receiver got {sent[0] / 2**20:.1f} MiB of 200 MiB out; the sink reads "
           f"{MAX_ANSWER_BYTES // 1024} KiB")
     assert sent[0] < total / 4
+
+
+def crm_send_fails(url: str, error: type[Exception],
+                   timeout: float) -> pytest.ExceptionInfo[Exception]:
+    """One event sent to the CRM at ``url``, which must fail with ``error``."""
+    sink = CrmSink(url, [parse_secret(CRM_SECRET)], timeout=timeout)
+    try:
+        with pytest.raises(error) as info:
+            sink.send([event(1)])
+    finally:
+        sink.close()
+    return info
 
 
 class raw_server:
@@ -209,12 +211,9 @@ def test_a_dripping_receiver_is_cut_at_the_request_deadline(redis_server: str) -
             dripped[0] += 1
 
     with raw_server(drip) as url:
-        sink = CrmSink(url, [parse_secret(CRM_SECRET)], timeout=1)
         try:
-            with pytest.raises(TransientSinkError) as info:
-                sink.send([event(1)])
+            info = crm_send_fails(url, TransientSinkError, timeout=1)
         finally:
-            sink.close()
             stop.set()
     assert "Timeout" in str(info.value)
     assert dripped[0] < len(answer), "the whole dripped answer was waited for"
