@@ -190,8 +190,10 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
                     superseded = superseded_in_records(conn, list(events.values()))
                 by_delivery = {d.id: d for d in batch}
                 for name in chosen:
-                    _send(enabled[name], list(events.values()), by_delivery, changed,
-                          superseded, report, dry_run)
+                    done = _send(enabled[name], list(events.values()), by_delivery, changed,
+                                 superseded, report, dry_run)
+                    if settings.sink_outcomes:
+                        _record_outcomes(conn, name, done)
                 if progress is not None:
                     progress(len(batch))
     finally:
@@ -202,18 +204,21 @@ def replay(settings: Settings, selection: Selection, sink_names: Sequence[str] =
 
 def _send(enabled: EnabledSink, events: list[Event], deliveries: dict[str, Delivery],
           changed: list[Event], superseded: set[str], report: ReplayReport,
-          dry_run: bool) -> None:
+          dry_run: bool) -> dict[str, list[Event]]:
     """Hand the events a sink wants to it (without the ``superseded`` state events when it
     skips stale ones), and where it keeps events, rewrite the ones stored with an earlier
-    normalization. ``dry_run``: only count."""
+    normalization. ``dry_run``: only count. Returns the events sent and those skipped as
+    stale (``"delivered"``, ``"stale"``), for the sink's outcomes."""
     chosen = [e for e in events if enabled.wants(e)]
+    done: dict[str, list[Event]] = {"delivered": [], "stale": []}
     if enabled.skip_stale:
         kept = [e for e in chosen if e.id not in superseded]
         report.stale[enabled.name] += len(chosen) - len(kept)
+        done["stale"] = [e for e in chosen if e.id in superseded]
         chosen = kept
     if dry_run:
         report.sent[enabled.name] += len(chosen)
-        return
+        return {"delivered": [], "stale": []}
     if chosen:
         try:
             enabled.send(chosen, deliveries)
@@ -222,13 +227,30 @@ def _send(enabled: EnabledSink, events: list[Event], deliveries: dict[str, Deliv
             failed_ids = failed or [e.id for e in chosen]
             report.sent[enabled.name] += len(chosen) - len(failed_ids)
             report.failed.setdefault(enabled.name, []).append(f"{len(failed_ids)} events: {exc}")
+            refused = set(failed_ids)
+            done["delivered"] = [e for e in chosen if e.id not in refused]
         else:
             report.sent[enabled.name] += len(chosen)
+            done["delivered"] = chosen
     if changed:
         try:
             enabled.update(changed)
         except SinkError as exc:
             report.failed.setdefault(enabled.name, []).append(f"updating changed rows: {exc}")
+    return done
+
+
+def _record_outcomes(conn: Any, sink: str, done: dict[str, list[Event]]) -> None:
+    """What the replay did, in the sinks' outcomes (the console's), as a worker would write
+    it: delivered (the Postgres sink's is its stored row), or skipped as stale."""
+    from sinks.outcomes import Outcome, write
+    from workers.outcomes import writes_delivered
+
+    at = datetime.now(timezone.utc)
+    rows = [Outcome(e.id, sink, "stale", at, attempts=0) for e in done["stale"]]
+    if writes_delivered(sink, 1):
+        rows += [Outcome(e.id, sink, "delivered", at) for e in done["delivered"]]
+    write(conn, rows)
 
 
 # -- the command ------------------------------------------------------------------------------

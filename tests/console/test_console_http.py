@@ -307,6 +307,7 @@ def test_replay_hands_one_event_to_one_sink(console_for: Make,
     enqueue(rt, lead)
     run_jobs(rt)
     assert event_id not in receiver.accepted
+    assert api(served, "GET", f"/api/events/{event_id}").json()["sinks"]["crm"]["state"] == "dead"
     receiver.refuse.clear()
     client = served.login()
     page = client.get(f"/events/{event_id}")
@@ -315,6 +316,11 @@ def test_replay_hands_one_event_to_one_sink(console_for: Make,
                          data={"csrf": csrf(page.text), "sink": "crm"})
     assert answer.status_code == 200 and "sent to crm" in answer.text
     assert event_id in receiver.accepted
+    # The page it answers with, and the API, show what the replay did.
+    crm_row = next(line for line in answer.text.split("<tr>") if "<td>crm</td>" in line)
+    assert "delivered" in crm_row and "dead" not in crm_row
+    after = api(served, "GET", f"/api/events/{event_id}").json()["sinks"]["crm"]
+    assert after["state"] == "delivered" and after["reason"] is None
     assert api(served, "POST", f"/api/events/{event_id}/replay",
                json={"sink": "nosuch"}).status_code == 400
 
